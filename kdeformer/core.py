@@ -8,7 +8,7 @@ Shape legend (the caller's leading dims are flattened into one group dim G = B *
 One function per step of the algorithm, in the order `kde_attention` calls them:
     draw_projections -> hash_codes -> bucket_ranks -> sort_by_bucket -> plan_blocks
     -> gather_heavy_blocks -> sampling_probabilities -> draw_samples
-    -> heavy_and_sampled_sums -> (divide by the normaliser) -> unsort_queries
+    -> heavy_and_sampled_sums (per chunk of query blocks) -> divide by D~, back to token order
 """
 from __future__ import annotations
 
@@ -39,8 +39,11 @@ def working_dtype(dtype: torch.dtype) -> torch.dtype:
 
 # --------------------------------------------------------------------------- step 1: hashing
 def draw_projections(groups: int, dim: int, num_projs: int, *, dtype, device, generator) -> torch.Tensor:
-    """r Gaussian hyperplane normals per head, shared by its queries and keys.  # (G, D, r)"""
-    return torch.randn(groups, dim, num_projs, dtype=dtype, device=device, generator=generator)
+    """r Gaussian hyperplane normals per head, shared by its queries and keys.  # (G, D, r)
+
+    Drawn in float32 whatever the dtype, so one seed makes the same random choices in every dtype.
+    """
+    return torch.randn(groups, dim, num_projs, device=device, generator=generator).to(dtype)
 
 
 def hash_codes(x: torch.Tensor, projections: torch.Tensor) -> torch.Tensor:
@@ -168,7 +171,7 @@ def sampling_probabilities(value: torch.Tensor, valid: torch.Tensor | None, meth
     if method == "uniform":
         weight = torch.ones(groups, n_keys, dtype=value.dtype, device=value.device)
     else:
-        sq_norm = value.pow(2).sum(-1) + 1.0  # (G, Nk): ||v~_j||^2
+        sq_norm = torch.linalg.vector_norm(value, dim=-1).square_().add_(1.0)  # (G, Nk): ||v~_j||^2
         if valid is not None:
             sq_norm = sq_norm * valid
         weight = sq_norm.sqrt() / sq_norm.sum(-1, keepdim=True) + 1.0 / n_valid
@@ -178,60 +181,69 @@ def sampling_probabilities(value: torch.Tensor, valid: torch.Tensor | None, meth
 
 
 def draw_samples(probs: torch.Tensor, num_samples: int, generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """s key columns per head with replacement and their weights 1/(s p).  -> (G, s) int64, (G, s)."""
-    index = torch.multinomial(probs, num_samples, replacement=True, generator=generator)  # (G, s)
+    """s key columns per head with replacement and their weights 1/(s p).  -> (G, s) int64, (G, s).
+
+    Draws from float32 probabilities whatever the dtype, so one seed draws the same columns in every dtype.
+    """
+    index = torch.multinomial(probs.float(), num_samples, replacement=True, generator=generator)  # (G, s)
     weight = 1.0 / (num_samples * torch.gather(probs, 1, index))  # (G, s)
     return index, weight
 
 
 # --------------------------------------------------------------------------- step 4: the two sums
-def heavy_and_sampled_sums(
+# Work is done in chunks of about this many query rows: the temporaries stay in cache and below the
+# allocator's mmap threshold (a fresh 30 MB buffer costs more in page faults than its exp).
+CHUNK_ROWS = 4096
+
+
+def attend_block_columns(
     q_blocks: torch.Tensor,
-    k_heavy: torch.Tensor,
-    v_heavy: torch.Tensor,
-    heavy_valid: torch.Tensor,
-    k_samples: torch.Tensor | None,
-    v_samples: torch.Tensor | None,
-    sample_weight: torch.Tensor | None,
-    sample_kept: torch.Tensor | None,
+    k_cols: torch.Tensor,
+    v_cols: torch.Tensor,
+    col_weight: torch.Tensor,
+    heavy_valid: torch.Tensor | None,
+    num_heavy: int,
 ):
-    """Numerators and normalisers of both parts, shifted by one per-query max so nothing overflows.
+    """Each query block against its columns (its key block, then its sampled keys) in one pass.
 
-    q_blocks  (G, nqb, Bq, D)  sorted, padded, already scaled queries
-    k_heavy   (G, nqb, Bk, D), v_heavy (G, nqb, Bk, Dv), heavy_valid (G, nqb, Bk)
-    k_samples (G, s, D), v_samples (G, s, Dv), sample_weight (G, s), sample_kept (G, nqb, s) bool
-    Returns shift (G, nqb, Bq), heavy_num (G, nqb, Bq, Dv), heavy_den (G, nqb, Bq),
-            sampled_num, sampled_den (same shapes, or None without samples).
+    q_blocks   (m, Bq, D)      sorted, padded, already scaled queries of m query blocks
+    k_cols     (m, C, D)       C = Bk + s columns: the paired key block's Bk keys, then the s samples
+    v_cols     (m, C, Dv)
+    col_weight (m, C)          1 for block keys, 1/(s p) for kept samples, 0 for samples the block holds
+    heavy_valid (m, Bk) bool   None when every block slot holds an unmasked key
+    Returns shift (m, Bq), the shifted weighted terms P = exp(l - shift) * weight (m, Bq, C),
+    numerator P @ V (m, Bq, Dv) and normaliser P @ 1 (m, Bq).
+
+    The shift is the max over every column logit: a sample left out of a block is also inside that
+    block, so the max is attained by a weight-1 term and the normaliser is >= 1 after shifting.
     """
-    neg_inf = float("-inf")
-    heavy_logits = q_blocks @ k_heavy.mT  # (G, nqb, Bq, Bk)
-    heavy_logits.masked_fill_(~heavy_valid.unsqueeze(-2), neg_inf)
-    shift = heavy_logits.amax(-1)  # (G, nqb, Bq); finite: each block holds an unmasked key
-    sampled_logits = None
-    if k_samples is not None:
-        groups, nqb, bq, dim = q_blocks.shape
-        sampled_logits = (q_blocks.view(groups, nqb * bq, dim) @ k_samples.mT).view(groups, nqb, bq, -1)
-        sampled_logits.masked_fill_(~sample_kept.unsqueeze(-2), neg_inf)  # (G, nqb, Bq, s)
-        shift = torch.maximum(shift, sampled_logits.amax(-1))
-    heavy_logits.sub_(shift.unsqueeze(-1)).exp_()  # now exp(l - shift), 0 where masked
-    heavy_num = heavy_logits @ v_heavy  # (G, nqb, Bq, Dv)
-    heavy_den = heavy_logits.sum(-1)  # (G, nqb, Bq)
-    if sampled_logits is None:
-        return shift, heavy_num, heavy_den, None, None
-    sampled_logits.sub_(shift.unsqueeze(-1)).exp_().mul_(sample_weight.view(groups, 1, 1, -1))
-    sampled_num = (sampled_logits.view(groups, nqb * bq, -1) @ v_samples).view(groups, nqb, bq, -1)
-    sampled_den = sampled_logits.sum(-1)
-    return shift, heavy_num, heavy_den, sampled_num, sampled_den
+    logits = torch.bmm(q_blocks, k_cols.mT)  # (m, Bq, C)
+    if heavy_valid is not None:
+        logits[..., :num_heavy].masked_fill_(~heavy_valid.unsqueeze(-2), float("-inf"))
+    shift = logits.amax(-1)  # (m, Bq); finite: each block holds an unmasked key
+    terms = logits.sub_(shift.unsqueeze(-1)).exp_().mul_(col_weight.unsqueeze(-2))  # (m, Bq, C)
+    numerator = torch.bmm(terms, v_cols)  # (m, Bq, Dv)
+    normaliser = terms.sum(-1)  # (m, Bq)
+    return shift, terms, numerator, normaliser
 
 
-def unsort_queries(x_sorted: torch.Tensor, q_order: torch.Tensor) -> torch.Tensor:
-    """Put rows computed in sorted (padded) query order back in token order.
+def chunk_ranges(groups: int, num_q_blocks: int, q_block_len: int):
+    """Yield (g0, g1, b0, b1): either one head and a run of its query blocks, or whole heads."""
+    blocks_per_chunk = max(1, CHUNK_ROWS // q_block_len)
+    if blocks_per_chunk >= num_q_blocks:
+        heads = max(1, blocks_per_chunk // num_q_blocks)
+        for g0 in range(0, groups, heads):
+            yield g0, min(groups, g0 + heads), 0, num_q_blocks
+    else:
+        for g0 in range(groups):
+            for b0 in range(0, num_q_blocks, blocks_per_chunk):
+                yield g0, g0 + 1, b0, min(num_q_blocks, b0 + blocks_per_chunk)
 
-    x_sorted (G, Nq_padded, C), q_order (G, Nq) -> (G, Nq, C).
-    """
-    inverse = torch.empty_like(q_order)
-    inverse.scatter_(1, q_order, torch.arange(q_order.shape[1], device=q_order.device).expand_as(q_order))
-    return gather_rows(x_sorted, inverse)
+
+def flat_index(index: torch.Tensor, g0: int, n: int) -> torch.Tensor:
+    """Row indices (g, ...) of heads g0.. into a (G * n, C) flattened tensor."""
+    offsets = (torch.arange(index.shape[0], device=index.device) + g0) * n
+    return (index + offsets.view(-1, *([1] * (index.dim() - 1)))).flatten()
 
 
 # --------------------------------------------------------------------------- the function
@@ -322,47 +334,71 @@ def kde_attention(
     q_order = sort_by_bucket(q_codes, ranks, None)  # (G, Nq)
     k_order = sort_by_bucket(k_codes, ranks, valid)  # (G, Nk)
 
-    # 3. blocks: padded sorted queries and, per query block, the keys of its paired key block
+    # 3. blocks: query block b of a head computes its paired key block exactly
     plan = plan_blocks(n_q, n_k, bucket_size, n_valid)
-    n_q_padded = plan.num_q_blocks * plan.q_block_len
-    q_pos = torch.arange(n_q_padded, device=device).clamp_max(n_q - 1)  # (Nq_padded,)
-    q_sorted = gather_rows(q, q_order[:, q_pos])  # (G, Nq_padded, D)
-    q_sorted.mul_(scale)  # scale before any matmul
-    q_blocks = q_sorted.view(groups, plan.num_q_blocks, plan.q_block_len, dim)  # (G, nqb, Bq, D)
+    nqb, bq, bk = plan.num_q_blocks, plan.q_block_len, plan.key_slots
+    q_pos = torch.arange(nqb * bq, device=device).clamp_max(n_q - 1)  # (Nq_padded,): pad = last query
+    q_rows = q_order[:, q_pos].view(groups, nqb, bq)  # (G, nqb, Bq) token index of each sorted slot
     heavy_index, heavy_valid = heavy_key_index(plan, k_order, n_valid)  # (G, nqb, Bk) each
-    k_heavy = gather_rows(k, heavy_index)  # (G, nqb, Bk, D)
-    v_heavy = gather_rows(v, heavy_index)  # (G, nqb, Bk, Dv)
+    if bool(heavy_valid.all()):
+        heavy_valid = None  # no masking pass needed
 
     # 4. sampling: probabilities, draws, and which query blocks must skip each drawn key
     probs = sampling_probabilities(v, valid, sampling)  # (G, Nk)
     samples, sample_weight = draw_samples(probs, sample_size, generator)  # (G, s), (G, s)
     sorted_block = key_block_of_sorted(plan, n_valid, n_k)  # (G, Nk) block of each sorted position
     k_blocks = torch.empty_like(sorted_block).scatter_(1, k_order, sorted_block)  # (G, Nk) token order
-    k_samples = v_samples = sample_kept = None
-    if plan.num_blocks > 1:
+    num_samples = sample_size if plan.num_blocks > 1 else 0  # one block: every sample is already exact
+    if num_samples:
         sample_block = torch.gather(k_blocks, 1, samples)  # (G, s)
-        sample_kept = plan.pair.unsqueeze(-1) != sample_block.unsqueeze(1)  # (G, nqb, s)
-        k_samples = gather_rows(k, samples)  # (G, s, D)
-        v_samples = gather_rows(v, samples)  # (G, s, Dv)
+        kept = plan.pair.unsqueeze(-1) != sample_block.unsqueeze(1)  # (G, nqb, s)
+        col_index = torch.cat([heavy_index, samples.unsqueeze(1).expand(-1, nqb, -1)], -1)  # (G, nqb, C)
+        col_weight = torch.cat(
+            [torch.ones(groups, nqb, bk, dtype=dtype, device=device), sample_weight.unsqueeze(1) * kept], -1
+        )  # (G, nqb, C)
+    else:
+        col_index = heavy_index  # (G, nqb, Bk)
+        col_weight = torch.ones(groups, nqb, bk, dtype=dtype, device=device)
+    n_cols = col_index.shape[-1]  # C = Bk + s
 
-    # 5. both sums in one shifted pass, then divide by the estimated normaliser
-    shift, heavy_num, heavy_den, sampled_num, sampled_den = heavy_and_sampled_sums(
-        q_blocks, k_heavy, v_heavy, heavy_valid, k_samples, v_samples, sample_weight, sample_kept
-    )
-    numerator = heavy_num if sampled_num is None else heavy_num + sampled_num  # (G, nqb, Bq, Dv)
-    denominator = heavy_den if sampled_den is None else heavy_den + sampled_den  # (G, nqb, Bq)
-    out_sorted = numerator / denominator.unsqueeze(-1)
-    out = unsort_queries(out_sorted.view(groups, n_q_padded, dim_v), q_order)  # (G, Nq, Dv)
-    out = out.view(*lead, n_q, dim_v).to(out_dtype)
+    # 5. one shifted pass per chunk of query blocks, divided by the estimated normaliser and written
+    #    straight back to token order
+    q_flat, k_flat, v_flat = q.view(-1, dim), k.view(-1, dim), v.view(-1, dim_v)
+    out = torch.empty(groups * n_q, dim_v, dtype=dtype, device=device)  # (G*Nq, Dv) token order
+    if return_trace:
+        parts = {
+            "log_normalizer": torch.empty(groups * n_q, 1, dtype=dtype, device=device),
+            "heavy_fraction": torch.empty(groups * n_q, 1, dtype=dtype, device=device),
+            "sampled_output": torch.zeros(groups * n_q, dim_v, dtype=dtype, device=device),
+        }
+    for g0, g1, b0, b1 in chunk_ranges(groups, nqb, bq):
+        m = (g1 - g0) * (b1 - b0)  # query blocks in this chunk
+        rows = flat_index(q_rows[g0:g1, b0:b1], g0, n_q)  # (m*Bq,)
+        q_chunk = q_flat.index_select(0, rows).mul_(scale).view(m, bq, dim)  # scale before the matmul
+        cols = flat_index(col_index[g0:g1, b0:b1], g0, n_k)  # (m*C,)
+        shift, terms, numerator, normaliser = attend_block_columns(
+            q_chunk,
+            k_flat.index_select(0, cols).view(m, n_cols, dim),
+            v_flat.index_select(0, cols).view(m, n_cols, dim_v),
+            col_weight[g0:g1, b0:b1].reshape(m, n_cols),
+            None if heavy_valid is None else heavy_valid[g0:g1, b0:b1].reshape(m, bk),
+            bk,
+        )
+        out.index_copy_(0, rows, numerator.div_(normaliser.unsqueeze(-1)).view(-1, dim_v))
+        if return_trace:
+            parts["log_normalizer"].index_copy_(0, rows, (shift + normaliser.log()).view(-1, 1))
+            heavy_den = terms[..., :bk].sum(-1)
+            parts["heavy_fraction"].index_copy_(0, rows, (heavy_den / normaliser).view(-1, 1))
+            if num_samples:
+                v_sampled = v_flat.index_select(0, cols).view(m, n_cols, dim_v)[:, bk:]
+                sampled = torch.bmm(terms[..., bk:], v_sampled) / normaliser.unsqueeze(-1)
+                parts["sampled_output"].index_copy_(0, rows, sampled.view(-1, dim_v))
+    out = out.view(*lead, n_q, dim_v)
     if not return_trace:
-        return out
+        return out.to(out_dtype)
+    parts["heavy_output"] = out - parts["sampled_output"].view(*lead, n_q, dim_v)
 
-    def token_order(x):  # (G, nqb, Bq, ...) sorted -> (..., Nq, ...) token order
-        flat = x.reshape(groups, n_q_padded, -1)
-        return unsort_queries(flat, q_order).view(*lead, n_q, *x.shape[3:])
-
-    q_key_block = plan.pair.repeat_interleave(plan.q_block_len, dim=1)[:, :n_q]  # (G, Nq) sorted order
-    sampled_part = torch.zeros_like(numerator) if sampled_num is None else sampled_num
+    q_key_block = plan.pair.repeat_interleave(bq, dim=1)[:, :n_q]  # (G, Nq) in sorted order
     trace = KDETrace(
         query=query,
         key=key,
@@ -381,11 +417,11 @@ def kde_attention(
         sampled=samples.view(*lead, sample_size),
         probs=probs.view(*lead, n_k),
         weights=sample_weight.view(*lead, sample_size),
-        log_normalizer=token_order((shift + denominator.log()).unsqueeze(-1)).squeeze(-1),
-        heavy_fraction=token_order((heavy_den / denominator).unsqueeze(-1)).squeeze(-1),
-        heavy_output=token_order(heavy_num / denominator.unsqueeze(-1)),
-        sampled_output=token_order(sampled_part / denominator.unsqueeze(-1)),
+        log_normalizer=parts["log_normalizer"].view(*lead, n_q),
+        heavy_fraction=parts["heavy_fraction"].view(*lead, n_q),
+        heavy_output=parts["heavy_output"],
+        sampled_output=parts["sampled_output"].view(*lead, n_q, dim_v),
         sampling=sampling,
         bucket_order=bucket_order,
     )
-    return out, trace
+    return out.to(out_dtype), trace

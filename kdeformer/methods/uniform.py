@@ -1,0 +1,57 @@
+"""Uniform column sampling: the plain Monte-Carlo estimate of softmax attention.
+
+Per head, draw s key columns uniformly with replacement from the unmasked keys (n of them) and weight
+each by n / s.  Both sums come from the same draws:
+    D~_i = (n / s) sum_t exp(l_{i j_t}),   N~_i = (n / s) sum_t exp(l_{i j_t}) v_{j_t},   out_i = N~_i / D~_i
+D~ and N~ are unbiased (E[count_j] n / s = 1); their ratio is the usual (slightly biased) self-normalised
+estimate.  Cost O(Nq s D).  Budget: s = budget columns per query.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ._common import MethodTrace, dense_logits, gather_rows, masked_softmax_parts, part, prepare
+
+OPTIONS = ("sample_size",)
+
+
+def split_budget(budget: int, sample_size: int | None = None) -> dict:
+    return {"sample_size": part("sample_size", budget if sample_size is None else sample_size)}
+
+
+def draw_uniform_columns(valid: torch.Tensor | None, groups: int, n_k: int, num: int, *, dtype, device, generator):
+    """s columns per head, uniform over the unmasked keys, with replacement.  -> (G, s) int64."""
+    weight = torch.ones(groups, n_k, dtype=dtype, device=device) if valid is None else valid.to(dtype)
+    return torch.multinomial(weight, num, replacement=True, generator=generator)
+
+
+def uniform_attention(query, key, value, *, sample_size: int = 128, scale=None, key_mask=None, generator=None,
+                      return_trace=False):
+    """Softmax attention estimated from `sample_size` uniformly drawn key columns per head."""
+    sample_size = part("sample_size", sample_size)
+    p = prepare(query, key, value, scale=scale, key_mask=key_mask, generator=generator)
+    cols = draw_uniform_columns(p.valid, p.groups, p.n_k, sample_size, dtype=p.dtype, device=p.device,
+                                generator=p.generator)  # (G, s)
+    k_s = gather_rows(p.k, cols)  # (G, s, D)
+    v_s = gather_rows(p.v, cols)  # (G, s, Dv)
+    logits = (p.q * p.scale) @ k_s.mT  # (G, Nq, s)
+    out, lse = masked_softmax_parts(logits, None, v_s)  # (G, Nq, Dv), (G, Nq)
+    log_w = (p.n_valid.to(p.dtype).log() - math.log(sample_size)).unsqueeze(-1)  # (G, 1): log(n / s)
+    log_d = lse + log_w  # (G, Nq)
+    if not return_trace:
+        return p.finish(out)
+
+    def matrix():
+        counts = torch.zeros(p.groups, p.n_k, dtype=p.dtype, device=p.device).scatter_add_(
+            1, cols, torch.ones_like(cols, dtype=p.dtype))  # (G, Nk)
+        col_w = counts * log_w.exp()  # (G, Nk) count_j n / s
+        logits_full = dense_logits(p.q, p.k, p.scale, p.dtype)  # (G, Nq, Nk)
+        m = torch.exp(logits_full - log_d.unsqueeze(-1)) * col_w.unsqueeze(1)
+        return p.per_query(m)
+
+    trace = MethodTrace("uniform", query, key, p.scale, p.mask, {"sample_size": sample_size},
+                        log_normalizer=p.per_query(log_d), sampled=p.per_group(cols),
+                        extras={"column_weight": p.per_group(log_w.exp())}, matrix_fn=matrix)
+    return p.finish(out), trace
