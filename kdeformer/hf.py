@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 import inspect
 import warnings
 import weakref
@@ -60,10 +61,13 @@ _warned_dropout = False
 
 
 # --------------------------------------------------------------------------- parameters
-def _kernel_options() -> set[str]:
+@functools.lru_cache(maxsize=1)
+def _kernel_options() -> frozenset[str]:
     """Keyword options kde_attention accepts (read from its signature, so new core options pass through)."""
-    params = inspect.signature(kde_attention).parameters
-    return {n for n, p in params.items() if p.kind is p.KEYWORD_ONLY} - _RESERVED
+    from . import core
+
+    params = inspect.signature(core.kde_attention).parameters
+    return frozenset(n for n, p in params.items() if p.kind is p.KEYWORD_ONLY) - _RESERVED
 
 
 def _validate(params: dict) -> dict:
@@ -244,8 +248,9 @@ def kdeformer_attention_forward(module, query, key, value, attention_mask, scali
     params = get_settings(module)
     seed = params.pop("seed")
     options = {k: v for k, v in params.items() if k in _kernel_options()}
+    # HF hands transposed views of (B, N, H, D) projections; the kernel wants plain (B, H, N, D) memory.
     out = kde_attention(
-        query, key, value, scale=scaling, key_mask=key_mask,
+        query.contiguous(), key.contiguous(), value.contiguous(), scale=scaling, key_mask=key_mask,
         generator=_generator(seed, _layer_index(module), query.device), **options,
     )  # (B, H, Nq, Dv)
     return out.transpose(1, 2).contiguous(), None  # (B, Nq, H, Dv)
