@@ -43,7 +43,7 @@ import torch
 from ._checks import check_choice, check_positive_int
 from .core import kde_attention
 
-__all__ = ["NAME", "DEFAULTS", "register", "configure", "use_kdeformer", "settings", "get_settings",
+__all__ = ["NAME", "DEFAULTS", "register", "configure", "use_kdeformer", "settings", "get_settings", "record_traces",
            "kdeformer_attention_forward", "key_mask_from_attention_mask", "check_supported"]
 
 NAME = "kdeformer"
@@ -54,6 +54,7 @@ DEFAULTS = {"bucket_size": 64, "sample_size": 128, "num_projs": 7, "sampling": "
 # kde_attention arguments that the attention function fills itself.
 _RESERVED = {"query", "key", "value", "scale", "key_mask", "generator", "return_trace"}
 
+_recorder: contextvars.ContextVar[list | None] = contextvars.ContextVar("kdeformer_hf_traces", default=None)
 _override: contextvars.ContextVar[dict | None] = contextvars.ContextVar("kdeformer_hf_settings", default=None)
 _layer_numbers: "weakref.WeakKeyDictionary[torch.nn.Module, int]" = weakref.WeakKeyDictionary()
 _layer_counter: "weakref.WeakKeyDictionary[object, int]" = weakref.WeakKeyDictionary()
@@ -138,6 +139,21 @@ def get_settings(module=None) -> dict:
     config = getattr(module, "config", None)
     own = getattr(config, "kdeformer", None) or {}
     return {**DEFAULTS, **own, **(_override.get() or {})}
+
+
+@contextlib.contextmanager
+def record_traces():
+    """Collect ``(layer index, KDETrace)`` for every KDEformer call inside the block (yields the list).
+
+    Each trace holds that layer's buckets, blocks, samples and ``attention_matrix()`` for the whole
+    (B, H) batch, so the explorer can show what happened inside a real model's forward pass.
+    """
+    traces: list = []
+    token = _recorder.set(traces)
+    try:
+        yield traces
+    finally:
+        _recorder.reset(token)
 
 
 # --------------------------------------------------------------------------- layer numbers (seeding)
@@ -248,11 +264,16 @@ def kdeformer_attention_forward(module, query, key, value, attention_mask, scali
     params = get_settings(module)
     seed = params.pop("seed")
     options = {k: v for k, v in params.items() if k in _kernel_options()}
+    layer = _layer_index(module)
+    recorder = _recorder.get()
     # HF hands transposed views of (B, N, H, D) projections; the kernel wants plain (B, H, N, D) memory.
     out = kde_attention(
         query.contiguous(), key.contiguous(), value.contiguous(), scale=scaling, key_mask=key_mask,
-        generator=_generator(seed, _layer_index(module), query.device), **options,
-    )  # (B, H, Nq, Dv)
+        generator=_generator(seed, layer, query.device), return_trace=recorder is not None, **options,
+    )  # (B, H, Nq, Dv), or (out, trace)
+    if recorder is not None:
+        out, trace = out
+        recorder.append((layer, trace))
     return out.transpose(1, 2).contiguous(), None  # (B, Nq, H, Dv)
 
 

@@ -133,6 +133,22 @@ def test_parameters_reach_the_kernel(tokenizer, kde_model, monkeypatch):
     assert all(c["bucket_size"] == 8 and c["sample_size"] == 24 and c["generator"] is None for c in calls)
 
 
+def test_record_traces_of_every_layer(tokenizer, kde_model):
+    enc = encode(tokenizer, TEXTS)
+    n = enc["input_ids"].shape[1]
+    hf.configure(kde_model, bucket_size=16, sample_size=16)
+    plain = run(kde_model, enc)
+    with hf.record_traces() as traces:
+        traced = run(kde_model, enc)
+    assert torch.equal(plain, traced)  # recording changes nothing
+    assert [layer for layer, _ in traces] == sorted(layer for layer, _ in traces) and len(traces) == 6
+    _, trace = traces[0]
+    att = trace.attention_matrix()  # (B, H, N, N)
+    assert att.shape == (2, 12, n, n)
+    short = int(enc["attention_mask"][0].sum())
+    assert float(att[0, :, :, short:].abs().max()) == 0.0  # padded keys get no weight
+
+
 def test_use_kdeformer_switches_a_loaded_model(tokenizer):
     model = AutoModel.from_pretrained(S.minilm_path(), attn_implementation="eager").eval()
     hf.use_kdeformer(model, bucket_size=32)
