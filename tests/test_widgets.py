@@ -1,0 +1,423 @@
+"""AttentionExplorer in plain Python (no browser): figures agree with the core's trace, controls,
+invalid input, coalesced updates, export. Small synthetic sources keep it fast."""
+from __future__ import annotations
+
+import math
+import os
+import re
+
+import ipywidgets as widgets
+import numpy as np
+import pytest
+import torch
+from plotly.callbacks import Points
+
+import kdeformer
+from kdeformer.widgets import AttentionExplorer, toy_source
+from kdeformer.widgets import panels
+from kdeformer.widgets.state import Settings, kde_call_code, load_text_source
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+N = 96
+
+
+@pytest.fixture(scope="module")
+def src():
+    return toy_source(n=N, d=16, layers=2, heads=2, seed=0)
+
+
+@pytest.fixture
+def ex(src):
+    return AttentionExplorer(src, bucket_size=16, sample_size=24, num_projs=5, seed=3)
+
+
+def trace_of(fig, name):
+    return panels.trace_by_name(fig, name)
+
+
+def reference(src, s: Settings):
+    """The core run the explorer should be showing, computed independently."""
+    q, k, v = (x[s.layer, s.head] for x in (src.q, src.k, src.v))
+    return kdeformer.kde_attention(
+        q, k, v, bucket_size=s.bucket_size, sample_size=s.sample_size, num_projs=s.num_projs, scale=src.scale,
+        sampling=s.sampling, bucket_order=s.bucket_order, generator=torch.Generator().manual_seed(s.seed),
+        return_trace=True,
+    )
+
+
+def snapshot(ex):
+    return {name: fig.to_plotly_json() for name, fig in ex.figures.items()}
+
+
+# --------------------------------------------------------------------------- structure
+def test_controls_figures_and_css_classes(ex):
+    c = ex.controls
+    expected = {"text", "layer", "head", "method", "bucket_size", "sample_size", "num_projs", "sampling",
+                "bucket_order", "seed", "log_color", "order", "zoom", "query"}
+    assert set(c) == expected
+    assert set(ex.figures) >= {"buckets", "heavy", "samples", "error"}
+    for name, w in c.items():
+        assert f"kde-control-{name}" in w._dom_classes
+    for name, fig in ex.figures.items():
+        assert f"kde-figure-{name}" in fig._dom_classes
+    assert "kde-explorer" in ex._dom_classes
+    assert "kde-readout" in ex.readout._dom_classes and "kde-message" in ex.message._dom_classes
+    assert "kde-status" in ex.status._dom_classes
+    assert isinstance(c["bucket_size"], widgets.IntSlider) and (c["bucket_size"].min, c["bucket_size"].max) == (1, N)
+    assert (c["layer"].max, c["head"].max) == (1, 1)
+    assert (c["num_projs"].min, c["num_projs"].max) == (1, 16)
+    assert c["bucket_size"].continuous_update is False and c["sample_size"].continuous_update is False
+    assert ex.last_error is None and ex.update_count == 1
+    # status: N, cost as a fraction of exact, time of the update
+    assert re.search(r"N = 96 .*cost 0\.\d\d of exact.*updated in \d+ ms", ex.status.value)
+    # token strings on hover
+    assert any("tok5" in h for h in trace_of(ex.figures["buckets"], "queries").hovertext)
+    assert any("tok" in lab for lab in trace_of(ex.figures["heavy"], "attention").y)
+
+
+# --------------------------------------------------------------------------- figures follow the trace
+def test_heavy_outlines_match_trace_blocks(ex, src):
+    out, tr = reference(src, ex.settings())
+    fig = ex.figures["heavy"]
+    shapes = [s for s in fig.layout.shapes if s.type == "rect"]
+    q_sorted_block = tr.q_blocks[tr.q_order]  # key block of each sorted query
+    k_sorted_block = tr.k_blocks[tr.k_order]
+    expected = []
+    start = 0
+    for p in range(1, N + 1):
+        if p == N or q_sorted_block[p] != q_sorted_block[start]:
+            cols = torch.nonzero(k_sorted_block == q_sorted_block[start]).flatten()
+            expected.append((start - 0.5, p - 0.5, int(cols.min()) - 0.5, int(cols.max()) + 0.5))
+            start = p
+    got = sorted((s.y0, s.y1, s.x0, s.x1) for s in shapes)
+    assert got == sorted(expected)
+    # the outlined area is exactly the set of entries computed exactly
+    area = sum((y1 - y0) * (x1 - x0) for y0, y1, x0, x1 in got)
+    assert area == int(tr.heavy_mask().sum())
+    assert tr.num_blocks == math.ceil(N / 16) and len(shapes) == tr.num_blocks
+    # the matrix drawn is the exact softmax in sorted order (log10), unpooled at this N
+    z = panels.unpack(trace_of(fig, "attention").z)
+    att = kdeformer.exact_attention(*(x[0, 0] for x in (src.q, src.k, src.v)), scale=src.scale, return_trace=True)[1]
+    want = att.attention_matrix()[tr.q_order][:, tr.k_order].numpy()
+    np.testing.assert_allclose(z, np.maximum(np.log10(want), panels.LOG_FLOOR), atol=1e-4)
+    # heavy mass per query = exact softmax mass inside its block
+    mass = (att.attention_matrix() * tr.heavy_mask()).sum(-1)
+    np.testing.assert_allclose(trace_of(fig, "exact heavy mass").y, mass[tr.q_order].numpy(), atol=1e-4)
+
+
+def test_sample_marks_match_trace(ex, src):
+    out, tr = reference(src, ex.settings())
+    fig = ex.figures["samples"]
+    uniq = torch.unique(tr.sampled).numpy()
+    marks = trace_of(fig, "sampled")
+    np.testing.assert_array_equal(np.asarray(marks.x), uniq)
+    np.testing.assert_allclose(marks.y, tr.probs[uniq].numpy(), rtol=1e-6)
+    np.testing.assert_allclose(trace_of(fig, "column weight").y, tr.column_weights()[uniq].numpy(), rtol=1e-6)
+    np.testing.assert_array_equal(trace_of(fig, "excluded queries").y, tr.excluded_mask().sum(-2)[uniq].numpy())
+    np.testing.assert_allclose(trace_of(fig, "probability").y, tr.probs.numpy(), rtol=1e-6)
+    assert f"s={tr.sampled.numel()} draws" in fig.layout.title.text
+    # buckets: sizes per code match the hash codes
+    b = ex.figures["buckets"]
+    counts = dict(zip(trace_of(b, "keys per bucket").x, trace_of(b, "keys per bucket").y))
+    r = tr.projections.shape[-1]
+    for code in torch.unique(tr.k_buckets).tolist():
+        assert counts[panels.code_string(code, r)] == int((tr.k_buckets == code).sum())
+    assert sum(trace_of(b, "queries per bucket").y) == N
+    # the key sequence is the Gray rank of the sorted keys' buckets: non-decreasing
+    seq = np.asarray(trace_of(b, "key sequence").y)
+    assert (np.diff(seq) >= 0).all()
+
+
+def test_error_panel_and_readout_match_metrics(ex, src):
+    s = ex.settings()
+    out, tr = reference(src, s)
+    exact = kdeformer.exact_attention(*(x[0, 0] for x in (src.q, src.k, src.v)), scale=src.scale)
+    errs = []
+    for i in range(3):
+        o = reference(src, Settings(**{**s.__dict__, "seed": s.seed + i}))[0]
+        errs.append(kdeformer.relative_spectral_error(o, exact))
+    mean, sd = float(np.mean(errs)), float(np.std(errs, ddof=1))
+    assert f"{mean:.4f} ± {sd:.4f}" in ex.readout.value
+    curve = trace_of(ex.figures["error"], "current")
+    assert curve.x[0] == s.bucket_size + s.sample_size and curve.y[0] == pytest.approx(mean, rel=1e-9)
+    approx_z = panels.unpack(trace_of(ex.figures["error"], "approx").z)
+    want = tr.attention_matrix()[tr.q_order][:, tr.k_order].numpy()
+    with np.errstate(divide="ignore"):
+        want_log = np.where(want > 0, np.maximum(np.log10(want), panels.LOG_FLOOR), np.nan)
+    np.testing.assert_allclose(approx_z, want_log, atol=1e-4)
+    per_q = (out - exact).norm(dim=-1) / exact.norm(dim=-1)
+    np.testing.assert_allclose(trace_of(ex.figures["error"], "per-query error").y, per_q.numpy(), rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("name,value", [("bucket_size", 32), ("sample_size", 40), ("num_projs", 3), ("seed", 11),
+                                        ("bucket_order", "binary"), ("sampling", "uniform"), ("layer", 1), ("head", 1)])
+def test_every_setting_control_redraws_consistently(ex, src, name, value):
+    before = snapshot(ex)
+    count = ex.update_count
+    ex.controls[name].value = value  # synchronous: figures are updated when this returns
+    assert ex.update_count == count + 1 and ex.last_error is None
+    after = snapshot(ex)
+    assert after["samples"] != before["samples"] or after["heavy"] != before["heavy"]
+    s = ex.settings()
+    assert getattr(s, name) == value
+    out, tr = reference(src, s)
+    np.testing.assert_array_equal(np.asarray(trace_of(ex.figures["samples"], "sampled").x), torch.unique(tr.sampled).numpy())
+    n_rects = len([sh for sh in ex.figures["heavy"].layout.shapes if sh.type == "rect"])
+    assert n_rects == len(panels.block_rectangles(tr))
+
+
+def test_display_controls(ex, src):
+    heavy = ex.figures["heavy"]
+    z_log = panels.unpack(trace_of(heavy, "attention").z).copy()
+    ex.controls["log_color"].value = False
+    z_lin = panels.unpack(trace_of(heavy, "attention").z)
+    finite = np.isfinite(z_log) & (z_log > panels.LOG_FLOOR)
+    np.testing.assert_allclose(np.log10(z_lin[finite]), z_log[finite], atol=1e-4)
+    # original order: rows are tokens 0..N-1, blocks shaded (no outlines)
+    ex.controls["order"].value = "original"
+    assert trace_of(heavy, "attention").y[0].startswith("q0 ")
+    assert not [s for s in heavy.layout.shapes if s.type == "rect"]
+    out, tr = reference(src, ex.settings())
+    overlay = panels.unpack(trace_of(heavy, "heavy overlay").z)
+    np.testing.assert_array_equal(np.nan_to_num(overlay) > 0, tr.heavy_mask().numpy())
+    # zoom: a token range, shown at token resolution
+    ex.controls["zoom"].value = (10, 29)
+    assert len(trace_of(heavy, "attention").y) == 20 and trace_of(heavy, "attention").y[0].startswith("q10 ")
+    # inspector: exact row of that query, its block and its sampled keys
+    ex.controls["query"].value = 7
+    insp = ex.figures["inspector"]
+    att = kdeformer.exact_attention(*(x[0, 0] for x in (src.q, src.k, src.v)), scale=src.scale, return_trace=True)[1]
+    np.testing.assert_allclose(trace_of(insp, "exact row").y, att.attention_matrix()[7].numpy(), rtol=1e-5, atol=1e-9)
+    np.testing.assert_allclose(trace_of(insp, "approximate row").y, tr.attention_matrix()[7].numpy(), rtol=1e-4, atol=1e-9)
+    np.testing.assert_array_equal(trace_of(insp, "its block").x, torch.nonzero(tr.k_blocks == tr.q_blocks[7]).flatten().numpy())
+    outside = (tr.sample_counts() > 0) & (tr.k_blocks != tr.q_blocks[7])
+    np.testing.assert_array_equal(trace_of(insp, "sampled keys").x, torch.nonzero(outside).flatten().numpy())
+    assert "query 7 'tok7'" in insp.layout.title.text
+
+
+def test_click_on_matrix_row_opens_inspector(ex):
+    hm = trace_of(ex.figures["heavy"], "attention")
+    label = hm.y[5]  # a row of the sorted matrix
+    token = int(label.split()[0][1:])
+    ex._on_matrix_click(hm, Points(point_inds=[[5, 0]], xs=[hm.x[0]], ys=[label], trace_name="attention", trace_index=0), None)
+    assert ex.controls["query"].value == token
+    assert f"query {token} " in ex.figures["inspector"].layout.title.text
+
+
+# --------------------------------------------------------------------------- limits and bad input
+def test_bucket_size_at_or_above_n_is_exact(ex):
+    assert ex.set(bucket_size=10 * N)  # valid: one block, exact attention
+    assert ex.controls["bucket_size"].value == N and ex.last_error is None
+    assert "cost 1.00 of exact" in ex.status.value
+    m = float(re.search(r"<b>([0-9.]+) ±", ex.readout.value).group(1))
+    assert m < 1e-5
+
+
+@pytest.mark.parametrize("values,needle", [(dict(bucket_size=0), "bucket_size"), (dict(num_projs=17), "num_projs"),
+                                           (dict(layer=2), "layer"), (dict(sampling="bogus"), "sampling"),
+                                           (dict(zoom=(5, 500)), "zoom")])
+def test_invalid_settings_show_message_and_keep_figures(ex, values, needle):
+    before, count, s = snapshot(ex), ex.update_count, ex.settings()
+    assert ex.set(**values) is False
+    assert needle in ex.last_error and needle in ex.message.value
+    assert snapshot(ex) == before and ex.update_count == count and ex.settings() == s
+    ex.set(bucket_size=24)  # the next good setting clears the message
+    assert ex.last_error is None and ex.message.value == ""
+
+
+def test_failure_inside_an_update_keeps_last_good_figures(ex, monkeypatch):
+    before, count = snapshot(ex), ex.update_count
+
+    def boom(s):
+        raise RuntimeError("simulated failure")
+
+    monkeypatch.setattr(ex.engine, "run", boom)
+    ex.controls["seed"].value = 99
+    assert "simulated failure" in ex.last_error and "Traceback" not in ex.message.value
+    assert snapshot(ex) == before and ex.update_count == count
+
+
+def test_text_edit_without_a_model_is_refused(ex):
+    assert ex.controls["text"].disabled
+    assert ex.set(text="hello world") is False
+    assert "no model" in ex.last_error
+
+
+# --------------------------------------------------------------------------- coalescing
+def test_values_arriving_during_an_update_are_coalesced(ex, monkeypatch):
+    run = ex.engine.run
+    computed = []
+
+    def slow_run(s):
+        computed.append(s.bucket_size)
+        if len(computed) == 1:  # while this one computes, three newer values arrive
+            for b in (20, 24, 28):
+                ex.controls["bucket_size"].value = b  # returns at once: an update is running
+        return run(s)
+
+    monkeypatch.setattr(ex.engine, "run", slow_run)
+    count = ex.update_count
+    ex.controls["bucket_size"].value = 12
+    runs = [b for i, b in enumerate(computed) if i == 0 or computed[i - 1] != b]  # (internal calls repeat)
+    assert runs == [12, 28]  # 20 and 24 were replaced before anyone computed them
+    assert ex.update_count == count + 1  # the stale result for 12 was never drawn
+    assert ex.settings().bucket_size == 28
+    assert "B28/" in ex.figures["error"].layout.title.text
+
+
+def test_memory_is_flat_over_many_updates():
+    """Bounded caches and in-place figure updates: no Python objects pile up per update."""
+    import gc
+
+    ex = AttentionExplorer(toy_source(n=32, d=8, layers=1, heads=1), bucket_size=8, sample_size=8, seeds=1)
+    values = [4, 6, 8, 10, 12, 14, 16, 18]
+
+    def churn(n):
+        for i in range(n):
+            ex.controls["bucket_size"].value = values[i % 8]
+            ex.controls["seed"].value = i % 5
+
+    churn(60)  # fill the bounded caches (8 x 5 settings fit)
+    gc.collect()
+    objects = len(gc.get_objects())
+    churn(150)
+    gc.collect()
+    growth = len(gc.get_objects()) - objects
+    assert ex.update_count > 400
+    assert growth < 300, f"{growth} more live objects after 300 updates"
+    assert all(len(c) <= c.maxsize for c in (ex.engine._runs, ex.engine._errors, ex.engine._curves))
+
+
+# --------------------------------------------------------------------------- methods, sources, large N
+def test_method_switch_to_exact(ex):
+    methods = [o[1] for o in ex.controls["method"].options]
+    assert {"kdeformer", "exact"} <= set(methods)
+    ex.controls["method"].value = "exact"
+    assert ex.last_error is None
+    assert "cost 1.00 of exact" in ex.status.value
+    approx = panels.unpack(trace_of(ex.figures["error"], "approx").z)
+    exact = panels.unpack(trace_of(ex.figures["error"], "exact").z)
+    np.testing.assert_array_equal(approx, exact)
+    assert max(trace_of(ex.figures["error"], "per-query error").y) == 0.0
+
+
+def test_peer_methods_when_available(src):
+    pytest.importorskip("kdeformer.methods")
+    ex = AttentionExplorer(src, bucket_size=16, sample_size=24)
+    for name in [o[1] for o in ex.controls["method"].options if o[1] not in ("kdeformer", "exact")]:
+        ex.controls["method"].value = name
+        assert ex.last_error is None, (name, ex.last_error)
+        assert ex.settings().method == name and "budget 40" in ex.status.value
+
+
+@pytest.mark.parametrize("shape", [(N, 8), (3, N, 8), (2, 3, N, 8)])
+def test_tuple_sources(shape):
+    g = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(*shape, generator=g) for _ in range(3))
+    ex = AttentionExplorer((q, k, v), bucket_size=16, sample_size=16)
+    assert ex.last_error is None
+    lead = (1,) * (4 - len(shape)) + shape[:-2]
+    assert (ex.controls["layer"].max, ex.controls["head"].max) == (lead[0] - 1, lead[1] - 1)
+    if len(shape) >= 3:
+        ex.set(head=2)
+        assert ex.last_error is None
+    s = ex.settings()
+    out, tr = kdeformer.kde_attention(q.reshape(-1, N, 8)[s.layer * lead[1] + s.head], k.reshape(-1, N, 8)[s.layer * lead[1] + s.head],
+                                      v.reshape(-1, N, 8)[s.layer * lead[1] + s.head], bucket_size=16, sample_size=16,
+                                      generator=torch.Generator().manual_seed(0), return_trace=True)
+    np.testing.assert_array_equal(np.asarray(trace_of(ex.figures["samples"], "sampled").x), torch.unique(tr.sampled).numpy())
+    with pytest.raises(ValueError, match="source"):
+        AttentionExplorer((q, k))
+
+
+def test_large_n_is_pooled_not_sent_cell_by_cell():
+    src = toy_source(n=2500, d=8, layers=1, heads=1)
+    ex = AttentionExplorer(src, bucket_size=128, sample_size=64, seeds=1)
+    assert ex.last_error is None
+    z = panels.unpack(trace_of(ex.figures["heavy"], "attention").z)
+    assert z.shape == (250, 250)  # 2500 tokens max-pooled by 10
+    for name in ("approx", "exact", "error"):
+        assert panels.unpack(trace_of(ex.figures["error"], name).z).shape[0] <= 128
+    # max-pooling: each cell is the largest entry of its 10 x 10 tokens (checked on one cell)
+    out, tr = reference(src, ex.settings())
+    q, k = src.q[0, 0], src.k[0, 0]
+    logits = src.scale * (q[tr.q_order[:10]].double() @ k[tr.k_order[:10]].double().T)
+    log_d = torch.logsumexp(src.scale * (q[tr.q_order[:10]].double() @ k.double().T), -1, keepdim=True)
+    assert z[0, 0] == pytest.approx(max(float(torch.log10(torch.exp(logits - log_d)).max()), panels.LOG_FLOOR), abs=1e-3)
+    assert "max-pooled 10x10" in ex.figures["heavy"].layout.title.text
+
+
+def test_max_pool_and_packing():
+    x = torch.arange(35, dtype=torch.float32).view(5, 7)
+    got = panels.max_pool(x, panels.Grid(0, 5, 2), panels.Grid(0, 7, 3))
+    want = torch.tensor([[9.0, 12.0, 13.0], [23.0, 26.0, 27.0], [30.0, 33.0, 34.0]])
+    torch.testing.assert_close(got, want)
+    z = np.random.default_rng(0).random((3, 4)).astype(np.float32)
+    z[1, 2] = np.nan
+    np.testing.assert_array_equal(panels.unpack(panels.packed(z)), z)
+
+
+# --------------------------------------------------------------------------- tuning aids and export
+def test_pin_and_copy_as_code(ex, src):
+    n0 = len(ex.figures["error"].data)
+    ex.pin()
+    ex.set(sample_size=48)
+    ex.pin()
+    pins = [t for t in ex.figures["error"].data if t.name.startswith("pin ")]
+    assert len(pins) == 2 and pins[0].x != pins[1].x
+    ex.clear_pins()
+    assert len(ex.figures["error"].data) == n0
+    code = ex.show_code()
+    assert ex.code.layout.display is None and "kde_attention(" in ex.code.value.replace("&#x27;", "'")
+    scope = {"q": src.q[0, 0], "k": src.k[0, 0], "v": src.v[0, 0]}
+    exec(code, scope)  # the shown call reproduces the explorer's output
+    torch.testing.assert_close(scope["out"], ex._result.out)
+    assert code == kde_call_code(ex.settings(), src.scale)
+
+
+def test_save_html_is_standalone(ex, tmp_path):
+    path = tmp_path / "explorer.html"
+    ex.save_html(path, grid={"bucket_size": [8, 16, 32]})
+    text = path.read_text()
+    assert len(text) > 3_000_000  # plotly.js is inside
+    assert "Plotly.newPlot" in text and "plotly.js" in text.lower()
+    assert not re.search(r"<script[^>]+src=[\"']https?:", text)
+    assert text.count('class="kde-figure-') == len(ex.figures) + 1
+    assert '"frames"' in text or "addFrames" in text
+
+
+def test_save_png_or_clear_message(ex, tmp_path):
+    try:
+        import playwright  # noqa: F401
+        have = os.path.exists("/usr/bin/chromium")
+    except ImportError:
+        have = False
+    if not have:
+        with pytest.raises(RuntimeError, match="chromium|playwright"):
+            ex.save_png(tmp_path / "x.png")
+        return
+    path = ex.save_png(tmp_path / "heavy.png", "heavy", width=600)
+    data = open(path, "rb").read()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
+
+
+# --------------------------------------------------------------------------- the default: MiniLM on real text
+def test_default_explorer_opens_minilm():
+    try:
+        load_text_source(None)
+    except Exception as exc:  # sources not there yet, or the model is not cached on this machine
+        pytest.skip(f"MiniLM source unavailable: {exc}")
+    ex = AttentionExplorer()
+    assert ex.last_error is None and ex.settings().layer == 0 and ex.settings().head == 0
+    src = ex.source
+    assert (ex.controls["layer"].max, ex.controls["head"].max) == (src.num_layers - 1, src.num_heads - 1)
+    assert not ex.controls["text"].disabled
+    n_before = src.num_tokens
+    before = snapshot(ex)
+    ex.controls["text"].value = "   "
+    assert ex.last_error and "text" in ex.last_error and snapshot(ex) == before
+    ex.controls["text"].value = "The cat sat on the mat because it was warm."
+    assert ex.last_error is None and ex.source.num_tokens < n_before
+    assert ex.controls["query"].max == ex.source.num_tokens - 1
+    assert any("cat" in h for h in trace_of(ex.figures["buckets"], "queries").hovertext)

@@ -1,0 +1,484 @@
+"""What the explorer shows, computed without any UI: the source adapter, the settings, and cached results.
+
+Nothing here imports ipywidgets or plotly, so every number a figure draws can be checked in plain tests.
+
+Shape legend: L layers, H heads, N tokens (Nq queries, Nk keys), D head dim, Dv value dim, s samples.
+"""
+from __future__ import annotations
+
+import math
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field, replace
+
+import torch
+
+import kdeformer
+from kdeformer._checks import check_choice, check_positive_int
+from kdeformer.core import BUCKET_ORDERS, MAX_PROJS, SAMPLINGS
+
+# Up to this many keys the exact softmax matrix of a head is kept in memory (2048^2 float32 = 16 MiB).
+MATERIALIZE_MAX = 2048
+# Rows of logits computed at once when a matrix is streamed (bounded memory for any N).
+CHUNK_ENTRIES = 1 << 22
+
+
+# --------------------------------------------------------------------------- optional peers
+def available_methods() -> dict[str, str]:
+    """name -> label of the methods the explorer can run: the peers when `kdeformer.methods` exists."""
+    try:
+        from kdeformer.methods import METHODS  # helper package; optional
+    except Exception:  # missing or broken: degrade to what the core offers
+        return {"kdeformer": "KDEformer", "exact": "Exact"}
+    methods = {"kdeformer": "KDEformer", "exact": "Exact"}
+    for name, info in METHODS.items():
+        methods.setdefault(name, getattr(info, "label", name))
+    return methods
+
+
+def sampling_choices() -> tuple[str, ...]:
+    """The core's sampling modes (read at run time: the core may gain modes)."""
+    import kdeformer.core as core
+
+    return tuple(getattr(core, "SAMPLINGS", SAMPLINGS))
+
+
+# --------------------------------------------------------------------------- sources
+@dataclass
+class ToySource:
+    """A small AttentionSource-like object made from tensors (same fields as kdeformer.sources')."""
+
+    name: str
+    text: str
+    tokens: list
+    q: torch.Tensor  # (L, H, N, D)
+    k: torch.Tensor  # (L, H, Nk, D)
+    v: torch.Tensor  # (L, H, Nk, Dv)
+    scale: float
+    key_mask: torch.Tensor | None = None  # (Nk,) bool, True = attend
+    meta: dict = field(default_factory=dict)
+
+    @property
+    def num_layers(self) -> int:
+        return self.q.shape[0]
+
+    @property
+    def num_heads(self) -> int:
+        return self.q.shape[1]
+
+    @property
+    def num_tokens(self) -> int:
+        return self.q.shape[2]
+
+    def head(self, layer: int, head: int):
+        return self.q[layer, head], self.k[layer, head], self.v[layer, head]
+
+
+def toy_source(n: int = 96, d: int = 16, layers: int = 2, heads: int = 2, clusters: int = 6, seed: int = 0) -> ToySource:
+    """Clustered synthetic queries/keys (a few directions plus noise) with one 'sink' key per head.
+
+    Sharp enough that hashing matters, small enough for fast tests.
+    """
+    g = torch.Generator().manual_seed(seed)
+    centers = torch.randn(layers, heads, clusters, d, generator=g)  # (L, H, c, D)
+    assign = torch.randint(0, clusters, (layers, heads, n), generator=g)  # (L, H, N)
+    base = torch.gather(centers, 2, assign.unsqueeze(-1).expand(-1, -1, -1, d))  # (L, H, N, D)
+    q = 2.0 * base + 0.5 * torch.randn(layers, heads, n, d, generator=g)  # (L, H, N, D)
+    k = 2.0 * base + 0.5 * torch.randn(layers, heads, n, d, generator=g)  # (L, H, N, D)
+    k[:, :, 0] = 3.0 * q.mean(2)  # a sink key every query likes
+    v = torch.randn(layers, heads, n, d, generator=g)  # (L, H, N, D)
+    tokens = [f"tok{i}" for i in range(n)]
+    return ToySource("toy", " ".join(tokens), tokens, q, k, v, 1.0 / math.sqrt(d), None, {"seed": seed})
+
+
+def _as_lhnd(x: torch.Tensor, name: str) -> torch.Tensor:
+    """(N, D) / (H, N, D) / (L, H, N, D) -> (L, H, N, D) float32."""
+    if not isinstance(x, torch.Tensor):
+        raise ValueError(f"source {name} must be a torch.Tensor, got {type(x).__name__}")
+    if not 2 <= x.dim() <= 4:
+        raise ValueError(f"source {name} must have shape (N, D), (H, N, D) or (L, H, N, D), got {tuple(x.shape)}")
+    while x.dim() < 4:
+        x = x.unsqueeze(0)
+    if x.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+        raise ValueError(f"source {name} must be a floating tensor, got {x.dtype}")
+    return x.detach().to("cpu", torch.float32)
+
+
+def source_from_tensors(q, k, v, *, scale=None, tokens=None, key_mask=None, name="tensors") -> ToySource:
+    """Wrap the user's own (q, k, v) tensors: each (N, D), (H, N, D) or (L, H, N, D)."""
+    q, k, v = _as_lhnd(q, "q"), _as_lhnd(k, "k"), _as_lhnd(v, "v")
+    if q.shape[:2] != k.shape[:2] or k.shape[:3] != v.shape[:3] or q.shape[-1] != k.shape[-1]:
+        raise ValueError(
+            f"source (q, k, v) shapes do not fit together: {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)} "
+            "(expected (L, H, Nq, D), (L, H, Nk, D), (L, H, Nk, Dv))"
+        )
+    n = q.shape[2]
+    if tokens is None:
+        tokens = [f"t{i}" for i in range(n)]
+    if len(tokens) != n:
+        raise ValueError(f"tokens must have one string per query ({n}), got {len(tokens)}")
+    kdeformer.exact_attention(q[0, 0], k[0, 0], v[0, 0], scale=scale, key_mask=key_mask)  # validates early
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    return ToySource(name, "", list(tokens), q, k, v, scale, key_mask, {})
+
+
+def load_text_source(text: str | None = None):
+    """MiniLM attention for `text` (None: the bundled text), via kdeformer.sources (raises if unavailable)."""
+    from kdeformer import sources  # helper package; imported lazily
+
+    if text is not None and not text.strip():
+        raise ValueError("text must contain at least one word, got an empty text")
+    return sources.minilm(text)
+
+
+def resolve_source(source):
+    """Turn the explorer's `source` argument into an AttentionSource-like object.
+
+    None -> MiniLM on the bundled text; str -> MiniLM on that text; (q, k, v) tuple -> wrapped tensors;
+    anything with q, k, v, tokens and scale -> used as is.
+    """
+    if source is None or isinstance(source, str):
+        return load_text_source(source)
+    if isinstance(source, (tuple, list)):
+        if len(source) != 3:
+            raise ValueError(f"source tuple must be (q, k, v), got {len(source)} items")
+        return source_from_tensors(*source)
+    missing = [a for a in ("q", "k", "v", "tokens", "scale") if not hasattr(source, a)]
+    if missing:
+        raise ValueError(
+            f"source must be None, a text, a (q, k, v) tuple or an AttentionSource; {type(source).__name__} "
+            f"lacks {missing}"
+        )
+    return source
+
+
+def key_tokens(src) -> list:
+    """Token strings of the keys: the source's tokens, or generic names for cross-attention keys."""
+    nk = src.k.shape[2]
+    return list(src.tokens) if len(src.tokens) == nk else [f"k{j}" for j in range(nk)]
+
+
+# --------------------------------------------------------------------------- settings
+@dataclass(frozen=True)
+class Settings:
+    """Everything that changes what is computed (display options are not here)."""
+
+    layer: int = 0
+    head: int = 0
+    method: str = "kdeformer"
+    bucket_size: int = 64
+    sample_size: int = 128
+    num_projs: int = 7
+    sampling: str = "value_norm"
+    bucket_order: str = "gray"
+    seed: int = 0
+
+    @property
+    def budget(self) -> int:
+        """Key columns each query pays for: the block plus the samples."""
+        return self.bucket_size + self.sample_size
+
+
+def check_settings(s: Settings, src, methods) -> Settings:
+    """ValueError naming the first bad field and its allowed range."""
+    check_positive_int("layer", s.layer, minimum=0, maximum=src.q.shape[0] - 1)
+    check_positive_int("head", s.head, minimum=0, maximum=src.q.shape[1] - 1)
+    check_choice("method", s.method, tuple(methods))
+    check_positive_int("bucket_size", s.bucket_size)
+    check_positive_int("sample_size", s.sample_size)
+    check_positive_int("num_projs", s.num_projs, maximum=MAX_PROJS)
+    check_choice("sampling", s.sampling, sampling_choices())
+    check_choice("bucket_order", s.bucket_order, BUCKET_ORDERS)
+    check_positive_int("seed", s.seed, minimum=0, maximum=2**63 - 1)
+    return s
+
+
+def kde_call_code(s: Settings, scale: float | None = None) -> str:
+    """The `kde_attention(...)` call that reproduces the current setting (for "copy as code")."""
+    scale_txt = "" if scale is None else f"    scale={scale!r},\n"
+    return (
+        "import torch\n"
+        "from kdeformer import kde_attention\n\n"
+        f"# q, k, v: layer {s.layer}, head {s.head}, each (N, D)\n"
+        "out, trace = kde_attention(\n"
+        "    q, k, v,\n"
+        f"    bucket_size={s.bucket_size},\n"
+        f"    sample_size={s.sample_size},\n"
+        f"    num_projs={s.num_projs},\n"
+        f"{scale_txt}"
+        f"    sampling={s.sampling!r},\n"
+        f"    bucket_order={s.bucket_order!r},\n"
+        f"    generator=torch.Generator().manual_seed({s.seed}),\n"
+        "    return_trace=True,\n"
+        ")\n"
+    )
+
+
+# --------------------------------------------------------------------------- results
+@dataclass
+class ExactResult:
+    """Exact attention of one head."""
+
+    out: torch.Tensor  # (Nq, Dv)
+    log_d: torch.Tensor  # (Nq,)
+    matrix: torch.Tensor | None  # (Nq, Nk) D^-1 A, when Nk <= MATERIALIZE_MAX
+    attention_norm: float | None  # ||D^-1 A||_2 (None for large N)
+    value_norm: float  # ||V||_2
+
+
+@dataclass
+class ApproxResult:
+    """One method's output for one setting, with what the figures need of it."""
+
+    settings: Settings
+    out: torch.Tensor  # (Nq, Dv)
+    kde_trace: object  # KDETrace of the KDEformer run with the same settings (drives buckets/heavy/samples)
+    log_d: torch.Tensor | None  # (Nq,) the method's normaliser estimate, when it has one
+    matrix: torch.Tensor | None  # (Nq, Nk) the method's approximate softmax matrix, when defined and small
+
+
+@dataclass
+class ErrorSummary:
+    """Errors of the current setting over a few seeds (seed, seed + 1, ...)."""
+
+    spectral: list  # relative spectral error per seed
+    theory: list  # ||O~ - O||_2 / (||D^-1 A||_2 ||V||_2) per seed (empty when not available)
+    frobenius: float  # of the shown seed
+    normalizer: float | None  # mean |D~/D - 1| of the shown seed
+
+    @staticmethod
+    def mean_sd(xs) -> tuple[float, float]:
+        if not xs:
+            return float("nan"), float("nan")
+        t = torch.tensor(xs, dtype=torch.float64)
+        return float(t.mean()), float(t.std(unbiased=True)) if len(xs) > 1 else 0.0
+
+
+@dataclass
+class Curve:
+    """Error versus budget around the current setting (bucket and samples scaled together)."""
+
+    budgets: list  # bucket + samples per point
+    mean: list
+    sd: list
+    current: int  # index of the current setting
+    label: str
+
+
+class LRU(OrderedDict):
+    """A small least-recently-used cache (bounded, so memory stays flat over thousands of updates)."""
+
+    def __init__(self, maxsize: int):
+        super().__init__()
+        self.maxsize = maxsize
+
+    def get_or(self, key, make):
+        if key in self:
+            self.move_to_end(key)
+            return self[key]
+        value = make()
+        self[key] = value
+        while len(self) > self.maxsize:
+            self.popitem(last=False)
+        return value
+
+
+def spectral_norm_power(matrix: torch.Tensor, iters: int = 60) -> float:
+    """Largest singular value by power iteration on M^T M (fast for the N x N softmax matrix)."""
+    m = matrix.to(torch.float64)
+    x = torch.ones(m.shape[1], dtype=torch.float64) / math.sqrt(m.shape[1])
+    sigma = 0.0
+    for _ in range(iters):
+        y = m.mT @ (m @ x)
+        norm = float(y.norm())
+        if norm == 0.0:
+            return 0.0
+        x = y / norm
+        new = math.sqrt(norm)
+        if abs(new - sigma) <= 1e-10 * new:
+            return new
+        sigma = new
+    return sigma
+
+
+class Engine:
+    """Runs the core for one source, caching per head and per setting (bounded caches).
+
+    seeds: how many seeds the error readout averages; curve_factors: scalings of (bucket, samples)
+    at which the error-versus-budget curve is drawn; curve_seeds: seeds averaged per curve point.
+    """
+
+    def __init__(self, src, *, seeds: int = 3, curve_factors=(0.25, 0.5, 1.0, 2.0, 4.0), curve_seeds: int = 1):
+        self.src = src
+        self.seeds = check_positive_int("seeds", seeds)
+        self.curve_seeds = check_positive_int("curve_seeds", curve_seeds)
+        self.curve_factors = tuple(curve_factors)
+        self.methods = available_methods()
+        self._heads = LRU(8)
+        self._exact = LRU(4)
+        self._runs = LRU(6)
+        self._errors = LRU(2048)
+        self._summaries = LRU(64)
+        self._curves = LRU(64)
+
+    # ---------------------------------------------------------------- data
+    @property
+    def key_mask(self):
+        return getattr(self.src, "key_mask", None)
+
+    @property
+    def scale(self) -> float:
+        return float(self.src.scale)
+
+    def head(self, layer: int, head: int):
+        """(q, k, v) of one head, each (N, D), float32, contiguous."""
+        def make():
+            return tuple(x[layer, head].to(torch.float32).contiguous() for x in (self.src.q, self.src.k, self.src.v))
+
+        return self._heads.get_or((layer, head), make)
+
+    def exact(self, layer: int, head: int) -> ExactResult:
+        def make():
+            q, k, v = self.head(layer, head)
+            out, tr = kdeformer.exact_attention(q, k, v, scale=self.scale, key_mask=self.key_mask, return_trace=True)
+            matrix = tr.attention_matrix() if k.shape[0] <= MATERIALIZE_MAX else None  # (Nq, Nk)
+            att_norm = spectral_norm_power(matrix) if matrix is not None else None
+            return ExactResult(out, tr.log_normalizer, matrix, att_norm, float(torch.linalg.matrix_norm(v.double(), ord=2)))
+
+        return self._exact.get_or((layer, head), make)
+
+    # ---------------------------------------------------------------- runs
+    def _kde(self, s: Settings, trace: bool):
+        q, k, v = self.head(s.layer, s.head)
+        gen = torch.Generator().manual_seed(s.seed)
+        return kdeformer.kde_attention(
+            q, k, v, bucket_size=s.bucket_size, sample_size=s.sample_size, num_projs=s.num_projs,
+            scale=self.scale, key_mask=self.key_mask, sampling=s.sampling, bucket_order=s.bucket_order,
+            generator=gen, return_trace=trace,
+        )
+
+    def _peer(self, s: Settings, trace: bool):
+        from kdeformer.methods import approximate  # only reached when the registry listed the method
+
+        q, k, v = self.head(s.layer, s.head)
+        gen = torch.Generator().manual_seed(s.seed)
+        return approximate(
+            s.method, q, k, v, budget=s.budget, scale=self.scale, key_mask=self.key_mask, generator=gen,
+            return_trace=trace,
+        )
+
+    def output(self, s: Settings) -> torch.Tensor:
+        """Output only (no trace) of the setting's method.  # (Nq, Dv)"""
+        if s.method == "exact":
+            return self.exact(s.layer, s.head).out
+        if s.method == "kdeformer":
+            return self._kde(s, False)
+        return self._peer(s, False)
+
+    def run(self, s: Settings) -> ApproxResult:
+        """The setting's method with everything the figures need (cached per setting)."""
+        def make():
+            kde_settings = replace(s, method="kdeformer")
+            kde_out, kde_trace = self._kde(kde_settings, True)
+            if s.method == "kdeformer":
+                small = kde_trace.key.shape[-2] <= MATERIALIZE_MAX
+                matrix = kde_trace.attention_matrix() if small else None
+                return ApproxResult(s, kde_out, kde_trace, kde_trace.log_normalizer, matrix)
+            if s.method == "exact":
+                ex = self.exact(s.layer, s.head)
+                return ApproxResult(s, ex.out, kde_trace, ex.log_d, ex.matrix)
+            out, peer_trace = self._peer(s, True)
+            log_d = getattr(peer_trace, "log_normalizer", None)
+            matrix = None
+            if hasattr(peer_trace, "attention_matrix") and kde_trace.key.shape[-2] <= MATERIALIZE_MAX:
+                try:
+                    matrix = peer_trace.attention_matrix()
+                except Exception:  # a method without a matrix view: the error panel says so
+                    matrix = None
+            return ApproxResult(s, out, kde_trace, log_d, matrix)
+
+        return self._runs.get_or(s, make)
+
+    # ---------------------------------------------------------------- errors
+    def errors(self, s: Settings) -> tuple[float, float | None]:
+        """(relative spectral error, theory-normalised spectral error) of one setting (cached)."""
+        def make():
+            ex = self.exact(s.layer, s.head)
+            out = self.run(s).out if s in self._runs else self.output(s)
+            diff = torch.linalg.matrix_norm((out.double() - ex.out.double()), ord=2)
+            plain = float(diff / torch.linalg.matrix_norm(ex.out.double(), ord=2).clamp_min(1e-300))
+            theory = None
+            if ex.attention_norm is not None:
+                theory = float(diff) / max(ex.attention_norm * ex.value_norm, 1e-300)
+            return plain, theory
+
+        return self._errors.get_or(s, make)
+
+    def summary(self, s: Settings) -> ErrorSummary:
+        def make():
+            runs = [self.errors(replace(s, seed=s.seed + i)) for i in range(self.seeds)]
+            res = self.run(s)
+            ex = self.exact(s.layer, s.head)
+            frob = kdeformer.relative_frobenius_error(res.out, ex.out)
+            norm = None
+            if res.log_d is not None:
+                norm = kdeformer.normalizer_relative_error(res.log_d, ex.log_d)
+            return ErrorSummary([r[0] for r in runs], [r[1] for r in runs if r[1] is not None], frob, norm)
+
+        return self._summaries.get_or(s, make)
+
+    def curve_points(self, s: Settings) -> list[Settings]:
+        """Settings of the error-versus-budget curve: (bucket, samples) scaled by each factor."""
+        pts = []
+        for f in self.curve_factors:
+            p = replace(s, bucket_size=max(1, round(s.bucket_size * f)), sample_size=max(1, round(s.sample_size * f)))
+            if p not in pts:
+                pts.append(p)
+        return pts
+
+    def curve(self, s: Settings) -> Curve:
+        def make():
+            pts = self.curve_points(s)
+            means, sds = [], []
+            for p in pts:
+                n = self.seeds if p == s else self.curve_seeds  # the current point shows the readout's seeds
+                m, sd = ErrorSummary.mean_sd([self.errors(replace(p, seed=p.seed + i))[0] for i in range(n)])
+                means.append(m)
+                sds.append(sd)
+            label = f"{self.methods.get(s.method, s.method)} L{s.layer}H{s.head} B{s.bucket_size}/s{s.sample_size} r{s.num_projs}"
+            return Curve([p.budget for p in pts], means, sds, pts.index(s), label)
+
+        return self._curves.get_or(s, make)
+
+    # ---------------------------------------------------------------- cost
+    def cost_fraction(self, s: Settings, trace) -> float:
+        """Key columns each query pays for, as a fraction of exact attention's Nk (hashing not counted)."""
+        nk = trace.key.shape[-2]
+        if s.method == "exact":
+            return 1.0
+        if s.method == "kdeformer":
+            if trace.num_blocks <= 1:
+                return 1.0
+            return min(1.0, (float(trace.key_block_len.max()) + s.sample_size) / nk)
+        return min(1.0, s.budget / nk)
+
+
+def timed(fn, *args, **kwargs):
+    t0 = time.perf_counter()
+    out = fn(*args, **kwargs)
+    return out, time.perf_counter() - t0
+
+
+def exact_row_fn(q: torch.Tensor, k: torch.Tensor, scale: float, ex: ExactResult, key_mask=None):
+    """f(rows) -> rows of the exact softmax matrix D^-1 A  # (len(rows), Nk); streamed when N is large."""
+
+    def rows_of(rows: torch.Tensor) -> torch.Tensor:
+        if ex.matrix is not None:
+            return ex.matrix[rows]
+        logits = scale * (q[rows].double() @ k.double().mT)  # (c, Nk)
+        p = torch.exp(logits - ex.log_d[rows].double().unsqueeze(-1))
+        if key_mask is not None:
+            p = p * key_mask
+        return p.float()
+
+    return rows_of
