@@ -28,6 +28,7 @@ from .state import (
     exact_row_fn,
     kde_call_code,
     resolve_source,
+    text_capable,
     sampling_choices,
     key_tokens,
     load_text_source,
@@ -106,6 +107,7 @@ class AttentionExplorer(widgets.VBox):
             src = toy_source(n=256, d=32, layers=1, heads=2)
             self._text_model = False
             startup_note = f"MiniLM could not be loaded ({type(exc).__name__}: {exc}); showing synthetic data."
+        self._text_model = self._text_model or text_capable(src)
         self.engine = Engine(src, seeds=seeds, curve_seeds=curve_seeds)
         self._lock = threading.Lock()
         self._pending = False
@@ -275,10 +277,7 @@ class AttentionExplorer(widgets.VBox):
             t1 = time.perf_counter()
             if self._pending:
                 return
-            changed = s != last_s
-            view_changed = changed or {k: disp[k] for k in ("log_color", "order", "zoom")} != (
-                {k: last_d[k] for k in ("log_color", "order", "zoom")} if last_d else None)
-            self._draw(s, disp, res, summary, curve, changed, view_changed)
+            self._draw(s, disp, res, summary, curve, self._stale_panels(s, disp, last_s, last_d))
         except Exception as exc:  # any failure: message in the UI, figures stay as they were
             self._show_error(f"{type(exc).__name__}: {exc}" if not isinstance(exc, ValueError) else str(exc))
             return
@@ -304,23 +303,53 @@ class AttentionExplorer(widgets.VBox):
             approx_fn = None
         return ex, exact_fn, approx_fn
 
-    def _draw(self, s, disp, res, summary, curve, changed, view_changed):
+    @staticmethod
+    def _stale_panels(s: Settings, disp: dict, last_s, last_d) -> set:
+        """Which panels depend on what changed since the last drawn update (a move redraws only those)."""
+        if last_s is None:
+            return set(FIGURES) | {"readout"}
+        def key(x: Settings, fields_):
+            return tuple(getattr(x, f) for f in fields_)
+
+        hashing = ("layer", "head", "num_projs", "bucket_order", "seed", "bucket_size")
+        view = ("log_color", "order", "zoom")
+        stale = set()
+        if key(s, hashing) != key(last_s, hashing):
+            stale |= {"buckets"}
+        if key(s, hashing) != key(last_s, hashing) or [disp[k] for k in view] != [last_d[k] for k in view]:
+            stale |= {"heavy"}
+        sampling = hashing + ("sample_size", "sampling")
+        if key(s, sampling) != key(last_s, sampling):
+            stale |= {"samples"}
+        if s != last_s or [disp[k] for k in view] != [last_d[k] for k in view]:
+            stale |= {"error"}
+        if s != last_s:
+            stale |= {"readout", "inspector"}
+        if disp["query"] != last_d["query"]:
+            stale |= {"inspector"}
+        return stale
+
+    def _draw(self, s, disp, res, summary, curve, stale: set):
         tr = res.kde_trace
         qt, kt = self.engine.src.tokens, key_tokens(self.engine.src)
         ex, exact_fn, approx_fn = self._row_fns(s, res)
         updates = {}
-        if changed:
+        if "buckets" in stale:
             updates["buckets"] = panels.buckets_update(tr, qt, kt)
+        if "samples" in stale:
             updates["samples"] = panels.samples_update(tr, kt)
-        if view_changed:
+        if "heavy" in stale:
             updates["heavy"] = panels.heavy_update(tr, exact_fn, qt, kt, order=disp["order"], log_color=disp["log_color"],
-                                                   zoom=disp["zoom"], max_cells=self.max_cells)
+                                                   zoom=disp["zoom"], max_cells=self.max_cells,
+                                                   mass=self._heavy_mass(s, tr, exact_fn))
+        if "error" in stale:
             updates["error"] = panels.error_update(tr, exact_fn, approx_fn, ex, res.out, res.log_d, qt, kt, curve,
                                                    order=disp["order"], log_color=disp["log_color"], zoom=disp["zoom"],
                                                    max_cells=self.error_cells)
         label = self.engine.methods.get(s.method, s.method)
         query = min(disp["query"], tr.query.shape[-2] - 1)
-        updates["inspector"] = panels.inspector_update(tr, query, exact_fn, approx_fn, qt, kt, label)
+        if "inspector" in stale:
+            updates["inspector"] = panels.inspector_update(tr, query, exact_fn, approx_fn, qt, kt, label)
         # compute everything first, then write all figures (no half-drawn state on failure)
         for name, upd in updates.items():
             panels.apply(self.figures[name], upd)
@@ -330,9 +359,15 @@ class AttentionExplorer(widgets.VBox):
             gr, ri = info["grid_rows"], info["row_index"]
             labels = panels.trace_by_name(self.figures["heavy"], "attention").y
             self._row_labels = {lab: int(ri[gr.lo + b * gr.width]) for b, lab in enumerate(labels)}
-        if changed:
-            self.readout.value = self._readout_html(s, summary, updates["heavy"].info["mean_mass"] if "heavy" in updates else None)
+        if "readout" in stale:
+            mass = float(self._heavy_mass(s, tr, exact_fn).mean())
+            self.readout.value = self._readout_html(s, summary, mass)
             self.code.value = f"<pre style='font-size:12px;user-select:all'>{html.escape(kde_call_code(s, self.engine.scale))}</pre>"
+
+    def _heavy_mass(self, s: Settings, tr, exact_fn):
+        """Exact softmax mass in each query's heavy block (cached: it depends on the hashing only)."""
+        key = (s.layer, s.head, s.num_projs, s.bucket_order, s.seed, s.bucket_size)
+        return self.engine._masses.get_or(key, lambda: panels.heavy_mass(tr, exact_fn))
 
     def _readout_html(self, s: Settings, summary, heavy_mass) -> str:
         m, sd = summary.mean_sd(summary.spectral)
@@ -379,7 +414,7 @@ class AttentionExplorer(widgets.VBox):
             self._show_error("this source has no model to re-run: text editing needs a MiniLM source")
             return False
         try:
-            src = load_text_source(text)
+            src = load_text_source(text, like=self.engine.src)
             if getattr(src, "num_tokens", src.q.shape[2]) < 2:
                 raise ValueError("text must give at least 2 tokens")
         except Exception as exc:

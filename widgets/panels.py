@@ -53,6 +53,11 @@ class _nullcontext:
         return False
 
 
+def _strs(items) -> np.ndarray:
+    """Strings as a numpy array: plotly validates and serialises it in one pass (lists go item by item)."""
+    return np.array(items, dtype=str) if len(items) else np.array([], dtype=str)
+
+
 def trace_by_name(fig, name: str):
     for t in fig.data:
         if t.name == name:
@@ -318,12 +323,12 @@ def buckets_update(trace, q_tokens, k_tokens, max_points: int = MAX_POINTS) -> P
     upd.traces["queries"] = dict(
         x=coords[qi, 0], y=coords[qi, 1], customdata=qi,
         marker=dict(color=qr[qi], cmin=0, cmax=2**r - 1),
-        hovertext=[f"query {i} '{_short(q_tokens[i])}'<br>bucket {code_string(qc[i], r)} (rank {qr[i]})<br>block {qblk[i]}" for i in qi],
+        hovertext=_strs([f"query {i} '{_short(q_tokens[i])}'<br>bucket {code_string(qc[i], r)} (rank {qr[i]})<br>block {qblk[i]}" for i in qi]),
     )
     upd.traces["keys"] = dict(
         x=coords[nq + ki, 0], y=coords[nq + ki, 1], customdata=ki,
         marker=dict(color=kr[ki], cmin=0, cmax=2**r - 1),
-        hovertext=[f"key {j} '{_short(k_tokens[j])}'<br>bucket {code_string(kc[j], r)} (rank {kr[j]})<br>block {kblk[j]}" for j in ki],
+        hovertext=_strs([f"key {j} '{_short(k_tokens[j])}'<br>bucket {code_string(kc[j], r)} (rank {kr[j]})<br>block {kblk[j]}" for j in ki]),
     )
     if r <= MAX_HYPERPLANES:
         pad = 0.05
@@ -344,19 +349,19 @@ def buckets_update(trace, q_tokens, k_tokens, max_points: int = MAX_POINTS) -> P
     codes = codes[np.argsort(ranks[codes])]
     q_count = np.array([(qc == c).sum() for c in codes]) if len(codes) <= 512 else np.bincount(qc, minlength=2**r)[codes]
     k_count = np.bincount(kc[valid_k], minlength=2**r)[codes]
-    labels = [code_string(c, r) for c in codes]
+    labels = _strs([code_string(c, r) for c in codes])
     upd.traces["queries per bucket"] = dict(
-        x=labels, y=q_count, hovertext=[f"bucket {lab} (rank {ranks[c]}): {n} queries" for lab, c, n in zip(labels, codes, q_count)])
+        x=labels, y=q_count, hovertext=_strs([f"bucket {lab} (rank {ranks[c]}): {n} queries" for lab, c, n in zip(labels, codes, q_count)]))
     upd.traces["keys per bucket"] = dict(
-        x=labels, y=k_count, hovertext=[f"bucket {lab} (rank {ranks[c]}): {n} keys" for lab, c, n in zip(labels, codes, k_count)])
+        x=labels, y=k_count, hovertext=_strs([f"bucket {lab} (rank {ranks[c]}): {n} keys" for lab, c, n in zip(labels, codes, k_count)]))
 
     # the Gray-order sequence of the sorted keys, coloured by bucket, block edges marked
     order = _np(trace.k_order)
     si = np.arange(nk)[:: max(1, math.ceil(nk / max_points))]
     upd.traces["key sequence"] = dict(
         x=si, y=kr[order[si]], marker=dict(color=kr[order[si]], cmin=0, cmax=2**r - 1),
-        hovertext=[f"sorted pos {p}: key {order[p]} '{_short(k_tokens[order[p]])}'<br>bucket {code_string(kc[order[p]], r)}"
-                   f" (rank {kr[order[p]]}), block {kblk[order[p]]}" for p in si],
+        hovertext=_strs([f"sorted pos {p}: key {order[p]} '{_short(k_tokens[order[p]])}'<br>bucket {code_string(kc[order[p]], r)}"
+                   f" (rank {kr[order[p]]}), block {kblk[order[p]]}" for p in si]),
     )
     kb_sorted = kblk[order]
     edges = [p for p in range(1, nk) if kb_sorted[p] != kb_sorted[p - 1] and kb_sorted[p] >= 0]
@@ -419,7 +424,7 @@ def heavy_update(trace, exact_fn, q_tokens, k_tokens, *, order="sorted", log_col
     elif len(block_rectangles(trace)) > MAX_OUTLINES:
         fns["heavy"] = lambda rows: heavy_rows(trace, rows).float()
     mats = pooled_matrices(fns, ri, ci, gr, gc)
-    xl, yl = axis_labels(ci, k_tokens, gc, "k"), axis_labels(ri, q_tokens, gr, "q")
+    xl, yl = _strs(axis_labels(ci, k_tokens, gc, "k")), _strs(axis_labels(ri, q_tokens, gr, "q"))
     z = color_values(mats["exact"], log_color)
     upd = PanelUpdate()
     upd.traces["attention"] = dict(
@@ -443,10 +448,10 @@ def heavy_update(trace, exact_fn, q_tokens, k_tokens, *, order="sorted", log_col
     p = pos[::step]
     upd.traces["exact heavy mass"] = dict(
         x=p, y=np.round(mass[ri[p]], 4),
-        hovertext=[f"query {ri[i]} '{_short(q_tokens[ri[i]])}': {mass[ri[i]]:.3f} of its softmax mass in its block" for i in p])
+        hovertext=_strs([f"query {ri[i]} '{_short(q_tokens[ri[i]])}': {mass[ri[i]]:.3f} of its softmax mass in its block" for i in p]))
     upd.traces["estimated heavy share"] = dict(
         x=p, y=np.round(est[ri[p]], 4),
-        hovertext=[f"query {ri[i]}: heavy share of D~ = {est[ri[i]]:.3f}" for i in p])
+        hovertext=_strs([f"query {ri[i]}: heavy share of D~ = {est[ri[i]]:.3f}" for i in p]))
     blk = float(_np(trace.key_block_len).max()) if trace.num_blocks > 1 else float(nk)
     upd.traces["random blocks"] = dict(x=[0, nq - 1], y=[min(1.0, blk / nk)] * 2)
     upd.layout["xaxis.showticklabels"] = gc.bins <= 64
@@ -496,19 +501,19 @@ def samples_update(trace, k_tokens) -> PanelUpdate:
     x = np.arange(nk)[::step]
     upd = PanelUpdate()
     upd.traces["probability"] = dict(
-        x=x, y=probs[x], hovertext=[f"key {j} '{_short(k_tokens[j])}': p = {probs[j]:.2e}" for j in x])
+        x=x, y=probs[x], hovertext=_strs([f"key {j} '{_short(k_tokens[j])}': p = {probs[j]:.2e}" for j in x]))
     size = 5 + 10 * np.sqrt(counts[uniq] / max(1, counts.max()))
     upd.traces["sampled"] = dict(
         x=uniq, y=probs[uniq], marker=dict(size=size),
-        hovertext=[f"key {j} '{_short(k_tokens[j])}'<br>drawn {counts[j]}x, weight {weights[j]:.3g}<br>"
-                   f"block {kb[j]}, skipped by {e} queries" for j, e in zip(uniq, excluded)])
-    labels = [f"{j} {_short(k_tokens[j], 10)}" for j in uniq]
+        hovertext=_strs([f"key {j} '{_short(k_tokens[j])}'<br>drawn {counts[j]}x, weight {weights[j]:.3g}<br>"
+                   f"block {kb[j]}, skipped by {e} queries" for j, e in zip(uniq, excluded)]))
+    labels = _strs([f"{j} {_short(k_tokens[j], 10)}" for j in uniq])
     upd.traces["column weight"] = dict(
         x=labels, y=weights[uniq],
-        hovertext=[f"key {j} '{_short(k_tokens[j])}': {counts[j]} draws × 1/(s·p) = {weights[j]:.3g}" for j in uniq])
+        hovertext=_strs([f"key {j} '{_short(k_tokens[j])}': {counts[j]} draws × 1/(s·p) = {weights[j]:.3g}" for j in uniq]))
     upd.traces["excluded queries"] = dict(
         x=labels, y=excluded,
-        hovertext=[f"key {j}: {e} queries already compute it in block {kb[j]}" for j, e in zip(uniq, excluded)])
+        hovertext=_strs([f"key {j}: {e} queries already compute it in block {kb[j]}" for j, e in zip(uniq, excluded)]))
     upd.layout["xaxis2.showticklabels"] = len(uniq) <= 40
     upd.layout["xaxis3.showticklabels"] = len(uniq) <= 40
     note = " (one block = exact: samples unused)" if trace.num_blocks <= 1 else ""
@@ -573,7 +578,7 @@ def error_update(trace, exact_fn, approx_fn, exact, approx_out, approx_log_d, q_
     if approx_fn is not None:
         fns["approx"] = approx_fn
     mats = pooled_matrices(fns, ri, ci, gr, gc)
-    xl, yl = axis_labels(ci, k_tokens, gc, "k"), axis_labels(ri, q_tokens, gr, "q")
+    xl, yl = _strs(axis_labels(ci, k_tokens, gc, "k")), _strs(axis_labels(ri, q_tokens, gr, "q"))
     zmin, zmax = (LOG_FLOOR, 0.0) if log_color else (0.0, float(np.nanmax(mats["exact"])))
     upd = PanelUpdate()
     upd.traces["exact"] = dict(z=packed(color_values(mats["exact"], log_color)), x=xl, y=yl, zmin=zmin, zmax=zmax)
@@ -591,12 +596,12 @@ def error_update(trace, exact_fn, approx_fn, exact, approx_out, approx_log_d, q_
     qi = np.arange(nq)[::step]
     upd.traces["per-query error"] = dict(
         x=qi, y=np.round(per_q[qi], 5), customdata=qi,
-        hovertext=[f"query {i} '{_short(q_tokens[i])}': {per_q[i]:.3f}" for i in qi])
+        hovertext=_strs([f"query {i} '{_short(q_tokens[i])}': {per_q[i]:.3f}" for i in qi]))
     if approx_log_d is not None:
         le, la = _np(exact.log_d).astype(np.float64), _np(approx_log_d).astype(np.float64)
         upd.traces["normaliser"] = dict(
             x=np.round(le[qi], 4), y=np.round(la[qi], 4), customdata=qi, visible=True,
-            hovertext=[f"query {i} '{_short(q_tokens[i])}': D~/D = {math.exp(la[i] - le[i]):.3f}" for i in qi])
+            hovertext=_strs([f"query {i} '{_short(q_tokens[i])}': D~/D = {math.exp(la[i] - le[i]):.3f}" for i in qi]))
         lo_, hi_ = float(min(le.min(), la.min())), float(max(le.max(), la.max()))
         upd.traces["y = x"] = dict(x=[lo_, hi_], y=[lo_, hi_])
     else:
@@ -604,10 +609,10 @@ def error_update(trace, exact_fn, approx_fn, exact, approx_out, approx_log_d, q_
         upd.traces["y = x"] = dict(x=[], y=[])
     upd.traces["error curve"] = dict(
         x=list(curve.budgets), y=list(curve.mean), error_y=dict(type="data", array=list(curve.sd), visible=True),
-        hovertext=[f"budget {b}: {m:.3f} ± {s:.3f}" for b, m, s in zip(curve.budgets, curve.mean, curve.sd)])
+        hovertext=_strs([f"budget {b}: {m:.3f} ± {s:.3f}" for b, m, s in zip(curve.budgets, curve.mean, curve.sd)]))
     c = curve.current
     upd.traces["current"] = dict(x=[curve.budgets[c]], y=[curve.mean[c]],
-                                 hovertext=[f"current: budget {curve.budgets[c]}, error {curve.mean[c]:.3f}"])
+                                 hovertext=_strs([f"current: budget {curve.budgets[c]}, error {curve.mean[c]:.3f}"]))
     upd.layout["title.text"] = f"error: {curve.label}" + (
         "" if gr.width == 1 and gc.width == 1 else f" (matrices max-pooled {gr.width}x{gc.width})")
     upd.info = dict(per_query=per_q, pooled=mats, grid_rows=gr, grid_cols=gc)
@@ -644,18 +649,18 @@ def inspector_update(trace, query: int, exact_fn, approx_fn, q_tokens, k_tokens,
     weights = _np(trace.column_weights()).astype(np.float64)
     sampled = np.flatnonzero((counts > 0) & (kb != qb)) if trace.num_blocks > 1 else np.array([], dtype=np.int64)
     upd = PanelUpdate()
-    upd.traces["exact row"] = dict(x=x, y=ex[x], hovertext=[f"key {j} '{_short(k_tokens[j])}': exact {ex[j]:.4f}" for j in x])
+    upd.traces["exact row"] = dict(x=x, y=ex[x], hovertext=_strs([f"key {j} '{_short(k_tokens[j])}': exact {ex[j]:.4f}" for j in x]))
     if ap is not None:
         upd.traces["approximate row"] = dict(
             x=x, y=ap[x], visible=True, name="approximate row",
-            hovertext=[f"key {j} '{_short(k_tokens[j])}': {method_label} {ap[j]:.4f}" for j in x])
+            hovertext=_strs([f"key {j} '{_short(k_tokens[j])}': {method_label} {ap[j]:.4f}" for j in x]))
     else:
         upd.traces["approximate row"] = dict(x=[], y=[], visible=False)
     upd.traces["its block"] = dict(
-        x=block, y=ex[block], hovertext=[f"key {j} '{_short(k_tokens[j])}' in block {qb}: exact {ex[j]:.4f}" for j in block])
+        x=block, y=ex[block], hovertext=_strs([f"key {j} '{_short(k_tokens[j])}' in block {qb}: exact {ex[j]:.4f}" for j in block]))
     upd.traces["sampled keys"] = dict(
         x=sampled, y=ex[sampled], marker=dict(size=6 + 10 * np.sqrt(weights[sampled] / max(1e-12, weights.max()))),
-        hovertext=[f"key {j} '{_short(k_tokens[j])}': drawn {counts[j]}x, weight {weights[j]:.3g}" for j in sampled])
+        hovertext=_strs([f"key {j} '{_short(k_tokens[j])}': drawn {counts[j]}x, weight {weights[j]:.3g}" for j in sampled]))
     mass = float(ex[block].sum())
     upd.layout["title.text"] = (f"row inspector: query {query} '{_short(q_tokens[query], 24)}', block {qb} "
                                 f"({len(block)} keys, {mass:.1%} of its mass), {len(sampled)} sampled keys outside it")

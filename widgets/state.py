@@ -122,13 +122,25 @@ def source_from_tensors(q, k, v, *, scale=None, tokens=None, key_mask=None, name
     return ToySource(name, "", list(tokens), q, k, v, scale, key_mask, {})
 
 
-def load_text_source(text: str | None = None):
-    """MiniLM attention for `text` (None: the bundled text), via kdeformer.sources (raises if unavailable)."""
-    from kdeformer import sources  # helper package; imported lazily
+def load_text_source(text: str | None = None, like=None):
+    """Model attention for `text` (None: the bundled text), via kdeformer.sources (raises if unavailable).
+
+    like: a source made by `sources.from_pretrained` (its meta holds the model path): re-run that model;
+    otherwise MiniLM.
+    """
+    from kdeformer import sources  # imported lazily: needs transformers
 
     if text is not None and not text.strip():
         raise ValueError("text must contain at least one word, got an empty text")
+    meta = getattr(like, "meta", None) or {}
+    if like is not None and meta.get("path") and "minilm" not in str(getattr(like, "name", "")).lower():
+        return sources.from_pretrained(meta["path"], text, meta.get("max_tokens"))
     return sources.minilm(text)
+
+
+def text_capable(src) -> bool:
+    """Whether the source came from a model that can be re-run on a new text."""
+    return bool((getattr(src, "meta", None) or {}).get("path"))
 
 
 def resolve_source(source):
@@ -320,6 +332,7 @@ class Engine:
         self._errors = LRU(2048)
         self._summaries = LRU(64)
         self._curves = LRU(64)
+        self._masses = LRU(16)
 
     # ---------------------------------------------------------------- data
     @property
