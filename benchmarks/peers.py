@@ -259,7 +259,8 @@ def authors_convention(cfg: Config, datasets: list[Dataset]) -> list[dict]:
             out, trace = approximate(method, ds.q, ds.k, ds.v, budget=m, scale=ds.scale, key_mask=ds.key_mask,
                                      generator=gen, return_trace=True, **opts)
             rel, theory, norm_err = per_head_errors(ds, out, trace.log_normalizer)
-            records.append(dict(dataset=ds.name, m=m, label=label, seed=seed, rel=rel, theory=theory,
+            records.append(dict(dataset=ds.name, heads=math.prod(ds.q.shape[:-2]), m=m, label=label, seed=seed, rel=rel,
+                                theory=theory,
                                 normalizer=norm_err, params=opts))
     return records
 
@@ -390,7 +391,7 @@ def authors_table(records, ms) -> str:
     labels = list(dict.fromkeys(r["label"] for r in records))
     rows = [[lab] + [cell([r["rel"] for r in records if r["label"] == lab and r["m"] == m]) for m in ms]
             for lab in labels]
-    if records and records[0]["dataset"] == "minilm":
+    if records and records[0]["dataset"] == "minilm" and records[0].get("heads") == 72:
         rows += [[lab] + [f"{vals[m]:.2f}" if m in vals else "—" for m in ms] for lab, vals in AUTHORS_ANCHORS.items()]
     return markdown_table(["method \\ m"] + [str(m) for m in ms], rows)
 
@@ -511,16 +512,17 @@ def report(cfg: Config, acc, authors, speed, lines, datasets, plots, seconds_tot
     if authors:
         parts += [f"### Authors' convention on {authors[0]['dataset']}: relative spectral error at m\n\n"
                   "KDEformer and HyperAttention: block m/2 + m samples (1.5 m columns); Performer m features; "
-                  "Nyströmformer m landmarks; uniform m columns. Anchor rows: the authors' code measured earlier on "
-                  "this machine on the same 72 heads (NOTES.md).", authors_table(authors, cfg.authors_m)]
+                  "Nyströmformer m landmarks; uniform m columns. Anchor rows (full run only): the authors' code "
+                  "measured earlier on this machine on the same 72 heads, float64 (NOTES.md).", authors_table(authors, cfg.authors_m)]
     if speed:
         parts += [f"### Speed and memory (float32, 1 × {cfg.speed_heads} heads, D = {cfg.speed_dim}, budget "
                   f"{cfg.speed_budget}, random inputs)\n\nCells: time as a multiple of torch SDPA's time in the same run "
                   "(SDPA row: seconds), and peak memory added by the call. CPU memory = rise of the process's peak "
                   "resident set (VmHWM reset via /proc/self/clear_refs after malloc_trim), so it counts every "
                   "allocation torch makes, rounded to pages; it cannot see memory reused from the allocator's cache "
-                  "without touching new pages. Up to N = 4096: median of "
-                  f"{cfg.speed_reps} call(s) after a warm-up call; beyond: one call.",
+                  "without touching new pages. "
+                  + (f"Up to N = 4096: median of {cfg.speed_reps} calls after a warm-up call; beyond: one call."
+                     if cfg.speed_reps > 1 else "One call per cell (no warm-up)."),
                   speed_table(speed, cfg.speed_ns, lines)]
     if plots:
         parts.append("Plots: " + ", ".join(f"[{p.name}](plots/{p.name})" for p in plots) + " (plotly, offline: "
