@@ -111,6 +111,13 @@ def test_exact_limit_cross_attention_odd_lengths(name):
     torch.testing.assert_close(out, want, rtol=1e-10, atol=1e-10)
 
 
+@pytest.mark.parametrize("name", list(EXACT_LIMIT))
+def test_huge_budget_through_the_default_split_is_exact(name):
+    q, k, v = qkv(lead=(2,), n_q=21, n_k=30)
+    out = approximate(name, q, k, v, budget=4 * 30, generator=gen(0))
+    torch.testing.assert_close(out, kdeformer.exact_attention(q, k, v), rtol=1e-10, atol=1e-10)
+
+
 def test_nystrom_with_all_tokens_as_landmarks_is_exact():
     q, k, v = qkv(lead=(2,), n_q=24, n_k=24)
     want = kdeformer.exact_attention(q, k, v)
@@ -330,6 +337,9 @@ def test_peers_harness_tiny_mode(tmp_path):
     text = results.read_text()
     assert "<!-- BEGIN peers -->" in text and "<!-- END peers -->" in text
     labels = [e.label for e in peers.entries()]
+    from kdeformer import core
+
+    assert [e.options["sampling"] for e in peers.entries() if e.method == "kdeformer"] == list(core.SAMPLINGS)
     assert "KDEformer (value_norm)" in labels and len(labels) == len(set(labels))
     for label in labels + ["torch SDPA (exact)"]:
         assert f"| {label} |" in text

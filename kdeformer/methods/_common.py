@@ -98,18 +98,18 @@ def masked_softmax_parts(logits: torch.Tensor, allowed: torch.Tensor | None, val
                          log_weight: torch.Tensor | None = None):
     """One attention part over a set of keys, kept as (output, log-sum-exp) so parts merge stably.
 
-    logits (..., R, K) already scaled, allowed (..., R or 1, K) bool or None, values (..., K, Dv),
-    log_weight (..., 1, K) optional log importance weight of each key.
+    logits (..., R, K) already scaled (overwritten: pass a fresh tensor), allowed (..., R or 1, K) bool
+    or None, values (..., K, Dv), log_weight (..., 1, K) optional log importance weight of each key.
     Returns out (..., R, Dv) = sum_j w_j e^{l_j} v_j / sum_j w_j e^{l_j}  (0 where no key is allowed) and
     lse (..., R) = log sum_j w_j e^{l_j}  (-inf where no key is allowed).
     """
     if log_weight is not None:
-        logits = logits + log_weight
+        logits.add_(log_weight)
     if allowed is not None:
-        logits = logits.masked_fill(~allowed, float("-inf"))
+        logits.masked_fill_(~allowed, float("-inf"))
     shift = logits.amax(-1, keepdim=True)  # (..., R, 1)
     shift = torch.where(torch.isfinite(shift), shift, torch.zeros_like(shift))
-    weights = torch.exp(logits - shift)  # 0 on masked entries
+    weights = logits.sub_(shift).exp_()  # 0 on masked entries
     den = weights.sum(-1, keepdim=True)  # (..., R, 1)
     out = (weights @ values) / den.clamp_min(torch.finfo(den.dtype).tiny)
     return out, (shift + den.log()).squeeze(-1)

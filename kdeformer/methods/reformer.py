@@ -85,7 +85,7 @@ def reformer_attention(query, key, value, *, chunk_size: int = 32, num_rounds: i
         blocks = make_blocks(q_order, k_order, p.n_valid, num_chunks)
         index, valid = attended_keys(blocks)  # (G, nb, S)
         q_blk = gather_rows(p.q * p.scale, blocks.q_index)  # (G, nb, Bq, D)
-        allowed = valid.unsqueeze(-2).expand(-1, -1, blocks.q_slots, -1)  # (G, nb, Bq, S)
+        allowed = valid.unsqueeze(-2)  # (G, nb, 1, S), or (G, nb, Bq, S) in shared-QK mode
         if shared_qk:  # no attention to self unless nothing else is there
             others = allowed & (index.unsqueeze(-2) != blocks.q_index.unsqueeze(-1))
             allowed = torch.where(others.any(-1, keepdim=True), others, allowed)
@@ -96,8 +96,9 @@ def reformer_attention(query, key, value, *, chunk_size: int = 32, num_rounds: i
             buckets.append((q_bk, k_bk))
             orders.append((q_order, k_order))
             q_chunk.append(blocks.q_block)
-            key_sets.append((unblock_queries(index.unsqueeze(-2).expand(-1, -1, blocks.q_slots, -1), blocks),
-                             unblock_queries(allowed, blocks)))  # (G, Nq, S) each
+            full = (-1, -1, blocks.q_slots, -1)
+            key_sets.append((unblock_queries(index.unsqueeze(-2).expand(full), blocks),
+                             unblock_queries(allowed.expand(full), blocks)))  # (G, Nq, S) each
     out, log_d = merge_parts(parts)  # (G, Nq, Dv), (G, Nq)
     if not return_trace:
         return p.finish(out)
