@@ -370,6 +370,23 @@ def accuracy_table(records, dataset: str, metric: str, budgets, lines) -> str:
     return markdown_table(["method \\ budget"] + [str(b) for b in budgets], rows)
 
 
+def summary_table(records, datasets, cfg, lines) -> str:
+    """Per data set and budget: the most accurate method, and KDEformer's best variant beside it."""
+    rows = []
+    for ds in datasets:
+        for b in budgets_for(cfg, ds):
+            means = {e.key: mean_sd([r["rel"] for r in records if r["dataset"] == ds.name and r["entry"] == e.key
+                                     and r["budget"] == b])[0] for e in lines}
+            label = {e.key: e.label for e in lines}
+            best = min(means, key=means.get)
+            kde = min((k for k in means if k.startswith("kdeformer")), key=means.get)
+            rank = sorted(means.values()).index(means[kde]) + 1
+            rows.append([ds.name, b, f"{label[best]} {means[best]:.3f}", f"{label[kde]} {means[kde]:.3f}",
+                         f"{rank} of {len(means)}"])
+    return markdown_table(["data", "budget", "most accurate (rel. spectral error)", "best KDEformer variant",
+                           "its rank"], rows)
+
+
 def time_table(records, dataset: str, budgets, lines) -> str:
     rows = []
     for e in lines:
@@ -497,6 +514,8 @@ def report(cfg: Config, acc, authors, speed, lines, datasets, plots, seconds_tot
         "(Nyströmformer estimates no normaliser). Reformer's normaliser only sees the keys it finds, so it is "
         "low by construction.",
     ]
+    if datasets and acc:
+        parts += ["### Summary: who wins where (mean relative spectral error)", summary_table(acc, datasets, cfg, lines)]
     for ds in datasets:
         budgets = budgets_for(cfg, ds)
         heads = math.prod(ds.q.shape[:-2])
