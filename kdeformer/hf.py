@@ -23,7 +23,7 @@ with (seed, layer index), so the same input and settings always give the same ou
 before. ``seed=None`` uses torch's global generator instead.
 
 Attention-probability dropout is not applied (a warning says so once when the model is training), and
-no attention weights are returned (``output_attentions`` gives None for these layers).
+no attention weights are returned (``output_attentions=True`` yields an empty tuple).
 
 Supported: models whose transformers implementation routes attention through ``AttentionInterface``
 (``model._supports_attention_backend``): in transformers 5.x BERT, RoBERTa, DistilBERT, ELECTRA, ALBERT,

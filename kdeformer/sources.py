@@ -458,7 +458,6 @@ def from_pretrained(path, text=None, max_tokens: int | None = None, *, inputs: d
     if inputs is not None:
         if not isinstance(inputs, dict) or not inputs:
             raise ValueError("inputs must be a non-empty dict of the model's input tensors for one example")
-        n = None
         src_text = "" if text is None else str(text)
         q, k, v = _capture(model, projections, inputs)
         n = q.shape[2]

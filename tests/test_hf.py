@@ -1,7 +1,6 @@
 """kdeformer.hf: KDEformer registered as a transformers attention implementation."""
 from __future__ import annotations
 
-import warnings
 
 import pytest
 import torch
