@@ -237,3 +237,22 @@ def test_training_mode_warns_that_dropout_is_not_applied(tokenizer, kde_model, m
     with pytest.warns(UserWarning, match="dropout"):
         kde_model(**encode(tokenizer, TEXTS[:1]))
     kde_model.eval()
+
+
+# --------------------------------------------------------------------------- the fidelity benchmark's helpers
+def test_fidelity_documents_and_metrics(tokenizer):
+    from benchmarks import fidelity
+
+    paragraphs = S.corpus()
+    texts, members = fidelity.build_documents(tokenizer, paragraphs, 4, 256, seed=0)
+    for text, member in zip(texts, members):
+        n = len(tokenizer(text, truncation=False)["input_ids"])
+        assert 256 <= n <= 512 and all(paragraphs[i] in text for i in member)
+    gen = torch.Generator().manual_seed(0)
+    docs = torch.nn.functional.normalize(torch.randn(6, 8, generator=gen, dtype=torch.float64), dim=-1)
+    queries = docs[[0, 2]]
+    same = fidelity.compare(docs, docs, queries, [{0}, {9}, {1}, {9}, {9}, {9}])
+    assert same == {"cos_mean": pytest.approx(1.0), "cos_min": pytest.approx(1.0), "nn_top1": 1.0,
+                    "nn_recall5": 1.0, "q_top1": 1.0, "q_hit1": 1.0}
+    flipped = fidelity.compare(docs, -docs, queries, [{0}, {9}, {1}, {9}, {9}, {9}])
+    assert flipped["cos_mean"] == pytest.approx(-1.0) and flipped["q_top1"] == 0.0 and flipped["q_hit1"] == 0.0
