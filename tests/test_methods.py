@@ -361,3 +361,12 @@ def test_peak_memory_sees_a_large_allocation():
     if mib is None:
         pytest.skip("/proc/self/clear_refs not writable here")
     assert 56 <= mib <= 200
+
+
+@pytest.mark.parametrize("name", RANDOM)
+def test_same_random_draws_in_every_dtype(name):
+    """One generator state gives the same hashes, features and samples in float64 and float32."""
+    q, k, v = qkv(lead=(2,), n_q=30, n_k=30, d=8, spread=0.5)
+    a = approximate(name, q, k, v, budget=12, generator=gen(5))
+    b = approximate(name, q.float(), k.float(), v.float(), budget=12, generator=gen(5))
+    assert rel_err(b, a) < 1e-4

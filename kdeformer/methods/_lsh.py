@@ -16,8 +16,11 @@ from ._common import gather_rows
 
 
 def gaussian_directions(groups: int, dim: int, num: int, *, dtype, device, generator) -> torch.Tensor:
-    """num Gaussian directions per head, shared by its queries and keys.  # (G, D, num)"""
-    return torch.randn(groups, dim, num, dtype=dtype, device=device, generator=generator)
+    """num Gaussian directions per head, shared by its queries and keys.  # (G, D, num)
+
+    Drawn in float32 whatever the working dtype, so one generator state gives the same hashes in
+    every dtype (as the core does)."""
+    return torch.randn(groups, dim, num, dtype=torch.float32, device=device, generator=generator).to(dtype)
 
 
 def sign_codes(x: torch.Tensor, directions: torch.Tensor) -> torch.Tensor:

@@ -31,12 +31,14 @@ def split_budget(budget: int, num_features: int | None = None, orthogonal: bool 
 
 def draw_feature_directions(groups: int, num_features: int, dim: int, *, orthogonal: bool, dtype, device,
                             generator) -> torch.Tensor:
-    """m random directions per head, each marginally N(0, I_D).  -> W (G, m, D)."""
-    gauss = torch.randn(groups, num_features, dim, dtype=dtype, device=device, generator=generator)
+    """m random directions per head, each marginally N(0, I_D).  -> W (G, m, D).
+
+    Draws are made in float32 (the same features in every dtype), the orthogonalisation in `dtype`."""
+    gauss = torch.randn(groups, num_features, dim, dtype=torch.float32, device=device, generator=generator).to(dtype)
     if not orthogonal:
         return gauss
     num_blocks = -(-num_features // dim)
-    raw = torch.randn(groups, num_blocks, dim, dim, dtype=dtype, device=device, generator=generator)
+    raw = torch.randn(groups, num_blocks, dim, dim, dtype=torch.float32, device=device, generator=generator).to(dtype)
     qmat, rmat = torch.linalg.qr(raw)  # (G, nbk, D, D) orthonormal columns
     sign = torch.sign(torch.diagonal(rmat, dim1=-2, dim2=-1))  # make the factorisation unique (Haar)
     sign = torch.where(sign == 0, torch.ones_like(sign), sign)

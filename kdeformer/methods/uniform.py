@@ -22,8 +22,10 @@ def split_budget(budget: int, sample_size: int | None = None) -> dict:
 
 
 def draw_uniform_columns(valid: torch.Tensor | None, groups: int, n_k: int, num: int, *, dtype, device, generator):
-    """s columns per head, uniform over the unmasked keys, with replacement.  -> (G, s) int64."""
-    weight = torch.ones(groups, n_k, dtype=dtype, device=device) if valid is None else valid.to(dtype)
+    """s columns per head, uniform over the unmasked keys, with replacement.  -> (G, s) int64.
+
+    The weights are float32 in every dtype, so one generator state draws the same columns."""
+    weight = torch.ones(groups, n_k, dtype=torch.float32, device=device) if valid is None else valid.float()
     return torch.multinomial(weight, num, replacement=True, generator=generator)
 
 
