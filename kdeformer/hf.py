@@ -42,6 +42,7 @@ import torch
 
 from ._checks import check_choice, check_positive_int
 from .core import kde_attention
+from .exact import exact_attention
 
 __all__ = ["NAME", "DEFAULTS", "register", "configure", "use_kdeformer", "settings", "get_settings", "record_traces",
            "kdeformer_attention_forward", "key_mask_from_attention_mask", "check_supported"]
@@ -49,7 +50,7 @@ __all__ = ["NAME", "DEFAULTS", "register", "configure", "use_kdeformer", "settin
 NAME = "kdeformer"
 
 DEFAULTS = {"bucket_size": 64, "sample_size": 128, "num_projs": 7, "sampling": "value_norm",
-            "bucket_order": "gray", "seed": 0}
+            "bucket_order": "gray", "seed": 0, "layers": None}
 
 # kde_attention arguments that the attention function fills itself.
 _RESERVED = {"query", "key", "value", "scale", "key_mask", "generator", "return_trace"}
@@ -72,7 +73,7 @@ def _kernel_options() -> frozenset[str]:
 
 
 def _validate(params: dict) -> dict:
-    allowed = _kernel_options() | {"seed"}
+    allowed = _kernel_options() | {"seed", "layers"}
     unknown = sorted(set(params) - allowed)
     if unknown:
         raise ValueError(f"unknown KDEformer setting(s) {unknown}; allowed: {sorted(allowed)}")
@@ -82,6 +83,11 @@ def _validate(params: dict) -> dict:
             out[name] = check_positive_int(name, out[name])
     if "num_projs" in out:
         out["num_projs"] = check_positive_int("num_projs", out["num_projs"], maximum=16)
+    if out.get("layers") is not None:
+        layers = out["layers"]
+        if isinstance(layers, (int, str)) or not hasattr(layers, "__iter__"):
+            raise ValueError(f"layers must be None (all layers) or a collection of layer indices >= 0, got {layers!r}")
+        out["layers"] = tuple(sorted({check_positive_int("layers", i, minimum=0) for i in layers}))
     if "seed" in out and out["seed"] is not None:
         out["seed"] = check_positive_int("seed", out["seed"], minimum=0)
     from . import core
@@ -97,7 +103,8 @@ def configure(model, **params) -> dict:
     """Store KDEformer settings on ``model.config`` (merged with earlier ones); returns the full settings.
 
     Settings: bucket_size, sample_size, num_projs, sampling, bucket_order, seed (and any other keyword
-    option of :func:`kdeformer.kde_attention`). Every sub-config of the model that has its own
+    option of :func:`kdeformer.kde_attention`), and ``layers``: None (every layer) or the indices of the
+    layers that use KDEformer (0 = first; the others run exact attention). Every sub-config of the model that has its own
     attention implementation gets the same settings.
     """
     params = _validate(params)
@@ -158,20 +165,20 @@ def record_traces():
 
 # --------------------------------------------------------------------------- layer numbers (seeding)
 def _number_layers(model) -> None:
-    """Give each attention module a stable index in module order (used to seed its generator)."""
+    """Number the self-attention modules 0, 1, ... in module order (= layer number in an encoder).
+
+    The number seeds each layer's generator and is what the ``layers`` setting refers to.
+    """
     if not isinstance(model, torch.nn.Module):
         return
-    index = 0
-    for module in model.modules():
-        if _looks_like_attention(module):
-            _layer_numbers[module] = index
-            index += 1
+    from .sources import find_attention_projections
 
-
-def _looks_like_attention(module) -> bool:
-    return isinstance(getattr(module, "layer_idx", None), int) or any(
-        isinstance(getattr(module, n, None), torch.nn.Linear) for n in ("query", "q_lin", "q_proj")
-    )
+    try:
+        projections = find_attention_projections(model)
+    except ValueError:
+        return
+    for index, proj in enumerate(projections):
+        _layer_numbers[proj.module] = index
 
 
 def _layer_index(module) -> int:
@@ -265,6 +272,9 @@ def kdeformer_attention_forward(module, query, key, value, attention_mask, scali
     seed = params.pop("seed")
     options = {k: v for k, v in params.items() if k in _kernel_options()}
     layer = _layer_index(module)
+    if params["layers"] is not None and layer not in params["layers"]:
+        out = exact_attention(query, key, value, scale=scaling, key_mask=key_mask)  # (B, H, Nq, Dv)
+        return out.transpose(1, 2).contiguous(), None
     recorder = _recorder.get()
     # HF hands transposed views of (B, N, H, D) projections; the kernel wants plain (B, H, N, D) memory.
     out = kde_attention(

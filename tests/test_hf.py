@@ -132,6 +132,24 @@ def test_parameters_reach_the_kernel(tokenizer, kde_model, monkeypatch):
     assert all(c["bucket_size"] == 8 and c["sample_size"] == 24 and c["generator"] is None for c in calls)
 
 
+def test_layers_setting_limits_kdeformer_to_some_layers(tokenizer, exact_model, kde_model, monkeypatch):
+    calls = []
+    real = hf.kde_attention
+    monkeypatch.setattr(hf, "kde_attention", lambda *a, **k: calls.append(k["generator"].initial_seed()) or real(*a, **k))
+    enc = encode(tokenizer, TEXTS)
+    valid = enc["attention_mask"].bool()
+    hf.configure(kde_model, bucket_size=8, sample_size=8)
+    with hf.settings(layers=[]):  # no KDEformer layer: exact attention everywhere, padding honoured
+        torch.testing.assert_close(run(kde_model, enc)[valid], run(exact_model, enc)[valid], atol=2e-5, rtol=1e-4)
+    assert calls == []
+    with hf.settings(layers=[4]):
+        only4 = run(kde_model, enc)
+    all_layers = run(kde_model, enc)
+    assert len(calls) == 7 and calls[0] == calls[1 + 4]  # layer 4 alone, then all six, same layer-4 stream
+    assert (only4 - run(exact_model, enc)).abs().max() > 1e-3
+    assert (only4 - all_layers).abs().max() > 1e-3
+
+
 def test_record_traces_of_every_layer(tokenizer, kde_model):
     enc = encode(tokenizer, TEXTS)
     n = enc["input_ids"].shape[1]
@@ -222,6 +240,7 @@ def test_models_without_the_attention_interface_are_refused():
 @pytest.mark.parametrize("params, match", [
     ({"bucket_size": 0}, "bucket_size"), ({"sample_size": 1.5}, "sample_size"), ({"num_projs": 17}, "num_projs"),
     ({"sampling": "magic"}, "sampling"), ({"seed": -3}, "seed"), ({"bukket_size": 3}, "unknown"),
+    ({"layers": 3}, "layers"), ({"layers": [0, -1]}, "layers"),
 ])
 def test_bad_settings(kde_model, params, match):
     with pytest.raises(ValueError, match=match):
