@@ -309,6 +309,9 @@ def test_peer_methods_when_available(src):
         ex.controls["method"].value = name
         assert ex.last_error is None, (name, ex.last_error)
         assert ex.settings().method == name and "budget 40" in ex.status.value
+        scope = {"q": src.q[0, 0], "k": src.k[0, 0], "v": src.v[0, 0]}
+        exec(ex.code_text, scope)  # "copy as code" reproduces the peer's output too
+        torch.testing.assert_close(scope["out"], ex._result.out)
 
 
 @pytest.mark.parametrize("shape", [(N, 8), (3, N, 8), (2, 3, N, 8)])

@@ -335,7 +335,8 @@ class AttentionExplorer(widgets.VBox):
         ex, exact_fn, approx_fn = self._row_fns(s, res)
         updates = {}
         if "buckets" in stale:
-            updates["buckets"] = panels.buckets_update(tr, qt, kt)
+            pca = self.engine._pcas.get_or((s.layer, s.head), lambda: panels.pca_2d(tr.query.float(), tr.key.float()))
+            updates["buckets"] = panels.buckets_update(tr, qt, kt, pca=pca)
         if "samples" in stale:
             updates["samples"] = panels.samples_update(tr, kt)
         if "heavy" in stale:

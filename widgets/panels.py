@@ -76,6 +76,7 @@ def _short(tok: str, n: int = 14) -> str:
     return tok if len(tok) <= n else tok[: n - 1] + "…"
 
 
+@functools.lru_cache(maxsize=65536)
 def code_string(code: int, bits: int) -> str:
     """Bucket code as bits, hyperplane 0 first."""
     return "".join("1" if (int(code) >> i) & 1 else "0" for i in range(bits))
@@ -210,19 +211,17 @@ def block_rectangles(trace) -> list[tuple[int, int, int, int, int]]:
     """
     qb = _np(trace.q_blocks)[_np(trace.q_order)]  # key block of each sorted query
     kb = _np(trace.k_blocks)[_np(trace.k_order)]  # block of each sorted key (-1 masked, at the end)
-    key_range = {}
-    for pos, b in enumerate(kb):
-        if b >= 0:
-            lo, hi = key_range.get(int(b), (pos, pos))
-            key_range[int(b)] = (min(lo, pos), max(hi, pos + 1))
-    rects, start = [], 0
-    for pos in range(1, len(qb) + 1):
-        if pos == len(qb) or qb[pos] != qb[start]:
-            b = int(qb[start])
-            if b in key_range:
-                rects.append((start, pos, key_range[b][0], key_range[b][1], b))
-            start = pos
-    return rects
+    pos = np.arange(len(kb))
+    valid = kb >= 0
+    nb = int(kb.max()) + 1 if valid.any() else 0
+    k_lo = np.full(nb, len(kb))
+    k_hi = np.zeros(nb, dtype=np.int64)
+    np.minimum.at(k_lo, kb[valid], pos[valid])
+    np.maximum.at(k_hi, kb[valid], pos[valid] + 1)
+    starts = np.flatnonzero(np.r_[True, qb[1:] != qb[:-1]])  # runs of sorted queries sharing a block
+    ends = np.r_[starts[1:], len(qb)]
+    return [(int(a), int(e), int(k_lo[qb[a]]), int(k_hi[qb[a]]), int(qb[a]))
+            for a, e in zip(starts, ends) if 0 <= qb[a] < nb and k_hi[qb[a]] > 0]
 
 
 def rect_shapes(rects, grid_r: Grid, grid_c: Grid, xref: str, yref: str, color: str = "#e4002b") -> list[dict]:
@@ -308,14 +307,15 @@ def hyperplane_lines(projections: torch.Tensor, mean, comps, box) -> tuple[list,
     return xs, ys
 
 
-def buckets_update(trace, q_tokens, k_tokens, max_points: int = MAX_POINTS) -> PanelUpdate:
+def buckets_update(trace, q_tokens, k_tokens, max_points: int = MAX_POINTS, pca=None) -> PanelUpdate:
+    """pca: the head's `pca_2d(q, k)` if already computed (it depends on the head only)."""
     nq, nk = trace.query.shape[-2], trace.key.shape[-2]
     r = trace.projections.shape[-1]
     ranks = _np(bucket_ranks(r, trace.bucket_order, "cpu"))
     qc, kc = _np(trace.q_buckets), _np(trace.k_buckets)
     qr, kr = ranks[qc], ranks[kc]
     qblk, kblk = _np(trace.q_blocks), _np(trace.k_blocks)
-    coords, mean, comps = pca_2d(trace.query.float(), trace.key.float())
+    coords, mean, comps = pca if pca is not None else pca_2d(trace.query.float(), trace.key.float())
     coords = _np(coords).astype(np.float32)
     qi = np.arange(nq)[:: max(1, math.ceil(nq / max_points))]
     ki = np.arange(nk)[:: max(1, math.ceil(nk / max_points))]
@@ -323,12 +323,12 @@ def buckets_update(trace, q_tokens, k_tokens, max_points: int = MAX_POINTS) -> P
     upd.traces["queries"] = dict(
         x=coords[qi, 0], y=coords[qi, 1], customdata=qi,
         marker=dict(color=qr[qi], cmin=0, cmax=2**r - 1),
-        hovertext=_strs([f"query {i} '{_short(q_tokens[i])}'<br>bucket {code_string(qc[i], r)} (rank {qr[i]})<br>block {qblk[i]}" for i in qi]),
+        hovertext=_strs([f"query {i} '{_short(q_tokens[i])}'<br>bucket {code_string(int(qc[i]), r)} (rank {qr[i]})<br>block {qblk[i]}" for i in qi]),
     )
     upd.traces["keys"] = dict(
         x=coords[nq + ki, 0], y=coords[nq + ki, 1], customdata=ki,
         marker=dict(color=kr[ki], cmin=0, cmax=2**r - 1),
-        hovertext=_strs([f"key {j} '{_short(k_tokens[j])}'<br>bucket {code_string(kc[j], r)} (rank {kr[j]})<br>block {kblk[j]}" for j in ki]),
+        hovertext=_strs([f"key {j} '{_short(k_tokens[j])}'<br>bucket {code_string(int(kc[j]), r)} (rank {kr[j]})<br>block {kblk[j]}" for j in ki]),
     )
     if r <= MAX_HYPERPLANES:
         pad = 0.05
@@ -349,7 +349,7 @@ def buckets_update(trace, q_tokens, k_tokens, max_points: int = MAX_POINTS) -> P
     codes = codes[np.argsort(ranks[codes])]
     q_count = np.array([(qc == c).sum() for c in codes]) if len(codes) <= 512 else np.bincount(qc, minlength=2**r)[codes]
     k_count = np.bincount(kc[valid_k], minlength=2**r)[codes]
-    labels = _strs([code_string(c, r) for c in codes])
+    labels = _strs([code_string(int(c), r) for c in codes])
     upd.traces["queries per bucket"] = dict(
         x=labels, y=q_count, hovertext=_strs([f"bucket {lab} (rank {ranks[c]}): {n} queries" for lab, c, n in zip(labels, codes, q_count)]))
     upd.traces["keys per bucket"] = dict(
@@ -360,7 +360,7 @@ def buckets_update(trace, q_tokens, k_tokens, max_points: int = MAX_POINTS) -> P
     si = np.arange(nk)[:: max(1, math.ceil(nk / max_points))]
     upd.traces["key sequence"] = dict(
         x=si, y=kr[order[si]], marker=dict(color=kr[order[si]], cmin=0, cmax=2**r - 1),
-        hovertext=_strs([f"sorted pos {p}: key {order[p]} '{_short(k_tokens[order[p]])}'<br>bucket {code_string(kc[order[p]], r)}"
+        hovertext=_strs([f"sorted pos {p}: key {order[p]} '{_short(k_tokens[order[p]])}'<br>bucket {code_string(int(kc[order[p]]), r)}"
                    f" (rank {kr[order[p]]}), block {kblk[order[p]]}" for p in si]),
     )
     kb_sorted = kblk[order]
@@ -419,9 +419,8 @@ def heavy_update(trace, exact_fn, q_tokens, k_tokens, *, order="sorted", log_col
     gr = make_grid(nq, zoom, max_cells)
     gc = make_grid(nk, None if zoom is None else (zoom[0] * nk // nq, zoom[1] * nk // nq), max_cells)
     fns = {"exact": exact_fn}
-    if order != "sorted":
-        fns["heavy"] = lambda rows: heavy_rows(trace, rows).float()
-    elif len(block_rectangles(trace)) > MAX_OUTLINES:
+    rects = block_rectangles(trace) if order == "sorted" else []
+    if order != "sorted" or len(rects) > MAX_OUTLINES:
         fns["heavy"] = lambda rows: heavy_rows(trace, rows).float()
     mats = pooled_matrices(fns, ri, ci, gr, gc)
     xl, yl = _strs(axis_labels(ci, k_tokens, gc, "k")), _strs(axis_labels(ri, q_tokens, gr, "q"))
@@ -431,7 +430,6 @@ def heavy_update(trace, exact_fn, q_tokens, k_tokens, *, order="sorted", log_col
         z=packed(z), x=xl, y=yl, zmin=LOG_FLOOR if log_color else 0.0, zmax=0.0 if log_color else float(np.nanmax(z)),
         colorbar=dict(title=dict(text="log10 p" if log_color else "p")),
     )
-    rects = block_rectangles(trace) if order == "sorted" else []
     shapes = rect_shapes(rects, gr, gc, "x", "y")
     if order == "sorted" and len(shapes) <= MAX_OUTLINES:
         upd.traces["heavy overlay"] = dict(visible=False, z=[[None]], x=[], y=[])

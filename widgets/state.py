@@ -206,8 +206,23 @@ def check_settings(s: Settings, src, methods) -> Settings:
 
 
 def kde_call_code(s: Settings, scale: float | None = None) -> str:
-    """The `kde_attention(...)` call that reproduces the current setting (for "copy as code")."""
+    """The call that reproduces the current setting (for "copy as code"): `kde_attention(...)` for
+    KDEformer, `exact_attention(...)` or `approximate(method, ..., budget=...)` for the others."""
     scale_txt = "" if scale is None else f"    scale={scale!r},\n"
+    if s.method == "exact":
+        return ("from kdeformer import exact_attention\n\n"
+                f"# q, k, v: layer {s.layer}, head {s.head}, each (N, D)\n"
+                f"out = exact_attention(\n    q, k, v,\n{scale_txt})\n")
+    if s.method != "kdeformer":
+        return ("import torch\n"
+                "from kdeformer.methods import approximate\n\n"
+                f"# q, k, v: layer {s.layer}, head {s.head}, each (N, D); budget = bucket_size + sample_size\n"
+                "out = approximate(\n"
+                f"    {s.method!r}, q, k, v,\n"
+                f"    budget={s.budget},\n"
+                f"{scale_txt}"
+                f"    generator=torch.Generator().manual_seed({s.seed}),\n"
+                ")\n")
     return (
         "import torch\n"
         "from kdeformer import kde_attention\n\n"
@@ -333,6 +348,7 @@ class Engine:
         self._summaries = LRU(64)
         self._curves = LRU(64)
         self._masses = LRU(16)
+        self._pcas = LRU(8)
 
     # ---------------------------------------------------------------- data
     @property
