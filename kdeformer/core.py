@@ -25,11 +25,12 @@ from ._checks import (
     check_qkv,
     check_scale,
 )
+from . import sampling as colnorm
 from .trace import KDETrace
 
 MAX_PROJS = 16
 BUCKET_ORDERS = ("gray", "authors", "binary")
-SAMPLINGS = ("value_norm", "uniform")
+SAMPLINGS = ("value_norm", "uniform", "column_norm")
 
 
 def working_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -201,25 +202,26 @@ def attend_block_columns(
     k_cols: torch.Tensor,
     v_cols: torch.Tensor,
     col_weight: torch.Tensor,
-    heavy_valid: torch.Tensor | None,
-    num_heavy: int,
+    exact_valid: torch.Tensor | None,
 ):
     """Each query block against its columns (its key block, then its sampled keys) in one pass.
 
     q_blocks   (m, Bq, D)      sorted, padded, already scaled queries of m query blocks
-    k_cols     (m, C, D)       C = Bk + s columns: the paired key block's Bk keys, then the s samples
+    k_cols     (m, C, D)       C = E + s columns: E exact ones (the paired key block's Bk keys, then any
+                               heavy columns), then the s sampled keys
     v_cols     (m, C, Dv)
-    col_weight (m, C)          1 for block keys, 1/(s p) for kept samples, 0 for samples the block holds
-    heavy_valid (m, Bk) bool   None when every block slot holds an unmasked key
+    col_weight (m, C)          1 for exact columns (0 for a block key that is also a heavy column),
+                               1/(s p) for kept samples, 0 for samples already computed exactly
+    exact_valid (m, E) bool    False for padding slots (masked logits); None when all E hold real keys
     Returns shift (m, Bq), the shifted weighted terms P = exp(l - shift) * weight (m, Bq, C),
     numerator P @ V (m, Bq, Dv) and normaliser P @ 1 (m, Bq).
 
-    The shift is the max over every column logit: a sample left out of a block is also inside that
-    block, so the max is attained by a weight-1 term and the normaliser is >= 1 after shifting.
+    The shift is the max over every column logit: a sample (or block key) given weight 0 is also an
+    exact column of weight 1, so the max is attained by a weight-1 term and the normaliser is >= 1.
     """
     logits = torch.bmm(q_blocks, k_cols.mT)  # (m, Bq, C)
-    if heavy_valid is not None:
-        logits[..., :num_heavy].masked_fill_(~heavy_valid.unsqueeze(-2), float("-inf"))
+    if exact_valid is not None:
+        logits[..., : exact_valid.shape[-1]].masked_fill_(~exact_valid.unsqueeze(-2), float("-inf"))
     shift = logits.amax(-1)  # (m, Bq); finite: each block holds an unmasked key
     terms = logits.sub_(shift.unsqueeze(-1)).exp_().mul_(col_weight.unsqueeze(-2))  # (m, Bq, C)
     numerator = torch.bmm(terms, v_cols)  # (m, Bq, Dv)
@@ -261,6 +263,8 @@ def kde_attention(
     bucket_order: str = "gray",
     generator: torch.Generator | None = None,
     return_trace: bool = False,
+    heavy_columns: int | None = None,
+    estimate_rows: int | None = None,
 ):
     r"""KDEformer approximation of softmax(scale * query @ key^T) @ value.
 
@@ -296,12 +300,20 @@ def kde_attention(
             boolean ``attn_mask`` and Hugging Face's ``attention_mask``; the opposite of
             ``nn.MultiheadAttention``'s ``key_padding_mask``, hence the different name). Masked keys take
             no part in the blocks, the sampling or the normaliser. Every row needs one unmasked key.
-        sampling: "value_norm" (authors': value-row norms mixed with uniform) or "uniform".
+        sampling: "value_norm" (authors': value-row norms mixed with uniform), "uniform", or
+            "column_norm" (the theory's choice: estimated column norms of D^-1 A times value-row norms,
+            drawn per group of query blocks; see :mod:`kdeformer.sampling` for the estimator and its cost).
         bucket_order: "gray" (true Gray order), "authors" (sort by gray(code), as the authors' code) or
             "binary".
         generator: a ``torch.Generator`` on the inputs' device; the same generator state gives the
             same output.
         return_trace: also return a :class:`KDETrace` of every intermediate step.
+        heavy_columns: with "column_norm" only: how many of the ``sample_size`` columns each query pays
+            for are spent on the group's largest estimated columns (attention sinks), computed exactly
+            instead of sampled. Default ``sample_size // 4`` for "column_norm", 0 otherwise.
+        estimate_rows: with "column_norm" only: queries per head whose attention rows are computed
+            exactly to estimate the column norms. Default ceil(sample_size * Nq / (2 Nk)), i.e. at most
+            half the sampling's multiply-adds.
 
     Half-precision inputs are computed in float32 and returned in their own dtype; logits are
     shifted by their per-row maximum before ``exp``, so any finite input gives a finite output.
@@ -312,6 +324,16 @@ def kde_attention(
     num_projs = check_positive_int("num_projs", num_projs, maximum=MAX_PROJS)
     check_choice("sampling", sampling, SAMPLINGS)
     check_choice("bucket_order", bucket_order, BUCKET_ORDERS)
+    if sampling == "column_norm":
+        heavy_columns = sample_size // 4 if heavy_columns is None else heavy_columns
+        heavy_columns = check_positive_int("heavy_columns", heavy_columns, minimum=0, maximum=sample_size - 1)
+        if estimate_rows is not None:
+            estimate_rows = check_positive_int("estimate_rows", estimate_rows)
+    else:
+        for name, given in (("heavy_columns", heavy_columns), ("estimate_rows", estimate_rows)):
+            if given not in (None, 0):
+                raise ValueError(f"{name} needs sampling='column_norm' (it uses the estimated column norms), got sampling={sampling!r}")
+        heavy_columns = 0
     scale = check_scale(scale, dim)
     mask = check_key_mask(key_mask, lead, n_k, query.device)
     generator = check_generator(generator, query.device)
@@ -340,26 +362,71 @@ def kde_attention(
     q_pos = torch.arange(nqb * bq, device=device).clamp_max(n_q - 1)  # (Nq_padded,): pad = last query
     q_rows = q_order[:, q_pos].view(groups, nqb, bq)  # (G, nqb, Bq) token index of each sorted slot
     heavy_index, heavy_valid = heavy_key_index(plan, k_order, n_valid)  # (G, nqb, Bk) each
-    if bool(heavy_valid.all()):
-        heavy_valid = None  # no masking pass needed
 
-    # 4. sampling: probabilities, draws, and which query blocks must skip each drawn key
-    probs = sampling_probabilities(v, valid, sampling)  # (G, Nk)
-    samples, sample_weight = draw_samples(probs, sample_size, generator)  # (G, s), (G, s)
+    # 4. sampling: per-group probabilities, heavy columns, draws, and which blocks skip which draws
     sorted_block = key_block_of_sorted(plan, n_valid, n_k)  # (G, Nk) block of each sorted position
     k_blocks = torch.empty_like(sorted_block).scatter_(1, k_order, sorted_block)  # (G, Nk) token order
-    num_samples = sample_size if plan.num_blocks > 1 else 0  # one block: every sample is already exact
-    if num_samples:
-        sample_block = torch.gather(k_blocks, 1, samples)  # (G, s)
-        kept = plan.pair.unsqueeze(-1) != sample_block.unsqueeze(1)  # (G, nqb, s)
-        col_index = torch.cat([heavy_index, samples.unsqueeze(1).expand(-1, nqb, -1)], -1)  # (G, nqb, C)
-        col_weight = torch.cat(
-            [torch.ones(groups, nqb, bk, dtype=dtype, device=device), sample_weight.unsqueeze(1) * kept], -1
-        )  # (G, nqb, C)
+    unmasked = torch.ones(groups, n_k, dtype=torch.bool, device=device) if valid is None else valid  # (G, Nk)
+    extras = {}
+    if sampling == "column_norm":
+        rows_budget = estimate_rows or colnorm.default_estimate_rows(sample_size, n_q, n_k)
+        num_groups, rows_per_group = colnorm.plan_sample_groups(nqb, rows_budget)
+        block_group = colnorm.group_of_blocks(nqb, num_groups, device)  # (nqb,)
+        est_pos = colnorm.draw_estimation_rows(
+            groups, num_groups, rows_per_group, n_q, nqb, bq, generator, device
+        )  # (G, ng, m) sorted positions
+        est_rows = torch.gather(q_order, 1, est_pos.flatten(1))  # (G, R) token index
+        row_sq, est_log_d = colnorm.estimate_column_norms(gather_rows(q, est_rows) * scale, k, valid)
+        allowed = unmasked.unsqueeze(1).expand(groups, num_groups, n_k)  # (G, ng, Nk)
+        if num_groups == nqb:  # one block per group: its own key block is exact, never draw from it
+            allowed = allowed & (k_blocks.unsqueeze(1) != plan.pair.unsqueeze(-1))
+        importance, group_norm = colnorm.column_norm_probabilities(row_sq, v, allowed, num_groups)
+        if heavy_columns:
+            heavy_cols, heavy_cols_valid = colnorm.pick_heavy_columns(importance, allowed, min(heavy_columns, n_k))
+            allowed = allowed.scatter(-1, heavy_cols, False)
+            importance = importance * allowed
+        empty = ~allowed.any(-1, keepdim=True)  # a group with nothing left to draw falls back to all keys
+        group_probs = colnorm.mix_with_floor(importance, allowed | (empty & unmasked.unsqueeze(1)))
+        extras.update(estimate_rows=est_rows, estimate_log_normalizer=est_log_d, group_column_norms=group_norm)
     else:
-        col_index = heavy_index  # (G, nqb, Bk)
-        col_weight = torch.ones(groups, nqb, bk, dtype=dtype, device=device)
-    n_cols = col_index.shape[-1]  # C = Bk + s
+        num_groups, block_group = 1, torch.zeros(nqb, dtype=torch.long, device=device)
+        group_probs = sampling_probabilities(v, valid, sampling).unsqueeze(1)  # (G, 1, Nk)
+    num_draws = sample_size - heavy_columns  # the heavy columns are paid for out of sample_size
+    heavy_columns = min(heavy_columns, n_k)  # (cannot pick more columns than there are keys)
+    samples, sample_weight = draw_samples(group_probs.flatten(0, 1), num_draws, generator)
+    samples = samples.view(groups, num_groups, num_draws)  # (G, ng, s')
+    sample_weight = sample_weight.view(groups, num_groups, num_draws)  # (G, ng, s')
+
+    ones = torch.ones(groups, nqb, bk, dtype=dtype, device=device)  # (G, nqb, Bk) block slot weights
+    if plan.num_blocks == 1 and not heavy_columns:
+        col_index, col_weight = heavy_index, ones  # one block: every other column is already exact
+    else:
+        block_samples = samples[:, block_group]  # (G, nqb, s')
+        kept = plan.pair.unsqueeze(-1) != torch.gather(k_blocks, 1, block_samples.flatten(1)).view_as(block_samples)
+        parts_index, parts_weight = [heavy_index], [ones]
+        if heavy_columns:
+            block_heavy = heavy_cols[:, block_group]  # (G, nqb, h)
+            block_heavy_valid = heavy_cols_valid[:, block_group]
+            is_heavy = torch.zeros(groups, num_groups, n_k, dtype=torch.bool, device=device)
+            is_heavy.scatter_(-1, heavy_cols, heavy_cols_valid)  # (G, ng, Nk) lookup table
+            table = is_heavy.flatten(1)  # (G, ng * Nk)
+            block_offset = (block_group * n_k).view(1, nqb, 1)  # row of each block's group in the table
+            block_key_heavy = torch.gather(table, 1, (heavy_index + block_offset).flatten(1)).view_as(heavy_index)
+            sample_heavy = torch.gather(table, 1, (block_samples + block_offset).flatten(1)).view_as(block_samples)
+            parts_weight[0] = ones * ~block_key_heavy  # a block key that is a heavy column counts once
+            kept = kept & ~sample_heavy
+            parts_index.append(block_heavy)
+            parts_weight.append(block_heavy_valid.to(dtype))
+        parts_index.append(block_samples)
+        parts_weight.append(sample_weight[:, block_group] * kept)
+        col_index, col_weight = torch.cat(parts_index, -1), torch.cat(parts_weight, -1)  # (G, nqb, C)
+    exact_valid = heavy_valid  # (G, nqb, Bk + h): which exactly computed columns hold a real key
+    if heavy_columns:
+        exact_valid = torch.cat([heavy_valid, heavy_cols_valid[:, block_group]], -1)
+    if bool(exact_valid.all()):
+        exact_valid = None  # no masking pass needed
+    n_cols = col_index.shape[-1]  # C = Bk + h + s'
+    n_exact = bk + heavy_columns  # columns computed exactly: the block and the heavy columns
 
     # 5. one shifted pass per chunk of query blocks, divided by the estimated normaliser and written
     #    straight back to token order
@@ -381,17 +448,16 @@ def kde_attention(
             k_flat.index_select(0, cols).view(m, n_cols, dim),
             v_flat.index_select(0, cols).view(m, n_cols, dim_v),
             col_weight[g0:g1, b0:b1].reshape(m, n_cols),
-            None if heavy_valid is None else heavy_valid[g0:g1, b0:b1].reshape(m, bk),
-            bk,
+            None if exact_valid is None else exact_valid[g0:g1, b0:b1].reshape(m, n_exact),
         )
         out.index_copy_(0, rows, numerator.div_(normaliser.unsqueeze(-1)).view(-1, dim_v))
         if return_trace:
             parts["log_normalizer"].index_copy_(0, rows, (shift + normaliser.log()).view(-1, 1))
-            heavy_den = terms[..., :bk].sum(-1)
+            heavy_den = terms[..., :n_exact].sum(-1)
             parts["heavy_fraction"].index_copy_(0, rows, (heavy_den / normaliser).view(-1, 1))
-            if num_samples:
-                v_sampled = v_flat.index_select(0, cols).view(m, n_cols, dim_v)[:, bk:]
-                sampled = torch.bmm(terms[..., bk:], v_sampled) / normaliser.unsqueeze(-1)
+            if n_cols > n_exact:
+                v_sampled = v_flat.index_select(0, cols).view(m, n_cols, dim_v)[:, n_exact:]
+                sampled = torch.bmm(terms[..., n_exact:], v_sampled) / normaliser.unsqueeze(-1)
                 parts["sampled_output"].index_copy_(0, rows, sampled.view(-1, dim_v))
     out = out.view(*lead, n_q, dim_v)
     if not return_trace:
@@ -399,6 +465,13 @@ def kde_attention(
     parts["heavy_output"] = out - parts["sampled_output"].view(*lead, n_q, dim_v)
 
     q_key_block = plan.pair.repeat_interleave(bq, dim=1)[:, :n_q]  # (G, Nq) in sorted order
+    q_group = block_group.repeat_interleave(bq)[:n_q].expand(groups, n_q)  # (G, Nq) in sorted order
+    if heavy_columns:
+        extras.update(heavy_columns=heavy_cols.view(*lead, num_groups, heavy_columns),
+                      heavy_columns_valid=heavy_cols_valid.view(*lead, num_groups, heavy_columns))
+    extras = {name: (t.view(*lead, *t.shape[1:]) if name not in ("heavy_columns", "heavy_columns_valid") else t)
+              for name, t in extras.items()}
+    total_draws = num_groups * num_draws
     trace = KDETrace(
         query=query,
         key=key,
@@ -414,14 +487,19 @@ def kde_attention(
         block_size=bucket_size,
         num_blocks=plan.num_blocks,
         key_block_len=plan.key_block_len.view(lead),
-        sampled=samples.view(*lead, sample_size),
-        probs=probs.view(*lead, n_k),
-        weights=sample_weight.view(*lead, sample_size),
+        sampled=samples.view(*lead, total_draws),
+        probs=group_probs.mean(1).view(*lead, n_k),
+        weights=sample_weight.view(*lead, total_draws),
         log_normalizer=parts["log_normalizer"].view(*lead, n_q),
         heavy_fraction=parts["heavy_fraction"].view(*lead, n_q),
         heavy_output=parts["heavy_output"],
         sampled_output=parts["sampled_output"].view(*lead, n_q, dim_v),
         sampling=sampling,
         bucket_order=bucket_order,
+        q_groups=torch.empty_like(q_group).scatter_(1, q_order, q_group).view(*lead, n_q),
+        group_probs=group_probs.view(*lead, num_groups, n_k),
+        sample_group=torch.arange(num_groups, device=device).repeat_interleave(num_draws).expand(groups, -1).reshape(*lead, total_draws),
+        num_groups=num_groups,
+        extras=extras,
     )
     return out.to(out_dtype), trace

@@ -1,0 +1,158 @@
+"""sampling="column_norm": estimated column norms per group, heavy columns, unbiasedness, masks."""
+import math
+
+import pytest
+import torch
+
+import kdeformer as K
+from kdeformer import sampling as S
+
+
+def gen(seed=0):
+    return torch.Generator().manual_seed(seed)
+
+
+def sinky(*lead, n=64, d=8, dv=4, seed=0, sinks=(0, 5)):
+    """Keys with a few 'sink' columns every query attends to, like [CLS]/[SEP] in BERT."""
+    g = gen(seed)
+    q = torch.randn(*lead, n, d, generator=g, dtype=torch.float64)  # (..., N, D)
+    k = torch.randn(*lead, n, d, generator=g, dtype=torch.float64)  # (..., N, D)
+    v = torch.randn(*lead, n, dv, generator=g, dtype=torch.float64)  # (..., N, Dv)
+    u = torch.randn(d, generator=g, dtype=torch.float64)
+    u = u / u.norm()  # a direction every query leans towards
+    q = q + 2 * u
+    k[..., list(sinks), :] = 5 * u
+    return q, k, v
+
+
+def manual_output(q, k, v, t, scale):
+    """The estimator written out entry by entry from the trace's raw fields (no trace methods)."""
+    n_q, n_k = q.shape[-2], k.shape[-2]
+    a = torch.exp(scale * q @ k.mT)  # (Nq, Nk) small logits in float64
+    factor = torch.zeros(n_q, n_k, dtype=torch.float64)
+    heavy = t.extras.get("heavy_columns")
+    for i in range(n_q):
+        grp = int(t.q_groups[i])
+        exact = set((t.k_blocks == t.q_blocks[i]).nonzero().flatten().tolist())
+        if heavy is not None:
+            exact |= {int(c) for c, ok in zip(heavy[grp], t.extras["heavy_columns_valid"][grp]) if ok}
+        for j in exact:
+            factor[i, j] = 1.0  # once, even when a block key is also a heavy column
+        for j, w, sg in zip(t.sampled.tolist(), t.weights.tolist(), t.sample_group.tolist()):
+            if sg == grp and j not in exact:
+                factor[i, j] += w
+    num = (a * factor) @ v
+    return num / (a * factor).sum(-1, keepdim=True)
+
+
+@pytest.mark.parametrize("heavy", [0, 4, 12])
+def test_estimator_matches_its_definition_and_never_double_counts(heavy):
+    q, k, v = sinky(n=48)
+    out, t = K.kde_attention(
+        q, k, v, bucket_size=8, sample_size=16, sampling="column_norm", heavy_columns=heavy,
+        generator=gen(2), return_trace=True,
+    )
+    torch.testing.assert_close(out, manual_output(q, k, v, t, 1 / math.sqrt(8)), rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(t.attention_matrix() @ v, out, rtol=1e-10, atol=1e-12)
+    assert t.sampled.shape[-1] == t.num_groups * (16 - heavy)
+
+
+def test_heavy_columns_find_the_sinks():
+    q, k, v = sinky(n=64, sinks=(0, 5, 9))
+    _, t = K.kde_attention(
+        q, k, v, bucket_size=8, sample_size=16, sampling="column_norm", heavy_columns=3,
+        generator=gen(1), return_trace=True,
+    )
+    heavy_mask = t.heavy_column_mask()
+    # every query computes the three sinks exactly, unless its own block already holds them
+    sink_exact = t.heavy_mask()[:, [0, 5, 9]]
+    assert bool(sink_exact.all())
+    assert int(heavy_mask.sum(-1).max()) <= 3
+
+
+def test_probabilities_sum_to_one_and_never_vanish_on_allowed_columns():
+    q, k, v = sinky(2, n=80)
+    mask = torch.rand(2, 80, generator=gen(4)) > 0.3
+    _, t = K.kde_attention(
+        q, k, v, bucket_size=8, sample_size=32, sampling="column_norm", key_mask=mask,
+        generator=gen(3), return_trace=True,
+    )
+    gp = t.group_probs  # (2, ng, Nk)
+    torch.testing.assert_close(gp.sum(-1), torch.ones(gp.shape[:-1], dtype=torch.float64))
+    assert bool((gp[~mask.unsqueeze(1).expand_as(gp)] == 0).all())
+    heavy = torch.zeros_like(gp, dtype=torch.bool).scatter_(-1, t.extras["heavy_columns"], t.extras["heavy_columns_valid"])
+    allowed = mask.unsqueeze(1) & ~heavy
+    if t.num_groups == t.q_blocks.max() + 1:  # single-block groups: own key block is never drawn
+        own = t.k_blocks.unsqueeze(1) == torch.arange(t.num_groups).view(1, -1, 1)
+        allowed &= ~own
+    floor = S.UNIFORM_FLOOR / allowed.sum(-1, keepdim=True)
+    assert bool((gp[allowed] >= (floor.expand_as(gp)[allowed] - 1e-15)).all())
+    assert bool(mask.gather(-1, t.sampled).all())
+
+
+def test_column_norm_sums_are_unbiased():
+    """Same statistical check as for value_norm: sampled numerator and normaliser, 4000 draws."""
+    heads = 4000
+    q, k, v = sinky(n=40, d=8, dv=3, seed=11)
+    q, k, v = (x.expand(heads, *x.shape).contiguous() for x in (q, k, v))
+    _, t = K.kde_attention(
+        q, k, v, bucket_size=8, sample_size=8, sampling="column_norm", heavy_columns=2,
+        generator=gen(7), return_trace=True,
+    )
+    a = torch.exp(q @ k.mT / math.sqrt(8))
+    off = ~t.heavy_mask()
+    true_num, true_den = (a * off) @ v, (a * off).sum(-1)
+    d_est = t.log_normalizer.exp()
+    est_num, est_den = t.sampled_output * d_est.unsqueeze(-1), (1 - t.heavy_fraction) * d_est
+    for est, true in ((est_num, true_num), (est_den, true_den)):
+        diff = est - true
+        z = diff.mean(0) / (diff.std(0) / math.sqrt(heads)).clamp_min(1e-300)
+        assert float(z.abs().max()) < 4.5
+    assert float((est_den - true_den).mean().abs() / true_den.mean()) < 0.01
+
+
+def test_column_norm_beats_value_norm_on_sink_attention():
+    q, k, v = sinky(32, n=128, d=16, dv=8, seed=5, sinks=(0, 1, 64))
+    exact = K.exact_attention(q, k, v)
+    err = {
+        s: sum(
+            K.relative_spectral_error(K.kde_attention(q, k, v, bucket_size=16, sample_size=32, sampling=s, generator=gen(i)), exact)
+            for i in range(3)
+        )
+        for s in ("value_norm", "column_norm")
+    }
+    assert err["column_norm"] < 0.7 * err["value_norm"], err
+
+
+def test_exact_limit_and_masks_with_column_norm():
+    q, k, v = sinky(2, n=30)
+    mask = torch.ones(2, 30, dtype=torch.bool)
+    mask[1, 20:] = False
+    out = K.kde_attention(q, k, v, bucket_size=30, sampling="column_norm", key_mask=mask, generator=gen())
+    torch.testing.assert_close(out, K.exact_attention(q, k, v, key_mask=mask), rtol=1e-12, atol=1e-12)
+
+
+def test_estimation_rows_and_groups():
+    assert S.plan_sample_groups(8, 64) == (8, 8)
+    assert S.plan_sample_groups(16, 32) == (8, 4)
+    assert S.plan_sample_groups(256, 64) == (16, 4)
+    assert S.default_estimate_rows(128, 512, 512) == 64
+    q, k, v = sinky(n=64)
+    _, t = K.kde_attention(q, k, v, bucket_size=8, sample_size=16, sampling="column_norm",
+                           estimate_rows=32, generator=gen(), return_trace=True)
+    rows = t.extras["estimate_rows"]
+    assert rows.shape == (32,) and t.num_groups == 8
+    # the rows of group g are queries of group g, and their log D is exact
+    assert bool((t.q_groups[rows] == torch.arange(8).repeat_interleave(4)).all())
+    exact_log_d = torch.logsumexp(q[rows] @ k.T / math.sqrt(8), -1)
+    torch.testing.assert_close(t.extras["estimate_log_normalizer"], exact_log_d)
+
+
+def test_column_norm_options_are_checked():
+    q, k, v = sinky(n=20)
+    with pytest.raises(ValueError, match=r"heavy_columns must be an integer in \[0, 15\]"):
+        K.kde_attention(q, k, v, sample_size=16, sampling="column_norm", heavy_columns=16)
+    with pytest.raises(ValueError, match="estimate_rows must be an integer >= 1"):
+        K.kde_attention(q, k, v, sampling="column_norm", estimate_rows=0)
+    with pytest.raises(ValueError, match="heavy_columns needs sampling='column_norm'"):
+        K.kde_attention(q, k, v, heavy_columns=4)
