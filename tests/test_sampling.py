@@ -156,3 +156,35 @@ def test_column_norm_options_are_checked():
         K.kde_attention(q, k, v, sampling="column_norm", estimate_rows=0)
     with pytest.raises(ValueError, match="heavy_columns needs sampling='column_norm'"):
         K.kde_attention(q, k, v, heavy_columns=4)
+
+
+def test_theory_view_compares_estimates_with_exact_quantities():
+    from kdeformer.theory import theory_view
+
+    q, k, v = sinky(3, n=64)
+    for sampling in ("value_norm", "column_norm"):
+        out, t = K.kde_attention(q, k, v, bucket_size=8, sample_size=16, sampling=sampling, generator=gen(), return_trace=True)
+        view = theory_view(q, k, v, out, t)
+        exact = K.exact_attention(q, k, v)
+        torch.testing.assert_close(view.relative_error, K.relative_spectral_error(out, exact, reduction="none"))
+        assert bool((view.theory_error < view.relative_error).all())  # ||D^-1 A|| ||V|| >= ||O||
+        torch.testing.assert_close(view.oracle_group_probs.sum(-1), torch.ones(3, t.num_groups, dtype=torch.float64))
+        assert bool((view.total_variation >= 0).all()) and bool((view.total_variation <= 1).all())
+        # the oracle puts no mass on columns a whole group computes exactly
+        assert view.oracle_group_probs.shape == t.group_probs.shape
+    # with exact settings the estimate of D is exact and the error vanishes
+    out, t = K.kde_attention(q, k, v, bucket_size=64, generator=gen(), return_trace=True)
+    view = theory_view(q, k, v, out, t)
+    torch.testing.assert_close(view.log_normalizer, view.exact_log_normalizer)
+    assert float(view.relative_error.max()) < 1e-12
+
+
+def test_column_norm_distribution_is_closer_to_the_oracle():
+    from kdeformer.theory import theory_view
+
+    q, k, v = sinky(8, n=128, d=16, seed=3, sinks=(0, 7))
+    tv = {}
+    for sampling in ("value_norm", "column_norm"):
+        out, t = K.kde_attention(q, k, v, bucket_size=16, sample_size=32, sampling=sampling, generator=gen(1), return_trace=True)
+        tv[sampling] = float(theory_view(q, k, v, out, t).total_variation.mean())
+    assert tv["column_norm"] < tv["value_norm"], tv
