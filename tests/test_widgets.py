@@ -266,6 +266,62 @@ def test_values_arriving_during_an_update_are_coalesced(ex, monkeypatch):
     assert "B28/" in ex.figures["error"].layout.title.text
 
 
+def test_browser_bursts_are_drawn_once_with_the_newest_value(ex):
+    """Moves arriving from the front end (set_state, as the comm handler calls it) inside a running
+    event loop are coalesced: one redraw, newest values, no stale intermediate draws."""
+    import asyncio
+
+    count = ex.update_count
+    slider = ex.controls["bucket_size"]
+
+    async def burst():
+        for b in (20, 24, 28, 32):
+            slider.set_state({"value": b})  # queued browser messages, handled back to back
+        assert ex.update_count == count  # nothing drawn yet
+        await asyncio.sleep(0.3)
+
+    asyncio.run(burst())
+    assert ex.update_count == count + 1
+    assert "B32/" in ex.figures["error"].layout.title.text
+    ex.controls["bucket_size"].value = 16  # from Python (no loop running): synchronous as before
+    assert ex.update_count == count + 2
+
+
+def test_real_kernel_draws_queued_browser_moves_once():
+    """Five slider messages queued in a real ipykernel, as a browser sends them: one redraw, newest value."""
+    import time
+
+    from jupyter_client.manager import start_new_kernel
+
+    km, kc = start_new_kernel(kernel_name="python3", env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    try:
+        def run(code):
+            reply = kc.execute_interactive(code, timeout=120, output_hook=lambda m: out.append(m))
+            assert reply["content"]["status"] == "ok", reply["content"]
+            return "".join(m["content"].get("text", "") for m in out if m["msg_type"] == "stream")
+
+        out = []
+        comm_id = run("from kdeformer.widgets import AttentionExplorer, toy_source\n"
+                      "ex = AttentionExplorer(toy_source(n=64), bucket_size=16, seeds=1)\n"
+                      "print(ex.controls['bucket_size'].model_id)").strip()
+        for b in (20, 24, 28, 32, 36):
+            kc.shell_channel.send(kc.session.msg("comm_msg", {
+                "comm_id": comm_id, "data": {"method": "update", "state": {"value": b}, "buffer_paths": []}}))
+        deadline = time.monotonic() + 60
+        while True:
+            out = []
+            got = run("print(ex.update_count, ex.settings().bucket_size, ex.last_error)").split()
+            if got[1] == "36" or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
+        time.sleep(0.5)
+        out = []
+        assert run("print(ex.update_count, ex.settings().bucket_size, ex.last_error)").split() == ["2", "36", "None"]
+    finally:
+        kc.stop_channels()
+        km.shutdown_kernel(now=True)
+
+
 def test_memory_is_flat_over_many_updates():
     """Bounded caches and in-place figure updates: no Python objects pile up per update."""
     import gc
@@ -332,6 +388,20 @@ def test_tuple_sources(shape):
     np.testing.assert_array_equal(np.asarray(trace_of(ex.figures["samples"], "sampled").x), torch.unique(tr.sampled).numpy())
     with pytest.raises(ValueError, match="source"):
         AttentionExplorer((q, k))
+
+
+def test_cross_attention_tuple():
+    g = torch.Generator().manual_seed(2)
+    q, k, v = torch.randn(40, 8, generator=g), torch.randn(70, 8, generator=g), torch.randn(70, 4, generator=g)
+    ex = AttentionExplorer((q, k, v), bucket_size=16, sample_size=16)
+    assert ex.last_error is None and "Nq = 40, Nk = 70" in ex.status.value
+    out, tr = kdeformer.kde_attention(q, k, v, bucket_size=16, sample_size=16, generator=torch.Generator().manual_seed(0),
+                                      return_trace=True)
+    z = panels.unpack(trace_of(ex.figures["heavy"], "attention").z)
+    assert z.shape == (40, 70)
+    shapes = [s for s in ex.figures["heavy"].layout.shapes if s.type == "rect"]
+    assert sum((s.y1 - s.y0) * (s.x1 - s.x0) for s in shapes) == int(tr.heavy_mask().sum())
+    torch.testing.assert_close(ex._result.out, out)
 
 
 def test_large_n_is_pooled_not_sent_cell_by_cell():

@@ -7,6 +7,7 @@ update runs replace each other, so only the newest one is drawn.
 """
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import html
 import threading
@@ -39,6 +40,15 @@ FIGURES = ("buckets", "heavy", "samples", "error", "inspector")
 DISPLAY = ("log_color", "order", "zoom", "query")
 SLIDER_LAYOUT = dict(width="310px")
 SEED_MAX = 2**31 - 1
+BROWSER_DEBOUNCE_S = 0.02  # moves from the browser that arrive within this window are drawn once
+
+
+def _running_loop():
+    """The kernel's asyncio loop when called from a comm message handler; None in plain Python."""
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        return None
 
 
 @contextlib.contextmanager
@@ -73,7 +83,13 @@ class AttentionExplorer(widgets.VBox):
         **params: initial values of any control: layer, head, method, bucket_size, sample_size, num_projs,
             sampling, bucket_order, seed, log_color, order ("sorted"/"original"), zoom ((lo, hi) token
             range), query (row inspector); and seeds (readout averages, default 3), max_cells (matrix
-            display side, default 256), error_cells (error-panel matrices, default 128).
+            display side, default 256), error_cells (error-panel matrices, default 128), curve_seeds
+            (seeds per point of the error-vs-budget curve, default 1), threads (torch threads used inside
+            an update, default 1: one head's work is small; None leaves torch's setting alone).
+
+    Methods other than KDEformer get ``budget = bucket_size + sample_size`` key columns per query
+    (`kdeformer.methods.approximate`); the buckets, heavy and samples panels always show KDEformer's
+    trace for the current setting, the error panel and the inspector show the chosen method.
 
     Attributes: controls, figures, readout, message, status, code (HTML), last_error, update_count,
     pins (pinned curves), timings (seconds of the last update's steps).
@@ -112,6 +128,7 @@ class AttentionExplorer(widgets.VBox):
         self._lock = threading.Lock()
         self._pending = False
         self._suspend = False
+        self._scheduled = False
         self._last = None  # (settings, display) drawn last
         self._result = None
         self._row_labels: dict = {}
@@ -235,7 +252,24 @@ class AttentionExplorer(widgets.VBox):
 
     # ------------------------------------------------------------------ updates
     def _on_control(self, change):
-        if not self._suspend:
+        """A control moved. From Python: redraw now. From the browser (inside a kernel): redraw on the
+        next turn of the event loop, so a burst of queued moves (a held arrow key, a fast drag) is
+        drawn once, with the newest values, instead of once per stale value."""
+        if self._suspend:
+            return
+        owner = change.get("owner")
+        loop = _running_loop() if owner is not None and getattr(owner, "_property_lock", None) else None
+        if loop is None:
+            self.request_update()
+            return
+        self._pending = True
+        if not self._scheduled:
+            self._scheduled = True
+            loop.call_later(BROWSER_DEBOUNCE_S, self._run_scheduled)
+
+    def _run_scheduled(self):
+        self._scheduled = False
+        if self._pending:
             self.request_update()
 
     def request_update(self):
