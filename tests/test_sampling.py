@@ -134,16 +134,18 @@ def test_exact_limit_and_masks_with_column_norm():
 
 def test_estimation_rows_and_groups():
     assert S.plan_sample_groups(8, 64) == (8, 8)
-    assert S.plan_sample_groups(16, 32) == (8, 4)
-    assert S.plan_sample_groups(256, 64) == (16, 4)
+    assert S.plan_sample_groups(16, 32) == (16, 2)
+    assert S.plan_sample_groups(16, 16) == (8, 2)  # fewer rows than 2 per block: blocks share a group
+    assert S.plan_sample_groups(256, 64) == (32, 2)
     assert S.default_estimate_rows(128, 512, 512) == 64
     q, k, v = sinky(n=64)
     _, t = K.kde_attention(q, k, v, bucket_size=8, sample_size=16, sampling="column_norm",
-                           estimate_rows=32, generator=gen(), return_trace=True)
+                           estimate_rows=8, generator=gen(), return_trace=True)
     rows = t.extras["estimate_rows"]
-    assert rows.shape == (32,) and t.num_groups == 8
+    assert rows.shape == (8,) and t.num_groups == 4  # 8 blocks, 2 rows per group: 2 blocks a group
     # the rows of group g are queries of group g, and their log D is exact
-    assert bool((t.q_groups[rows] == torch.arange(8).repeat_interleave(4)).all())
+    assert bool((t.q_groups[rows] == torch.arange(4).repeat_interleave(2)).all())
+    assert bool((t.q_groups == t.q_blocks.clamp_min(0) // 2).all())
     exact_log_d = torch.logsumexp(q[rows] @ k.T / math.sqrt(8), -1)
     torch.testing.assert_close(t.extras["estimate_log_normalizer"], exact_log_d)
 
