@@ -4,6 +4,7 @@ The core (this package) depends on torch and numpy only; the widgets live in ``k
 """
 from .core import kde_attention
 from .exact import exact_attention
+from .methods import METHODS, approximate
 from .metrics import (
     normalizer_relative_error,
     relative_frobenius_error,
@@ -18,6 +19,8 @@ __version__ = "0.1.0"
 __all__ = [
     "kde_attention",
     "exact_attention",
+    "approximate",
+    "METHODS",
     "KDETrace",
     "ExactTrace",
     "relative_spectral_error",
