@@ -308,15 +308,17 @@ def test_real_kernel_draws_queued_browser_moves_once():
             kc.shell_channel.send(kc.session.msg("comm_msg", {
                 "comm_id": comm_id, "data": {"method": "update", "state": {"value": b}, "buffer_paths": []}}))
         deadline = time.monotonic() + 60
+        probe = "print(ex.update_count, ex._last[0].bucket_size, ex.last_error)"
         while True:
             out = []
-            got = run("print(ex.update_count, ex.settings().bucket_size, ex.last_error)").split()
-            if got[1] == "36" or time.monotonic() > deadline:
+            draws, drawn, err = run(probe).split()
+            if drawn == "36" or time.monotonic() > deadline:
                 break
-            time.sleep(0.5)
-        time.sleep(0.5)
-        out = []
-        assert run("print(ex.update_count, ex.settings().bucket_size, ex.last_error)").split() == ["2", "36", "None"]
+            time.sleep(0.3)
+        # drawn with the newest value; the burst cost one draw (two if the machine stalled mid-burst),
+        # never one per message
+        assert (drawn, err) == ("36", "None")
+        assert 2 <= int(draws) <= 3, draws
     finally:
         kc.stop_channels()
         km.shutdown_kernel(now=True)

@@ -129,6 +129,7 @@ class AttentionExplorer(widgets.VBox):
         self._pending = False
         self._suspend = False
         self._scheduled = False
+        self._applied: dict = {}  # figure -> values last written (unchanged ones are not re-sent)
         self._last = None  # (settings, display) drawn last
         self._result = None
         self._row_labels: dict = {}
@@ -387,7 +388,7 @@ class AttentionExplorer(widgets.VBox):
             updates["inspector"] = panels.inspector_update(tr, query, exact_fn, approx_fn, qt, kt, label)
         # compute everything first, then write all figures (no half-drawn state on failure)
         for name, upd in updates.items():
-            panels.apply(self.figures[name], upd)
+            panels.apply(self.figures[name], upd, self._applied.setdefault(name, {}))
         self.panel_info = {**getattr(self, "panel_info", {}), **{n: u.info for n, u in updates.items()}}
         if "heavy" in updates:
             info = updates["heavy"].info

@@ -34,15 +34,45 @@ class PanelUpdate:
     info: dict = field(default_factory=dict)  # numbers behind the figure (for readouts and tests)
 
 
-def apply(fig, update: PanelUpdate) -> None:
-    """Write an update into a figure in one batch (one message per figure for a FigureWidget)."""
+def same(a, b) -> bool:
+    """Equality for update values (numpy arrays, nested dicts and lists, typed-array specs)."""
+    if isinstance(a, np.ndarray) or isinstance(b, np.ndarray):
+        a, b = np.asarray(a), np.asarray(b)
+        return a.shape == b.shape and a.dtype.kind == b.dtype.kind and bool(
+            np.array_equal(a, b, equal_nan=a.dtype.kind == "f"))
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(same(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(same(x, y) for x, y in zip(a, b))
+    if type(a) is not type(b) and not (isinstance(a, (int, float)) and isinstance(b, (int, float))):
+        return False
+    try:
+        return bool(a == b) or (isinstance(a, float) and a != a and b != b)
+    except Exception:
+        return False
+
+
+def apply(fig, update: PanelUpdate, applied: dict | None = None) -> None:
+    """Write an update into a figure in one batch (one message per figure for a FigureWidget).
+
+    applied: the values this function wrote before into this figure (kept by the caller); properties
+    whose new value equals it are skipped, which saves plotly's validation and the message bytes.
+    """
     index = {t.name: i for i, t in enumerate(fig.data)}
+    applied = {} if applied is None else applied
     ctx = fig.batch_update() if hasattr(fig, "batch_update") else _nullcontext()
     with ctx:
         for name, props in update.traces.items():
-            fig.data[index[name]].update(props)  # merges nested dicts (marker, colorbar), replaces arrays
-        if update.layout:
-            fig.layout.update(update.layout, overwrite=True)
+            old = applied.setdefault(name, {})
+            changed = {k: v for k, v in props.items() if k not in old or not same(old[k], v)}
+            if changed:
+                fig.data[index[name]].update(changed)  # merges nested dicts (marker, colorbar), replaces arrays
+                old.update(changed)
+        old = applied.setdefault("layout", {})
+        changed = {k: v for k, v in update.layout.items() if k not in old or not same(old[k], v)}
+        if changed:
+            fig.layout.update(changed, overwrite=True)
+            old.update(changed)
 
 
 class _nullcontext:
