@@ -375,9 +375,13 @@ class AttentionExplorer(widgets.VBox):
         if "samples" in stale:
             updates["samples"] = panels.samples_update(tr, kt)
         if "heavy" in stale:
+            view = (disp["order"], disp["zoom"], self.max_cells)
+            key = (s.layer, s.head, s.num_projs, s.bucket_order, s.seed) + view  # what the sorted order depends on
+            pooled = self.engine._pooled.get(key)
             updates["heavy"] = panels.heavy_update(tr, exact_fn, qt, kt, order=disp["order"], log_color=disp["log_color"],
                                                    zoom=disp["zoom"], max_cells=self.max_cells,
-                                                   mass=self._heavy_mass(s, tr, exact_fn))
+                                                   mass=self._heavy_mass(s, tr, exact_fn), exact_pooled=pooled)
+            self.engine._pooled.get_or(key, lambda: updates["heavy"].info["pooled"])
         if "error" in stale:
             updates["error"] = panels.error_update(tr, exact_fn, approx_fn, ex, res.out, res.log_d, qt, kt, curve,
                                                    order=disp["order"], log_color=disp["log_color"], zoom=disp["zoom"],

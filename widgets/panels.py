@@ -174,12 +174,13 @@ def kde_rows(trace, rows: torch.Tensor, matrix=None) -> torch.Tensor:
     """Rows of KDEformer's approximate matrix, from the trace (no N x N allocation).  # (c, Nk)"""
     if matrix is not None:
         return matrix[rows]
-    logits = trace.scale * (trace.query[rows].double() @ trace.key.double().mT)  # (c, Nk)
+    # float32 is plenty for display: the shift by log D~ happens before exp
+    logits = trace.scale * (trace.query[rows].float() @ trace.key.float().mT)  # (c, Nk)
     heavy = (trace.q_blocks[rows].unsqueeze(-1) == trace.k_blocks.unsqueeze(0)) & (trace.k_blocks >= 0)
-    factor = torch.where(heavy, torch.ones_like(logits), trace.column_weights().double().unsqueeze(0))
+    factor = torch.where(heavy, torch.ones_like(logits), trace.column_weights().float().unsqueeze(0))
     if trace.key_mask is not None:
         factor = factor * trace.key_mask
-    return (torch.exp(logits - trace.log_normalizer[rows].double().unsqueeze(-1)) * factor).float()
+    return logits.sub_(trace.log_normalizer[rows].float().unsqueeze(-1)).exp_().mul_(factor)
 
 
 def heavy_rows(trace, rows: torch.Tensor) -> torch.Tensor:
@@ -443,16 +444,20 @@ def heavy_mass(trace, exact_fn, rows=None) -> np.ndarray:
 
 
 def heavy_update(trace, exact_fn, q_tokens, k_tokens, *, order="sorted", log_color=True, zoom=None,
-                 max_cells: int = 256, mass=None) -> PanelUpdate:
+                 max_cells: int = 256, mass=None, exact_pooled=None) -> PanelUpdate:
+    """exact_pooled: the pooled exact matrix for this order and zoom if already known (it does not
+    depend on bucket_size or the samples)."""
     nq, nk = trace.query.shape[-2], trace.key.shape[-2]
     ri, ci = display_order(trace, order, "q"), display_order(trace, order, "k")
     gr = make_grid(nq, zoom, max_cells)
     gc = make_grid(nk, None if zoom is None else (zoom[0] * nk // nq, zoom[1] * nk // nq), max_cells)
-    fns = {"exact": exact_fn}
+    fns = {} if exact_pooled is not None else {"exact": exact_fn}
     rects = block_rectangles(trace) if order == "sorted" else []
     if order != "sorted" or len(rects) > MAX_OUTLINES:
         fns["heavy"] = lambda rows: heavy_rows(trace, rows).float()
-    mats = pooled_matrices(fns, ri, ci, gr, gc)
+    mats = pooled_matrices(fns, ri, ci, gr, gc) if fns else {}
+    if exact_pooled is not None:
+        mats["exact"] = exact_pooled
     xl, yl = _strs(axis_labels(ci, k_tokens, gc, "k")), _strs(axis_labels(ri, q_tokens, gr, "q"))
     z = color_values(mats["exact"], log_color)
     upd = PanelUpdate()

@@ -349,6 +349,7 @@ class Engine:
         self._curves = LRU(64)
         self._masses = LRU(16)
         self._pcas = LRU(8)
+        self._pooled = LRU(8)
 
     # ---------------------------------------------------------------- data
     @property
@@ -504,10 +505,10 @@ def exact_row_fn(q: torch.Tensor, k: torch.Tensor, scale: float, ex: ExactResult
     def rows_of(rows: torch.Tensor) -> torch.Tensor:
         if ex.matrix is not None:
             return ex.matrix[rows]
-        logits = scale * (q[rows].double() @ k.double().mT)  # (c, Nk)
-        p = torch.exp(logits - ex.log_d[rows].double().unsqueeze(-1))
+        logits = scale * (q[rows].float() @ k.float().mT)  # (c, Nk); shifted by log D before exp
+        p = logits.sub_(ex.log_d[rows].float().unsqueeze(-1)).exp_()
         if key_mask is not None:
             p = p * key_mask
-        return p.float()
+        return p
 
     return rows_of
