@@ -105,7 +105,11 @@ def main(argv=None) -> int:
     parser.add_argument("--docs", type=int, default=32)
     parser.add_argument("--min-tokens", type=int, default=384)
     parser.add_argument("--seeds", type=int, default=1, help="KDEformer seeds averaged per budget")
-    parser.add_argument("--sampling", default=None, help="sampling mode(s), comma separated (default: the core's default)")
+    parser.add_argument("--sampling", default=None,
+                        help="sampling mode(s), comma separated (default: the core's default); the first is "
+                             "used for the per-layer table")
+    parser.add_argument("--per-layer", default="64/128",
+                        help="budget for the one-layer-at-a-time table (KDEformer in a single layer), or 'none'")
     parser.add_argument("--no-write", action="store_true", help="print only; leave RESULTS.md alone")
     args = parser.parse_args(argv)
 
@@ -163,6 +167,26 @@ def main(argv=None) -> int:
             print(" | ".join(row), flush=True)
 
     table = markdown_table(header, rows)
+
+    layer_table = ""
+    if args.per_layer != "none":
+        bucket, sample = (int(x) for x in args.per_layer.split("/"))
+        layer_rows = []
+        for layer in [*range(kde_model.config.num_hidden_layers), None]:
+            opts = {"sampling": samplings[0]} if samplings[0] else {}
+            with hf.settings(bucket_size=bucket, sample_size=sample, seed=0,
+                             layers=None if layer is None else [layer], **opts):
+                approx, _, _ = encode(kde_model, tokenizer, texts)
+            r = compare(exact_docs, approx, queries, members)
+            layer_rows.append(["all" if layer is None else str(layer), f"{r['cos_mean']:.4f}", f"{r['cos_min']:.4f}",
+                               f"{r['nn_recall5']:.3f}", f"{r['q_top1']:.3f}"])
+            print("layer", " | ".join(layer_rows[-1]), flush=True)
+        layer_table = (
+            f"KDEformer ({bucket} / {sample}, sampling {samplings[0] or 'default'}) in one layer only, exact "
+            "attention in the others:\n\n"
+            + markdown_table(["KDEformer layer", "cos mean", "cos min", "NN recall@5", "query top-1"], layer_rows)
+            + "\n\n"
+        )
     ok = exact_check is not None and exact_check < 1e-5
     body = (
         f"all-MiniLM-L6-v2 with KDEformer in all 6 layers vs exact attention. {num_docs} documents of "
@@ -173,6 +197,7 @@ def main(argv=None) -> int:
         "documents; hit@1 = the top document contains that paragraph. "
         f"{args.seeds} seed(s) per budget; default settings otherwise (num_projs 7, Gray order).\n\n"
         f"{table}\n\n"
+        f"{layer_table}"
         f"For scale, the {calib} (documents share some paragraphs); a KDEformer cosine near that mean "
         "means the document's embedding has drifted about as far as another document's.\n\n"
         f"Exact-equivalent check (bucket_size >= N): max |embedding difference| = {exact_check:.2e} "
