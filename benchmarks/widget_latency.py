@@ -94,11 +94,11 @@ def measure(explorer, n_moves: int):
     rows = []
     for name, value in moves(explorer, n_moves):
         before = sum(c.bytes for c in comms.values())
-        t0 = time.perf_counter()
+        c0, t0 = time.thread_time(), time.perf_counter()
         explorer.controls[name].value = value  # synchronous: returns after the figures are updated
-        dt = time.perf_counter() - t0
+        dt, cpu = time.perf_counter() - t0, time.thread_time() - c0
         assert explorer.last_error is None, explorer.last_error
-        rows.append((name, dt, dict(explorer.timings), sum(c.bytes for c in comms.values()) - before))
+        rows.append((name, dt, dict(explorer.timings), sum(c.bytes for c in comms.values()) - before, cpu))
     return rows
 
 
@@ -111,7 +111,9 @@ def summarise(rows):
         xs = sorted(xs)
         return xs[min(len(xs) - 1, int(round(p * (len(xs) - 1))))]
 
+    cpu = [r[4] * 1e3 for r in rows]
     return dict(median=statistics.median(total), p90=pct(total, 0.9), compute=statistics.median(compute),
+                cpu=statistics.median(cpu), cpu_p90=pct(cpu, 0.9),
                 payload=statistics.median(payload), payload_max=max(payload), n=len(rows))
 
 
@@ -120,7 +122,8 @@ def per_control(rows):
     for name in dict.fromkeys(r[0] for r in rows):
         xs = [r[1] * 1e3 for r in rows if r[0] == name]
         kb = [r[3] / 1024 for r in rows if r[0] == name]
-        out[name] = (statistics.median(xs), statistics.median(kb))
+        cpu = [r[4] * 1e3 for r in rows if r[0] == name]
+        out[name] = (statistics.median(xs), statistics.median(kb), statistics.median(cpu))
     return out
 
 
@@ -165,31 +168,34 @@ def main(argv=None):
     rows_big = measure(big, max(12, n_moves // 4))
     results.append((f"synthetic clustered, N={big_n}", summarise(rows_big), build_big))
 
-    n_mem = 300 if args.quick else 2000
+    n_mem = 300 if args.quick else 1000
     small = AttentionExplorer(sources.synthetic(n=128, d=32, kind="clustered", seed=1), bucket_size=16, sample_size=32)
     rss0, rss1 = memory_run(small, n_mem)
     load_after = os.getloadavg()
 
     table = markdown_table(
-        ["source", "moves", "median update (ms)", "p90 (ms)", "median compute (ms)", "median payload (KiB)",
-         "max payload (KiB)", "explorer build (s)"],
-        [[name, r["n"], f"{r['median']:.0f}", f"{r['p90']:.0f}", f"{r['compute']:.0f}", f"{r['payload']:.0f}",
-          f"{r['payload_max']:.0f}", f"{b:.1f}"] for name, r, b in results],
+        ["source", "moves", "median update, wall (ms)", "p90 wall (ms)", "median CPU (ms)", "p90 CPU (ms)",
+         "median compute, wall (ms)", "median payload (KiB)", "max payload (KiB)", "explorer build (s)"],
+        [[name, r["n"], f"{r['median']:.0f}", f"{r['p90']:.0f}", f"{r['cpu']:.0f}", f"{r['cpu_p90']:.0f}",
+          f"{r['compute']:.0f}", f"{r['payload']:.0f}", f"{r['payload_max']:.0f}", f"{b:.1f}"] for name, r, b in results],
     )
-    ctable = markdown_table(["control moved (N=512)", "median update (ms)", "median payload (KiB)"],
-                            [[k, f"{v[0]:.0f}", f"{v[1]:.0f}"] for k, v in controls512.items()])
-    med = results[0][1]["median"]
-    verdict = "meets" if med <= 100 else "misses"
+    ctable = markdown_table(["control moved (N=512)", "median wall (ms)", "median CPU (ms)", "median payload (KiB)"],
+                            [[k, f"{v[0]:.0f}", f"{v[2]:.0f}", f"{v[1]:.0f}"] for k, v in controls512.items()])
+    med, cpu = results[0][1]["median"], results[0][1]["cpu"]
+    verdict = (f"wall-clock median {'meets' if med <= 100 else 'misses'} the 100 ms target here; the CPU time the "
+               f"update itself uses (what an unloaded core would take, all work runs on one thread) "
+               f"{'meets' if cpu <= 100 else 'misses'} it")
     body = f"""
 Server-side time of one control move in `AttentionExplorer` (compute + figure update + JSON encoding of
-every message a browser would receive), torch threads inside updates: 1 (the explorer's default).
+every message a browser would receive), torch threads inside updates: 1 (the explorer's default), so
+the update runs on one thread and its thread CPU time is the time it would take on an unloaded core.
 Every slider move goes to a value not seen before (nothing cached); display toggles and query clicks
 redraw only the panels they affect. Load average of this shared machine during the run:
 {load[0]:.1f} before, {load_after[0]:.1f} after (2 cores shared with other jobs: expect noise).
 
 {table}
 
-The N=512 median {verdict} the target of 100 ms. Per control at N=512:
+At N=512 the {verdict}. Per control at N=512:
 
 {ctable}
 

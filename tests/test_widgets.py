@@ -238,6 +238,13 @@ def test_failure_inside_an_update_keeps_last_good_figures(ex, monkeypatch):
     assert snapshot(ex) == before and ex.update_count == count
 
 
+def test_bad_constructor_arguments_raise(src):
+    for kwargs, needle in ((dict(layer=7), "layer"), (dict(method="bogus"), "method"), (dict(num_projs=0), "num_projs"),
+                           (dict(colour=1), "unknown")):
+        with pytest.raises(ValueError, match=needle):
+            AttentionExplorer(src, **kwargs)
+
+
 def test_text_edit_without_a_model_is_refused(ex):
     assert ex.controls["text"].disabled
     assert ex.set(text="hello world") is False

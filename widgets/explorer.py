@@ -38,6 +38,8 @@ from .state import (
 
 FIGURES = ("buckets", "heavy", "samples", "error", "inspector")
 DISPLAY = ("log_color", "order", "zoom", "query")
+CONTROL_NAMES = ("text", "layer", "head", "method", "bucket_size", "sample_size", "num_projs", "sampling",
+                 "bucket_order", "seed", *DISPLAY)
 SLIDER_LAYOUT = dict(width="310px")
 SEED_MAX = 2**31 - 1
 BROWSER_DEBOUNCE_S = 0.02  # moves from the browser that arrive within this window are drawn once
@@ -152,6 +154,8 @@ class AttentionExplorer(widgets.VBox):
         return src.q.shape[0], src.q.shape[1], src.q.shape[2], src.k.shape[2]
 
     def _build_controls(self, p):
+        # refuse initial values that the widgets would clamp silently or reject with a TraitError
+        self._validate_values({k: v for k, v in p.items() if k in CONTROL_NAMES})
         layers, heads, nq, nk = self._sizes()
         defaults = Settings()
         methods = self.engine.methods
@@ -188,8 +192,6 @@ class AttentionExplorer(widgets.VBox):
         for name, w in c.items():
             _css(w, f"kde-control-{name}")
         self.controls = c
-        # refuse initial values that the widgets would clamp or reject silently
-        self._validate_values({k: v for k, v in p.items() if k in c})
 
     @staticmethod
     def _sample_max(nk: int) -> int:
@@ -481,26 +483,34 @@ class AttentionExplorer(widgets.VBox):
         return self.last_error is None
 
     # ------------------------------------------------------------------ python API
+    def _choices(self) -> dict:
+        return dict(method=list(self.engine.methods), sampling=list(sampling_choices()), bucket_order=list(BUCKET_ORDERS),
+                    order=["sorted", "original"])
+
     def _validate_values(self, values: dict):
+        """ValueError naming the control and its allowed range (before any widget is touched)."""
         layers, heads, nq, nk = self._sizes()
         limits = dict(layer=(0, layers - 1), head=(0, heads - 1), bucket_size=(1, None), sample_size=(1, self._sample_max(nk)),
                       num_projs=(1, MAX_PROJS), seed=(0, SEED_MAX), query=(0, nq - 1))
+        choices = self._choices()
+        names = set(CONTROL_NAMES)
         for name, value in values.items():
-            if name not in self.controls:
-                raise ValueError(f"unknown control {name!r}; controls: {sorted(self.controls)}")
+            if name not in names:
+                raise ValueError(f"unknown control {name!r}; controls: {sorted(names)}")
             if name in limits:
                 lo, hi = limits[name]
                 if isinstance(value, bool) or not isinstance(value, int) or value < lo or (hi is not None and value > hi):
                     rng = f"[{lo}, {hi}]" if hi is not None else f">= {lo}"
                     raise ValueError(f"{name} must be an integer in {rng}, got {value!r}")
-            choices = getattr(self.controls[name], "options", None)
-            if choices is not None and name not in ("zoom",):
-                names = [o[1] if isinstance(o, tuple) else o for o in choices]
-                if value not in names:
-                    raise ValueError(f"{name} must be one of {names}, got {value!r}")
-            if name == "zoom":
+            if name in choices and value not in choices[name]:
+                raise ValueError(f"{name} must be one of {choices[name]}, got {value!r}")
+            if name == "zoom" and value is not None:
                 if not (isinstance(value, (tuple, list)) and len(value) == 2 and 0 <= value[0] <= value[1] <= nq - 1):
                     raise ValueError(f"zoom must be a token range (lo, hi) with 0 <= lo <= hi <= {nq - 1}, got {value!r}")
+            if name in ("log_color",) and not isinstance(value, bool):
+                raise ValueError(f"{name} must be True or False, got {value!r}")
+            if name == "text" and not isinstance(value, str):
+                raise ValueError(f"text must be a str, got {type(value).__name__}")
 
     def set(self, **values) -> bool:
         """Set several controls at once with one redraw. Invalid values change nothing and show a message.

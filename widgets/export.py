@@ -11,7 +11,7 @@ import plotly.graph_objects as go
 import plotly.io as pio
 
 from . import panels
-from .state import Settings, check_settings
+from .state import Settings, check_settings, key_tokens
 
 CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
 
@@ -64,8 +64,6 @@ def grid_figure(explorer, **grid) -> go.Figure:
         ex, exact_fn, approx_fn = explorer._row_fns(s, res)
         curve = explorer.engine.curve(s)
         q_tok = explorer.engine.src.tokens
-        from .state import key_tokens
-
         upd = panels.error_update(res.kde_trace, exact_fn, approx_fn, ex, res.out, res.log_d, q_tok,
                                   key_tokens(explorer.engine.src), curve, order=disp["order"],
                                   log_color=disp["log_color"], zoom=disp["zoom"], max_cells=explorer.error_cells)
