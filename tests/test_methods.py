@@ -370,3 +370,13 @@ def test_same_random_draws_in_every_dtype(name):
     a = approximate(name, q, k, v, budget=12, generator=gen(5))
     b = approximate(name, q.float(), k.float(), v.float(), budget=12, generator=gen(5))
     assert rel_err(b, a) < 1e-4
+
+
+def test_angular_buckets_are_the_argmax_over_plus_and_minus_projections():
+    from kdeformer.methods._lsh import angular_buckets
+
+    x = torch.randn(3, 200, 16, generator=gen(1))
+    rotation = torch.randn(3, 16, 5, generator=gen(2))
+    rotated = x @ rotation
+    assert torch.equal(angular_buckets(x, rotation), torch.cat([rotated, -rotated], -1).argmax(-1))
+    assert int(angular_buckets(-x, rotation)[0, 0]) == (int(angular_buckets(x, rotation)[0, 0]) + 5) % 10

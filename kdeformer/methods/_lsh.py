@@ -43,7 +43,9 @@ def gray_rank(codes: torch.Tensor, num_bits: int) -> torch.Tensor:
 def angular_buckets(x: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
     """Reformer's angular LSH: argmax over [xR, -xR].  x (G, N, D), rotation (G, D, b/2) -> (G, N) in [0, b)."""
     rotated = x @ rotation  # (G, N, b/2)
-    return torch.cat([rotated, -rotated], dim=-1).argmax(-1)
+    top, top_at = rotated.max(-1)  # best of xR
+    low, low_at = rotated.min(-1)  # best of -xR is -min(xR); no concatenated copy needed
+    return torch.where(top >= -low, top_at, low_at + rotation.shape[-1])
 
 
 def sort_tokens(sort_key: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
