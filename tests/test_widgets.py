@@ -72,7 +72,8 @@ def test_controls_figures_and_css_classes(ex):
     # status: N, cost as a fraction of exact, time of the update
     assert re.search(r"N = 96 .*cost 0\.\d\d of exact.*updated in \d+ ms", ex.status.value)
     # token strings on hover
-    assert any("tok5" in h for h in trace_of(ex.figures["buckets"], "queries").hovertext)
+    assert "tok5" in list(trace_of(ex.figures["buckets"], "queries").text)
+    assert "%{text}" in trace_of(ex.figures["buckets"], "queries").hovertemplate
     assert any("tok" in lab for lab in trace_of(ex.figures["heavy"], "attention").y)
 
 
@@ -194,6 +195,15 @@ def test_display_controls(ex, src):
     outside = (tr.sample_counts() > 0) & (tr.k_blocks != tr.q_blocks[7])
     np.testing.assert_array_equal(trace_of(insp, "sampled keys").x, torch.nonzero(outside).flatten().numpy())
     assert "query 7 'tok7'" in insp.layout.title.text
+
+
+def test_click_on_a_query_point_opens_inspector(ex):
+    pts = trace_of(ex.figures["buckets"], "queries")
+    ex._on_point_click(pts, Points(point_inds=[11], xs=[pts.x[11]], ys=[pts.y[11]], trace_name="queries", trace_index=1), None)
+    assert ex.controls["query"].value == int(pts.customdata[11][0])
+    err = trace_of(ex.figures["error"], "per-query error")
+    ex._on_point_click(err, Points(point_inds=[40], xs=[40], ys=[err.y[40]], trace_name="per-query error", trace_index=0), None)
+    assert ex.controls["query"].value == 40
 
 
 def test_click_on_matrix_row_opens_inspector(ex):
@@ -502,4 +512,4 @@ def test_default_explorer_opens_minilm():
     ex.controls["text"].value = "The cat sat on the mat because it was warm."
     assert ex.last_error is None and ex.source.num_tokens < n_before
     assert ex.controls["query"].max == ex.source.num_tokens - 1
-    assert any("cat" in h for h in trace_of(ex.figures["buckets"], "queries").hovertext)
+    assert "cat" in list(trace_of(ex.figures["buckets"], "queries").text)

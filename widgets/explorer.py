@@ -15,6 +15,7 @@ import time
 from dataclasses import asdict, fields, replace
 
 import ipywidgets as widgets
+import numpy as np
 import plotly.graph_objects as go
 import torch
 
@@ -557,7 +558,8 @@ class AttentionExplorer(widgets.VBox):
         if points.point_inds:
             cd = trace.customdata
             if cd is not None:
-                self.inspect(int(cd[points.point_inds[0]]))
+                row = cd[points.point_inds[0]]
+                self.inspect(int(row[0]) if np.ndim(row) else int(row))  # query index comes first
 
     # ------------------------------------------------------------------ tuning aids
     def pin(self):

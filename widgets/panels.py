@@ -88,6 +88,21 @@ def _strs(items) -> np.ndarray:
     return np.array(items, dtype=str) if len(items) else np.array([], dtype=str)
 
 
+_TOKEN_ARRAYS: dict = {}
+
+
+def tok(tokens, index) -> np.ndarray:
+    """Shortened token strings at `index` (vectorised; the array per token list is cached)."""
+    key = id(tokens)
+    hit = _TOKEN_ARRAYS.get(key)
+    if hit is None or hit[0] is not tokens:
+        if len(_TOKEN_ARRAYS) > 16:
+            _TOKEN_ARRAYS.clear()
+        hit = (tokens, _strs([_short(str(t)) for t in tokens]))
+        _TOKEN_ARRAYS[key] = hit
+    return hit[1][np.asarray(index, dtype=np.int64)]
+
+
 def trace_by_name(fig, name: str):
     for t in fig.data:
         if t.name == name:
@@ -352,14 +367,14 @@ def buckets_update(trace, q_tokens, k_tokens, max_points: int = MAX_POINTS, pca=
     ki = np.arange(nk)[:: max(1, math.ceil(nk / max_points))]
     upd = PanelUpdate()
     upd.traces["queries"] = dict(
-        x=coords[qi, 0], y=coords[qi, 1], customdata=qi,
+        x=coords[qi, 0], y=coords[qi, 1], customdata=np.stack([qi, qr[qi], qblk[qi]], 1), text=tok(q_tokens, qi),
         marker=dict(color=qr[qi], cmin=0, cmax=2**r - 1),
-        hovertext=_strs([f"query {i} '{_short(q_tokens[i])}'<br>bucket {code_string(int(qc[i]), r)} (rank {qr[i]})<br>block {qblk[i]}" for i in qi]),
+        hovertemplate="query %{customdata[0]} '%{text}'<br>bucket rank %{customdata[1]}<br>block %{customdata[2]}<extra></extra>",
     )
     upd.traces["keys"] = dict(
-        x=coords[nq + ki, 0], y=coords[nq + ki, 1], customdata=ki,
+        x=coords[nq + ki, 0], y=coords[nq + ki, 1], customdata=np.stack([ki, kr[ki], kblk[ki]], 1), text=tok(k_tokens, ki),
         marker=dict(color=kr[ki], cmin=0, cmax=2**r - 1),
-        hovertext=_strs([f"key {j} '{_short(k_tokens[j])}'<br>bucket {code_string(int(kc[j]), r)} (rank {kr[j]})<br>block {kblk[j]}" for j in ki]),
+        hovertemplate="key %{customdata[0]} '%{text}'<br>bucket rank %{customdata[1]}<br>block %{customdata[2]}<extra></extra>",
     )
     if r <= MAX_HYPERPLANES:
         pad = 0.05
@@ -391,8 +406,8 @@ def buckets_update(trace, q_tokens, k_tokens, max_points: int = MAX_POINTS, pca=
     si = np.arange(nk)[:: max(1, math.ceil(nk / max_points))]
     upd.traces["key sequence"] = dict(
         x=si, y=kr[order[si]], marker=dict(color=kr[order[si]], cmin=0, cmax=2**r - 1),
-        hovertext=_strs([f"sorted pos {p}: key {order[p]} '{_short(k_tokens[order[p]])}'<br>bucket {code_string(int(kc[order[p]]), r)}"
-                   f" (rank {kr[order[p]]}), block {kblk[order[p]]}" for p in si]),
+        customdata=np.stack([order[si], kblk[order[si]]], 1), text=tok(k_tokens, order[si]),
+        hovertemplate="sorted pos %{x}: key %{customdata[0]} '%{text}'<br>bucket rank %{y}, block %{customdata[1]}<extra></extra>",
     )
     kb_sorted = kblk[order]
     edges = [p for p in range(1, nk) if kb_sorted[p] != kb_sorted[p - 1] and kb_sorted[p] >= 0]
@@ -480,11 +495,11 @@ def heavy_update(trace, exact_fn, q_tokens, k_tokens, *, order="sorted", log_col
     step = max(1, math.ceil(nq / 1024))
     p = pos[::step]
     upd.traces["exact heavy mass"] = dict(
-        x=p, y=np.round(mass[ri[p]], 4),
-        hovertext=_strs([f"query {ri[i]} '{_short(q_tokens[ri[i]])}': {mass[ri[i]]:.3f} of its softmax mass in its block" for i in p]))
+        x=p, y=np.round(mass[ri[p]], 4), customdata=ri[p], text=tok(q_tokens, ri[p]),
+        hovertemplate="query %{customdata} '%{text}': %{y:.3f} of its softmax mass in its block<extra></extra>")
     upd.traces["estimated heavy share"] = dict(
-        x=p, y=np.round(est[ri[p]], 4),
-        hovertext=_strs([f"query {ri[i]}: heavy share of D~ = {est[ri[i]]:.3f}" for i in p]))
+        x=p, y=np.round(est[ri[p]], 4), customdata=ri[p],
+        hovertemplate="query %{customdata}: heavy share of D~ = %{y:.3f}<extra></extra>")
     blk = float(_np(trace.key_block_len).max()) if trace.num_blocks > 1 else float(nk)
     upd.traces["random blocks"] = dict(x=[0, nq - 1], y=[min(1.0, blk / nk)] * 2)
     upd.layout["xaxis.showticklabels"] = gc.bins <= 64
@@ -534,7 +549,7 @@ def samples_update(trace, k_tokens) -> PanelUpdate:
     x = np.arange(nk)[::step]
     upd = PanelUpdate()
     upd.traces["probability"] = dict(
-        x=x, y=probs[x], hovertext=_strs([f"key {j} '{_short(k_tokens[j])}': p = {probs[j]:.2e}" for j in x]))
+        x=x, y=probs[x], text=tok(k_tokens, x), hovertemplate="key %{x} '%{text}': p = %{y:.2e}<extra></extra>")
     size = 5 + 10 * np.sqrt(counts[uniq] / max(1, counts.max()))
     upd.traces["sampled"] = dict(
         x=uniq, y=probs[uniq], marker=dict(size=size),
@@ -628,13 +643,13 @@ def error_update(trace, exact_fn, approx_fn, exact, approx_out, approx_log_d, q_
     step = max(1, math.ceil(nq / 2048))
     qi = np.arange(nq)[::step]
     upd.traces["per-query error"] = dict(
-        x=qi, y=np.round(per_q[qi], 5), customdata=qi,
-        hovertext=_strs([f"query {i} '{_short(q_tokens[i])}': {per_q[i]:.3f}" for i in qi]))
+        x=qi, y=np.round(per_q[qi], 5), customdata=qi, text=tok(q_tokens, qi),
+        hovertemplate="query %{x} '%{text}': %{y:.3f}<extra></extra>")
     if approx_log_d is not None:
         le, la = _np(exact.log_d).astype(np.float64), _np(approx_log_d).astype(np.float64)
         upd.traces["normaliser"] = dict(
-            x=np.round(le[qi], 4), y=np.round(la[qi], 4), customdata=qi, visible=True,
-            hovertext=_strs([f"query {i} '{_short(q_tokens[i])}': D~/D = {math.exp(la[i] - le[i]):.3f}" for i in qi]))
+            x=np.round(le[qi], 4), y=np.round(la[qi], 4), customdata=qi, visible=True, text=tok(q_tokens, qi),
+            hovertemplate="query %{customdata} '%{text}'<br>log D = %{x:.3f}, log D~ = %{y:.3f}<extra></extra>")
         lo_, hi_ = float(min(le.min(), la.min())), float(max(le.max(), la.max()))
         upd.traces["y = x"] = dict(x=[lo_, hi_], y=[lo_, hi_])
     else:
@@ -682,11 +697,12 @@ def inspector_update(trace, query: int, exact_fn, approx_fn, q_tokens, k_tokens,
     weights = _np(trace.column_weights()).astype(np.float64)
     sampled = np.flatnonzero((counts > 0) & (kb != qb)) if trace.num_blocks > 1 else np.array([], dtype=np.int64)
     upd = PanelUpdate()
-    upd.traces["exact row"] = dict(x=x, y=ex[x], hovertext=_strs([f"key {j} '{_short(k_tokens[j])}': exact {ex[j]:.4f}" for j in x]))
+    upd.traces["exact row"] = dict(x=x, y=ex[x], text=tok(k_tokens, x),
+                                   hovertemplate="key %{x} '%{text}': exact %{y:.4f}<extra></extra>")
     if ap is not None:
         upd.traces["approximate row"] = dict(
-            x=x, y=ap[x], visible=True, name="approximate row",
-            hovertext=_strs([f"key {j} '{_short(k_tokens[j])}': {method_label} {ap[j]:.4f}" for j in x]))
+            x=x, y=ap[x], visible=True, text=tok(k_tokens, x),
+            hovertemplate="key %{x} '%{text}': " + method_label + " %{y:.4f}<extra></extra>")
     else:
         upd.traces["approximate row"] = dict(x=[], y=[], visible=False)
     upd.traces["its block"] = dict(
