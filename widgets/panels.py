@@ -428,7 +428,7 @@ def buckets_update(trace, q_tokens, k_tokens, max_points: int = MAX_POINTS, pca=
 def make_heavy() -> go.Figure:
     fig = make_subplots(rows=1, cols=2, column_widths=[0.68, 0.32], horizontal_spacing=0.1,
                         subplot_titles=("exact attention D⁻¹A, heavy blocks outlined", "softmax mass in the heavy block"))
-    fig.add_trace(go.Heatmap(name="attention", colorscale="Viridis", colorbar=dict(x=0.6, len=0.9),
+    fig.add_trace(go.Heatmap(name="attention", colorscale="Viridis", colorbar=dict(x=0.61, xanchor="left", len=0.9, thickness=12),
                              hovertemplate="q %{y}<br>k %{x}<br>%{z}<extra></extra>"), 1, 1)
     fig.add_trace(go.Heatmap(name="heavy overlay", colorscale=[[0, "rgba(228,0,43,0)"], [1, "rgba(228,0,43,0.45)"]],
                              showscale=False, zmin=0, zmax=1, hoverinfo="skip", visible=False), 1, 1)
