@@ -503,6 +503,23 @@ def write_plots(plot_dir: Path, acc, speed, cfg, lines, datasets) -> list[Path]:
 
 
 # --------------------------------------------------------------------------- report
+READING_NOTES = """How to read the tables:
+
+- HyperAttention and KDEformer with `sampling="uniform"` are one estimator (sortLSH blocks plus uniform columns,
+  block keys left out of the samples; a shared-shift sum and a log-sum-exp merge are algebraically equal). Given
+  the same generator both draw the same hashes and samples, so their rows agree to rounding: a cross-check of
+  two independent implementations.
+- Nyströmformer's landmarks are means of contiguous token segments. The GloVe rows come in random word order,
+  so every segment mean is close to the global mean and its error hardly moves with the budget; on text
+  (MiniLM), where neighbouring tokens are related, it is the strongest peer. Its m x m pseudo-inverse costs
+  O(m^3) per head, which dominates its time at large budgets.
+- Performer's positive features have a variance that grows like exp(|q' + k'|^2); with Q = K (GloVe) the
+  diagonal term has k = q, so the Monte-Carlo error falls very slowly with the number of features and the
+  output stays close to the mean of V, which near-uniform attention rewards and sharp attention punishes.
+- The machine is shared (several agents on 2 cores): timings use one thread and are noisy; read the ratios to
+  SDPA, measured in the same run, rather than the absolute times."""
+
+
 def report(cfg: Config, acc, authors, speed, lines, datasets, plots, seconds_total: float) -> str:
     parts = [
         "Every method of `kdeformer.methods` through `approximate(method, q, k, v, budget=...)`; `budget` = key "
@@ -515,7 +532,8 @@ def report(cfg: Config, acc, authors, speed, lines, datasets, plots, seconds_tot
         "low by construction.",
     ]
     if datasets and acc:
-        parts += ["### Summary: who wins where (mean relative spectral error)", summary_table(acc, datasets, cfg, lines)]
+        parts += ["### Summary: who wins where (mean relative spectral error)", summary_table(acc, datasets, cfg, lines),
+                  READING_NOTES]
     for ds in datasets:
         budgets = budgets_for(cfg, ds)
         heads = math.prod(ds.q.shape[:-2])

@@ -380,3 +380,22 @@ def test_angular_buckets_are_the_argmax_over_plus_and_minus_projections():
     rotated = x @ rotation
     assert torch.equal(angular_buckets(x, rotation), torch.cat([rotated, -rotated], -1).argmax(-1))
     assert int(angular_buckets(-x, rotation)[0, 0]) == (int(angular_buckets(x, rotation)[0, 0]) + 5) % 10
+
+
+def test_blocks_cut_queries_and_keys_alike():
+    """Self-attention: query block t holds exactly the tokens of key block t, for any N and block count."""
+    from kdeformer.methods._lsh import make_blocks
+
+    for n, nb in ((8192, 745), (37, 5), (10, 10), (7, 12), (100, 3)):
+        order = torch.randperm(n, generator=gen(n)).unsqueeze(0)  # (1, N): same order for both sides
+        b = make_blocks(order, order, torch.tensor([n]), nb)
+        assert sorted(b.q_flat[0].tolist()) == sorted(set(b.q_flat[0].tolist()))  # one slot per query
+        # a query's block is the key block of the same token
+        key_block = torch.full((n,), -1)
+        for t in range(nb):
+            for s in range(int(b.k_start[0, t]), int(b.k_end[0, t])):
+                key_block[order[0, s]] = t if key_block[order[0, s]] < 0 else key_block[order[0, s]]
+        if n >= nb:
+            assert torch.equal(b.q_block[0], key_block)
+        # the slot recorded for each query token holds that token
+        assert torch.equal(b.q_index[0].flatten()[b.q_flat[0]], torch.arange(n))

@@ -65,10 +65,12 @@ def inverse_permutation(order: torch.Tensor) -> torch.Tensor:
 class Blocks:
     """Sorted queries and keys cut into nb balanced blocks; query block t meets key block t.
 
-    Query blocks cover sorted positions [ceil(t Nq / nb), ceil((t+1) Nq / nb)) (sizes differ by at most
-    one).  Key block t covers the sorted *unmasked* positions [start_t, end_t) with
+    Query block t covers the sorted positions [floor(t Nq / nb), floor((t+1) Nq / nb)) (sizes differ by at
+    most one).  Key block t covers the sorted *unmasked* positions [start_t, end_t) with
     start_t = floor(t n / nb), end_t = max(floor((t+1) n / nb), start_t + 1), n = unmasked keys of the
-    head: balanced, never empty (with fewer keys than blocks, neighbouring blocks share one key).
+    head: balanced, never empty (with fewer keys than blocks, neighbouring blocks share one key).  Both
+    sides are cut by the same rule, so in self-attention (Nq = n) query block t holds exactly the tokens
+    of key block t, and every query meets its own key.
     """
 
     num_blocks: int  # nb
@@ -92,12 +94,12 @@ def make_blocks(q_order: torch.Tensor, k_order: torch.Tensor, n_valid: torch.Ten
     t = torch.arange(nb, device=device)  # (nb,)
     # queries: balanced cut of the Nq sorted positions
     q_slots = -(-n_q // nb)
-    q_start = (t * n_q + nb - 1) // nb  # (nb,)
+    q_start = (t * n_q) // nb  # (nb,)
     slot = torch.arange(q_slots, device=device)  # (Bq,)
     q_sorted_pos = (q_start.unsqueeze(-1) + slot).clamp_max(n_q - 1)  # (nb, Bq)
     q_index = q_order[:, q_sorted_pos.flatten()].view(groups, nb, q_slots)  # (G, nb, Bq)
     u = torch.arange(n_q, device=device)  # sorted query positions
-    u_block = (u * nb) // n_q  # (Nq,)
+    u_block = ((u + 1) * nb + n_q - 1) // n_q - 1  # (Nq,) last block starting at or before u
     u_flat = u_block * q_slots + (u - q_start[u_block])  # (Nq,)
     q_flat = torch.empty_like(q_order).scatter_(1, q_order, u_flat.expand(groups, n_q))  # (G, Nq)
     q_block = torch.empty_like(q_order).scatter_(1, q_order, u_block.expand(groups, n_q))
