@@ -135,7 +135,8 @@ def load_text_source(text: str | None = None, like=None):
     meta = getattr(like, "meta", None) or {}
     if like is not None and meta.get("path") and "minilm" not in str(getattr(like, "name", "")).lower():
         return sources.from_pretrained(meta["path"], text, meta.get("max_tokens"))
-    return sources.minilm(text)
+    max_tokens = meta.get("max_tokens") or 512  # keep the source's own token limit
+    return sources.minilm(text, max_tokens=int(max_tokens))
 
 
 def text_capable(src) -> bool:
