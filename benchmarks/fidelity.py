@@ -202,7 +202,8 @@ def main(argv=None) -> int:
         "means the document's embedding has drifted about as far as another document's.\n\n"
         f"Exact-equivalent check (bucket_size >= N): max |embedding difference| = {exact_check:.2e} "
         f"({'OK' if ok else 'FAILED'}, tolerance 1e-5).\n\n"
-        "Command: `python -m benchmarks.fidelity" + (" --quick" if args.quick else "") + "`. MiniLM was "
+        "Command: `python -m benchmarks.fidelity" + "".join(" " + a for a in (argv if argv is not None else sys.argv[1:]))
+        + "`. MiniLM was "
         "trained on at most 256 tokens; these documents are longer (legal up to 512 positions)."
     )
     print(f"exact-equivalent max |diff| = {exact_check:.2e}")
