@@ -5,6 +5,8 @@ The core (this package) depends on torch and numpy only; the widgets live in ``k
 from .core import kde_attention
 from .exact import exact_attention
 from .methods import METHODS, approximate
+from . import sources
+from .sources import AttentionSource
 from .metrics import (
     normalizer_relative_error,
     relative_frobenius_error,
@@ -21,6 +23,8 @@ __all__ = [
     "exact_attention",
     "approximate",
     "METHODS",
+    "sources",
+    "AttentionSource",
     "KDETrace",
     "ExactTrace",
     "relative_spectral_error",

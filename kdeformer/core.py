@@ -430,7 +430,7 @@ def kde_attention(
 
     # 5. one shifted pass per chunk of query blocks, divided by the estimated normaliser and written
     #    straight back to token order
-    q_flat, k_flat, v_flat = q.view(-1, dim), k.view(-1, dim), v.view(-1, dim_v)
+    q_flat, k_flat, v_flat = q.reshape(-1, dim), k.reshape(-1, dim), v.reshape(-1, dim_v)  # copies if strided
     out = torch.empty(groups * n_q, dim_v, dtype=dtype, device=device)  # (G*Nq, Dv) token order
     if return_trace:
         parts = {

@@ -311,3 +311,15 @@ def test_bad_input_raises_clear_errors():
     bad("must be non-empty", q[:, :0], k, v)
     with pytest.raises(ValueError, match="key_mask must be a bool"):
         K.exact_attention(q, k, v, key_mask=torch.ones(2, 12))
+
+
+def test_non_contiguous_inputs_like_hugging_face_transposes():
+    """HF hands attention (B, N, H, D) tensors transposed to (B, H, N, D): strided, not contiguous."""
+    g = gen(8)
+    q, k, v = (torch.randn(1, 37, 4, 16, generator=g, dtype=torch.float64).transpose(1, 2) for _ in range(3))
+    assert not q.is_contiguous()
+    for sampling in ("value_norm", "column_norm"):
+        out = K.kde_attention(q, k, v, bucket_size=8, sampling=sampling, generator=gen(1))
+        ref = K.kde_attention(q.contiguous(), k.contiguous(), v.contiguous(), bucket_size=8, sampling=sampling, generator=gen(1))
+        assert torch.equal(out, ref)
+    torch.testing.assert_close(K.kde_attention(q, k, v, bucket_size=64), K.exact_attention(q, k, v))
