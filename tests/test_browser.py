@@ -261,6 +261,9 @@ def wait_rendered(pg: Page, scope: str) -> None:
         page.locator(f"{plot_selector(name)} .main-svg").first.wait_for()
     wait_settled(page)
     assert_models_alive(pg)
+    for name in PANELS:  # drawn data, not just axes: a point, a line or a heatmap image
+        marks = page.locator(f"{plot_selector(name)} :is(path.point, path.js-line, g.hm image)").count()
+        assert marks > 0, f"panel {name!r} shows empty axes: its figure reached the page without data"
     page.wait_for_function(
         "() => { const r = document.querySelector('.kde-explorer .kde-readout');"
         " return r && r.innerText.trim().length > 0; }")
@@ -353,7 +356,9 @@ def test_voila_app_renders_and_responds(voila_url, page):
     assert "AttentionExplorer(" not in p.locator("body").inner_text()
     p.screenshot(path=str(SHOTS / "voila-page.png"))
     if os.environ.get("KDE_UPDATE_SCREENSHOT") == "1":
-        p.locator(".kde-explorer").screenshot(path=str(REPO / "docs" / "explorer.png"))
+        box = p.locator(".kde-explorer").bounding_box()  # the part in view: controls, readout, two panels
+        clip = dict(x=box["x"], y=box["y"], width=box["width"], height=min(box["height"], 1300 - box["y"]))
+        p.screenshot(path=str(REPO / "docs" / "explorer.png"), clip=clip)
     exercise_explorer(page, "voila")
     assert_offline(page, allow_voila_css=True)
     print("blocked (allowed) requests:", page.blocked)
