@@ -507,8 +507,8 @@ READING_NOTES = """How to read the tables:
 
 - HyperAttention and KDEformer with `sampling="uniform"` are one estimator (sortLSH blocks plus uniform columns,
   block keys left out of the samples; a shared-shift sum and a log-sum-exp merge are algebraically equal). Given
-  the same generator both draw the same hashes and samples, so their rows agree to rounding: a cross-check of
-  two independent implementations.
+  the same generator both draw the same hashes and samples, so their rows agree closely (the two cut the
+  sorted tokens into blocks at slightly different places): a cross-check of two independent implementations.
 - Nyströmformer's landmarks are means of contiguous token segments. The GloVe rows come in random word order,
   so every segment mean is close to the global mean and its error hardly moves with the budget; on text
   (MiniLM), where neighbouring tokens are related, it is the strongest peer. Its m x m pseudo-inverse costs
