@@ -4,7 +4,7 @@ The core (this package) depends on torch and numpy only; the widgets live in ``k
 """
 from .core import kde_attention
 from .exact import exact_attention
-from .methods import METHODS, approximate
+from .methods import METHODS, approximate, split_budget
 from . import sources
 from .sources import AttentionSource
 from .metrics import (
@@ -23,6 +23,7 @@ __all__ = [
     "exact_attention",
     "approximate",
     "METHODS",
+    "split_budget",
     "sources",
     "AttentionSource",
     "KDETrace",

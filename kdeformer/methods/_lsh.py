@@ -12,32 +12,14 @@ from dataclasses import dataclass
 
 import torch
 
+from ..core import draw_projections, hash_codes, inverse_gray_code
 from ._common import gather_rows
 
 
-def gaussian_directions(groups: int, dim: int, num: int, *, dtype, device, generator) -> torch.Tensor:
-    """num Gaussian directions per head, shared by its queries and keys.  # (G, D, num)
-
-    Drawn in float32 whatever the working dtype, so one generator state gives the same hashes in
-    every dtype (as the core does)."""
-    return torch.randn(groups, dim, num, dtype=torch.float32, device=device, generator=generator).to(dtype)
-
-
-def sign_codes(x: torch.Tensor, directions: torch.Tensor) -> torch.Tensor:
-    """SimHash code of each row.  x (G, N, D), directions (G, D, r) -> (G, N) int64 in [0, 2^r)."""
-    bits = (x @ directions) > 0  # (G, N, r)
-    powers = 2 ** torch.arange(directions.shape[-1], device=x.device, dtype=torch.int64)
-    return (bits.to(torch.int64) * powers).sum(-1)
-
-
-def gray_rank(codes: torch.Tensor, num_bits: int) -> torch.Tensor:
-    """Position of each code in the reflected Gray sequence (inverse Gray map)."""
-    rank = codes.clone()
-    shift = 1
-    while shift < num_bits:
-        rank = rank ^ (rank >> shift)
-        shift *= 2
-    return rank
+# SimHash pieces are the core's own steps (one implementation for KDEformer and HyperAttention).
+gaussian_directions = draw_projections  # (G, D, r) drawn in float32, as the core does
+sign_codes = hash_codes  # x (G, N, D), directions (G, D, r) -> (G, N) int64 codes
+gray_rank = inverse_gray_code  # position of each code in the reflected Gray sequence
 
 
 def angular_buckets(x: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
