@@ -513,3 +513,16 @@ def test_default_explorer_opens_minilm():
     assert ex.last_error is None and ex.source.num_tokens < n_before
     assert ex.controls["query"].max == ex.source.num_tokens - 1
     assert "cat" in list(trace_of(ex.figures["buckets"], "queries").text)
+
+
+def test_display_refreshes_every_panel_snapshot_for_late_pages(ex):
+    """Voila and reloaded tabs read a FigureWidget's snapshot; displaying the explorer must refresh it."""
+    ex.controls["sample_size"].value = 31
+    samples = ex.figures["samples"]
+    assert "s=31" in samples.layout.title.text
+    assert "s=31" not in str(samples._widget_layout.get("title"))  # stale: the construction-time snapshot
+    bundle = ex._repr_mimebundle_()
+    assert bundle["application/vnd.jupyter.widget-view+json"]["model_id"] == ex.model_id
+    for name, fig in ex.figures.items():
+        assert fig._widget_layout["title"]["text"] == fig.layout.title.text, name
+        assert len(fig._widget_data) == len(fig.data), name

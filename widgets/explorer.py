@@ -591,6 +591,17 @@ class AttentionExplorer(widgets.VBox):
     def figure_dicts(self) -> dict:
         return {name: fig.to_dict() for name, fig in self.figures.items()}
 
+    def _repr_mimebundle_(self, **kwargs):
+        """Display: first refresh every panel's snapshot, then show the container.
+
+        A plotly FigureWidget hands a page that connects later (Voila, a reloaded tab) the data it held
+        when it was last displayed; inside a container it is never displayed itself, so the explorer
+        does it here and a late page shows the current panels rather than empty ones.
+        """
+        for figure in self.figures.values():
+            figure._repr_mimebundle_()
+        return super()._repr_mimebundle_(**kwargs)
+
     def save_html(self, path, *, grid: dict | None = None) -> str:
         """Write a standalone HTML page of the current figures (plotly.js embedded: no server, no CDN).
 
