@@ -417,8 +417,8 @@ class AttentionExplorer(widgets.VBox):
         tm, tsd = summary.mean_sd(summary.theory)
         n = len(summary.spectral)
         rows = [
-            ("relative spectral error ‖O~−O‖₂/‖O‖₂", f"{m:.4f} ± {sd:.4f}", f"mean ± sd over {n} seeds ({s.seed}…{s.seed + n - 1})"),
-            ("theory form ‖O~−O‖₂/(‖D⁻¹A‖₂‖V‖₂)", f"{tm:.4f} ± {tsd:.4f}" if summary.theory else "n/a", "the paper's normalisation"),
+            ("relative spectral error ‖Õ−O‖₂/‖O‖₂", f"{m:.4f} ± {sd:.4f}", f"mean ± sd over {n} seeds ({s.seed}…{s.seed + n - 1})"),
+            ("theory form ‖Õ−O‖₂/(‖D⁻¹A‖₂‖V‖₂)", f"{tm:.4f} ± {tsd:.4f}" if summary.theory else "n/a", "the paper's normalisation"),
             ("relative Frobenius error", f"{summary.frobenius:.4f}", f"seed {s.seed}"),
             ("normaliser error mean |D~/D − 1|", "n/a" if summary.normalizer is None else f"{summary.normalizer:.4f}", f"seed {s.seed}"),
         ]
