@@ -142,11 +142,33 @@ def speed_table(n=16384, heads=4, dim=64, bucket=64, samples=128, repeats=5):
     return body
 
 
+def replace_speed_table(table: str) -> None:
+    """Swap the speed table inside the existing "sampling" section, keeping the accuracy tables."""
+    import re
+
+    from benchmarks._report import RESULTS, machine_line
+
+    text = RESULTS.read_text()
+    section = re.search(r"<!-- BEGIN sampling -->.*?<!-- END sampling -->", text, re.S)
+    if section is None:
+        raise SystemExit("run the full benchmark first: RESULTS.md has no sampling section")
+    old = section.group(0)
+    head, _, _ = old.partition("**Speed**")
+    new = (head + f"**Speed** (float32, D = 64, 4 heads, 64/128, median of 5; re-measured {machine_line()}):\n\n"
+           + table + "\n<!-- END sampling -->")
+    RESULTS.write_text(text.replace(old, new))
+    print(table)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--no-write", action="store_true")
+    parser.add_argument("--speed-only", action="store_true", help="re-measure only the speed table (on a quiet machine)")
     args = parser.parse_args(argv)
+    if args.speed_only:
+        replace_speed_table(speed_table(n=16384))
+        return
     seeds = 1 if args.quick else 3
     settings = SETTINGS[1:2] if args.quick else SETTINGS
     minilm_md, n_tokens = minilm_table(seeds, settings)
