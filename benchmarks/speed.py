@@ -5,16 +5,14 @@
 
 Setting (issue 2): D = 64, 4 heads, float32, bucket_size = 64, sample_size = 128. Times are medians of
 several runs after a warm-up, reported as ratios to SDPA measured in the same run. Peak memory is the
-growth of the process's peak resident set (ru_maxrss) while one call runs, in a fresh subprocess
-per method and size, so earlier calls cannot hide it.
+rise of the process's peak resident set (VmHWM, reset through /proc/self/clear_refs just before
+the call) while one call runs.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import math
-import subprocess
-import sys
 import time
 
 import torch
@@ -55,16 +53,12 @@ def median_time(method: str, n: int, repeats: int) -> float:
 
 
 def peak_memory_mib(method: str, n: int) -> float:
-    """Peak RSS growth of one call, measured in a fresh interpreter."""
-    code = (
-        "import resource, sys, torch; sys.path.insert(0, '.');"
-        "from benchmarks.speed import inputs, run;"
-        f"q, k, v = inputs({n}); before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss;"
-        f"run('{method}', q, k, v);"
-        "print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024)"
-    )
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    return float(result.stdout.strip().splitlines()[-1])
+    """Peak resident-set rise of one call (VmHWM reset through /proc/self/clear_refs, as in peers)."""
+    from benchmarks.peers import peak_memory_mib as measure
+
+    q, k, v = inputs(n)
+    mib = measure(lambda: run(method, q, k, v), torch.device("cpu"))[1]
+    return float("nan") if mib is None else mib
 
 
 def flop_ratio(n: int) -> float:
@@ -109,7 +103,7 @@ def main(argv=None):
         "median of several runs after a warm-up, ratios measured in the same run. "
         "FLOP ratio = (bucket_size + sample_size) / N, the share of exact attention's multiply-adds "
         "that KDEformer performs: the time ratio could reach it only if both ran at the same FLOP rate. "
-        "Peak MiB = growth of the peak resident set during one call in a fresh process.\n\n"
+        "Peak MiB = rise of the peak resident set (VmHWM, reset just before) during one call.\n\n"
         + markdown_table(header, rows)
     )
     if not args.no_write:
