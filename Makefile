@@ -22,8 +22,9 @@ $(STAMP): pyproject.toml
 	$(PIP) install -q -e ".[all]"
 	touch $(STAMP)
 
+## lab: JupyterLab on the walkthrough (--allow-root only lifts Jupyter's refusal inside root containers)
 lab: setup
-	.venv/bin/jupyter lab notebooks/01_walkthrough.ipynb
+	.venv/bin/jupyter lab --allow-root notebooks/01_walkthrough.ipynb
 
 ## app: the explorer as a standalone Voila app on loopback (no code cells)
 app: setup
