@@ -15,13 +15,13 @@ Writes the "sampling" section of benchmarks/RESULTS.md.
 from __future__ import annotations
 
 import argparse
-import math
 import statistics
 import time
 
 import torch
 
 import kdeformer as K
+from kdeformer.sampling import value_row_norms
 from benchmarks._report import markdown_table, write_section
 
 SETTINGS = [(32, 64), (64, 128), (128, 256)]
@@ -38,7 +38,7 @@ def oracle_per_block(q, k, v, scale, bucket, samples, seed):
     nb = t.num_blocks
     residual = p_exact * ~heavy
     member = t.q_blocks.unsqueeze(-2) == torch.arange(nb).view(nb, 1)  # (H, nb, N)
-    col = (member.double() @ residual.square()).sqrt() * (v.square().sum(-1) + 1).sqrt().unsqueeze(-2)
+    col = (member.double() @ residual.square()).sqrt() * value_row_norms(v).unsqueeze(-2)
     probs = col / col.sum(-1, keepdim=True)  # (H, nb, N)
     draws = torch.multinomial(probs.flatten(0, 1).float(), samples, replacement=True, generator=g)
     draws = draws.view(*probs.shape[:-1], samples)

@@ -7,8 +7,8 @@ Shape legend (the caller's leading dims are flattened into one group dim G = B *
 
 One function per step of the algorithm, in the order `kde_attention` calls them:
     draw_projections -> hash_codes -> bucket_ranks -> sort_by_bucket -> plan_blocks
-    -> gather_heavy_blocks -> sampling_probabilities -> draw_samples
-    -> heavy_and_sampled_sums (per chunk of query blocks) -> divide by D~, back to token order
+    -> heavy_key_index -> sampling_probabilities (or kdeformer.sampling for "column_norm")
+    -> draw_samples -> attend_block_columns (per chunk of query blocks) -> divide by D~, in token order
 """
 from __future__ import annotations
 
@@ -172,10 +172,10 @@ def sampling_probabilities(value: torch.Tensor, valid: torch.Tensor | None, meth
     if method == "uniform":
         weight = torch.ones(groups, n_keys, dtype=value.dtype, device=value.device)
     else:
-        sq_norm = torch.linalg.vector_norm(value, dim=-1).square_().add_(1.0)  # (G, Nk): ||v~_j||^2
+        norm = colnorm.value_row_norms(value)  # (G, Nk): ||v~_j||
         if valid is not None:
-            sq_norm = sq_norm * valid
-        weight = sq_norm.sqrt() / sq_norm.sum(-1, keepdim=True) + 1.0 / n_valid
+            norm = norm * valid
+        weight = norm / norm.square().sum(-1, keepdim=True) + 1.0 / n_valid
     if valid is not None:
         weight = weight * valid
     return weight / weight.sum(-1, keepdim=True)
@@ -334,6 +334,8 @@ def kde_attention(
             if given not in (None, 0):
                 raise ValueError(f"{name} needs sampling='column_norm' (it uses the estimated column norms), got sampling={sampling!r}")
         heavy_columns = 0
+    num_draws = sample_size - heavy_columns  # the heavy columns are paid for out of sample_size
+    heavy_columns = min(heavy_columns, n_k)  # (cannot pick more columns than there are keys)
     scale = check_scale(scale, dim)
     mask = check_key_mask(key_mask, lead, n_k, query.device)
     generator = check_generator(generator, query.device)
@@ -366,9 +368,9 @@ def kde_attention(
     # 4. sampling: per-group probabilities, heavy columns, draws, and which blocks skip which draws
     sorted_block = key_block_of_sorted(plan, n_valid, n_k)  # (G, Nk) block of each sorted position
     k_blocks = torch.empty_like(sorted_block).scatter_(1, k_order, sorted_block)  # (G, Nk) token order
-    unmasked = torch.ones(groups, n_k, dtype=torch.bool, device=device) if valid is None else valid  # (G, Nk)
     extras = {}
     if sampling == "column_norm":
+        unmasked = torch.ones(groups, n_k, dtype=torch.bool, device=device) if valid is None else valid  # (G, Nk)
         rows_budget = estimate_rows or colnorm.default_estimate_rows(sample_size, n_q, n_k)
         num_groups, rows_per_group = colnorm.plan_sample_groups(nqb, rows_budget)
         block_group = colnorm.group_of_blocks(nqb, num_groups, device)  # (nqb,)
@@ -382,7 +384,8 @@ def kde_attention(
             allowed = allowed & (k_blocks.unsqueeze(1) != plan.pair.unsqueeze(-1))
         importance, group_norm = colnorm.column_norm_probabilities(row_sq, v, allowed, num_groups)
         if heavy_columns:
-            heavy_cols, heavy_cols_valid = colnorm.pick_heavy_columns(importance, allowed, min(heavy_columns, n_k))
+            heavy_cols, heavy_cols_valid = colnorm.pick_heavy_columns(importance, allowed, heavy_columns)
+            extras.update(heavy_columns=heavy_cols, heavy_columns_valid=heavy_cols_valid)
             allowed = allowed.scatter(-1, heavy_cols, False)
             importance = importance * allowed
         empty = ~allowed.any(-1, keepdim=True)  # a group with nothing left to draw falls back to all keys
@@ -391,8 +394,6 @@ def kde_attention(
     else:
         num_groups, block_group = 1, torch.zeros(nqb, dtype=torch.long, device=device)
         group_probs = sampling_probabilities(v, valid, sampling).unsqueeze(1)  # (G, 1, Nk)
-    num_draws = sample_size - heavy_columns  # the heavy columns are paid for out of sample_size
-    heavy_columns = min(heavy_columns, n_k)  # (cannot pick more columns than there are keys)
     samples, sample_weight = draw_samples(group_probs.flatten(0, 1), num_draws, generator)
     samples = samples.view(groups, num_groups, num_draws)  # (G, ng, s')
     sample_weight = sample_weight.view(groups, num_groups, num_draws)  # (G, ng, s')
@@ -443,10 +444,11 @@ def kde_attention(
         rows = flat_index(q_rows[g0:g1, b0:b1], g0, n_q)  # (m*Bq,)
         q_chunk = q_flat.index_select(0, rows).mul_(scale).view(m, bq, dim)  # scale before the matmul
         cols = flat_index(col_index[g0:g1, b0:b1], g0, n_k)  # (m*C,)
+        v_cols = v_flat.index_select(0, cols).view(m, n_cols, dim_v)  # (m, C, Dv)
         shift, terms, numerator, normaliser = attend_block_columns(
             q_chunk,
             k_flat.index_select(0, cols).view(m, n_cols, dim),
-            v_flat.index_select(0, cols).view(m, n_cols, dim_v),
+            v_cols,
             col_weight[g0:g1, b0:b1].reshape(m, n_cols),
             None if exact_valid is None else exact_valid[g0:g1, b0:b1].reshape(m, n_exact),
         )
@@ -456,8 +458,7 @@ def kde_attention(
             heavy_den = terms[..., :n_exact].sum(-1)
             parts["heavy_fraction"].index_copy_(0, rows, (heavy_den / normaliser).view(-1, 1))
             if n_cols > n_exact:
-                v_sampled = v_flat.index_select(0, cols).view(m, n_cols, dim_v)[:, n_exact:]
-                sampled = torch.bmm(terms[..., n_exact:], v_sampled) / normaliser.unsqueeze(-1)
+                sampled = torch.bmm(terms[..., n_exact:], v_cols[:, n_exact:]) / normaliser.unsqueeze(-1)
                 parts["sampled_output"].index_copy_(0, rows, sampled.view(-1, dim_v))
     out = out.view(*lead, n_q, dim_v)
     if not return_trace:
@@ -466,11 +467,7 @@ def kde_attention(
 
     q_key_block = plan.pair.repeat_interleave(bq, dim=1)[:, :n_q]  # (G, Nq) in sorted order
     q_group = block_group.repeat_interleave(bq)[:n_q].expand(groups, n_q)  # (G, Nq) in sorted order
-    if heavy_columns:
-        extras.update(heavy_columns=heavy_cols.view(*lead, num_groups, heavy_columns),
-                      heavy_columns_valid=heavy_cols_valid.view(*lead, num_groups, heavy_columns))
-    extras = {name: (t.view(*lead, *t.shape[1:]) if name not in ("heavy_columns", "heavy_columns_valid") else t)
-              for name, t in extras.items()}
+    extras = {name: t.view(*lead, *t.shape[1:]) for name, t in extras.items()}  # (G, ...) -> (..., ...)
     total_draws = num_groups * num_draws
     trace = KDETrace(
         query=query,

@@ -79,14 +79,20 @@ def estimate_column_norms(
     return rows.div_(den).square_(), (shift + den.log()).squeeze(-1)
 
 
+def value_row_norms(value: torch.Tensor) -> torch.Tensor:
+    """||v~_j|| = ||[v_j, 1]||, the norm of each value row with the ones column appended.  (..., Nk)"""
+    return torch.linalg.vector_norm(value, dim=-1).square_().add_(1.0).sqrt_()
+
+
 def column_norm_probabilities(
     row_sq: torch.Tensor, value: torch.Tensor, allowed: torch.Tensor, num_groups: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-group sampling weights from the estimated column norms.
+    """Per-group sampling importance from the estimated column norms.
 
     row_sq (G, ng*m, Nk) squared rows of D^-1 A, grouped; value (G, Nk, Dv); allowed (G, ng, Nk) bool.
-    Returns (importance (G, ng, Nk): estimated ||col_j|| * ||v~_j|| before the floor, used to pick
-    heavy columns; and the function to turn it into probabilities, see `mix_with_floor`).
+    Returns importance (G, ng, Nk): estimated ||col_j|| * ||v~_j||, 0 where not allowed (it picks the
+    heavy columns; `mix_with_floor` turns it into probabilities), and each group's estimated column
+    norms (G, ng, Nk).
     """
     groups, rows, n_keys = row_sq.shape
     group_sq = row_sq.view(groups, num_groups, rows // num_groups, n_keys).mean(2)  # (G, ng, Nk)
@@ -95,16 +101,15 @@ def column_norm_probabilities(
     global_norm = global_sq.sqrt()
     mixed = (1 - GLOBAL_MIX) * group_norm / group_norm.sum(-1, keepdim=True).clamp_min(1e-30)
     mixed = mixed + GLOBAL_MIX * global_norm / global_norm.sum(-1, keepdim=True).clamp_min(1e-30)
-    value_norm = torch.linalg.vector_norm(value, dim=-1).square_().add_(1.0).sqrt_()  # (G, Nk) ||v~_j||
-    importance = mixed * value_norm.unsqueeze(1) * allowed  # (G, ng, Nk)
+    importance = mixed * value_row_norms(value).unsqueeze(1) * allowed  # (G, ng, Nk)
     return importance, group_norm
 
 
 def mix_with_floor(importance: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
     """(1 - floor) * importance / sum + floor * uniform over the allowed columns.  # (G, ng, Nk)
 
-    A group whose allowed set is empty (every unmasked key already exact) gets uniform probabilities
-    over `allowed`'s complement-free fallback: the caller passes the unmasked keys then.
+    A group with no importance left gets the uniform distribution over `allowed` (the caller widens
+    `allowed` to every unmasked key when nothing else is left to draw).
     """
     allowed_f = allowed.to(importance.dtype)
     uniform = allowed_f / allowed_f.sum(-1, keepdim=True).clamp_min(1.0)

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import torch
 
 from .metrics import spectral_norm
+from .sampling import value_row_norms
 from .trace import KDETrace
 
 
@@ -48,7 +49,7 @@ def oracle_group_probabilities(attention: torch.Tensor, value: torch.Tensor, tra
     ng, n_k = trace.num_groups, attention.shape[-1]
     member = trace.q_groups.unsqueeze(-2) == torch.arange(ng, device=attention.device).view(ng, 1)  # (..., ng, Nq)
     col_sq = member.to(torch.float64) @ residual.square()  # (..., ng, Nk)
-    v_norm = (value.to(torch.float64).square().sum(-1) + 1.0).sqrt().unsqueeze(-2)  # (..., 1, Nk)
+    v_norm = value_row_norms(value.to(torch.float64)).unsqueeze(-2)  # (..., 1, Nk)
     weight = col_sq.sqrt() * v_norm
     total = weight.sum(-1, keepdim=True)
     uniform = torch.full_like(weight, 1.0 / n_k)
