@@ -14,7 +14,7 @@ from typing import Callable
 import torch
 
 from .._checks import check_generator, check_key_mask, check_positive_int, check_qkv, check_scale
-from ..core import working_dtype
+from ..core import gather_rows, working_dtype  # gather_rows: one implementation for the core and the peers
 
 
 @dataclass
@@ -87,11 +87,19 @@ def part(name: str, value: int, minimum: int = 1) -> int:
     return check_positive_int(name, value, minimum=minimum)
 
 
-def gather_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """x (G, N, C), index (G, ...) into dim N -> (G, ..., C)."""
-    groups, n, c = x.shape
-    offset = (torch.arange(groups, device=index.device) * n).view(-1, *([1] * (index.dim() - 1)))
-    return x.reshape(groups * n, c).index_select(0, (index + offset).reshape(-1)).view(*index.shape, c)
+def split_block_and_samples(budget: int, block: int | None, samples: int | None, fraction: float,
+                            block_name: str, fraction_name: str) -> tuple[int, int]:
+    """A budget of key columns per query cut into an exact block and samples (KDEformer, HyperAttention).
+
+    The block takes `fraction` of the budget unless given; the samples take the rest unless given.
+    """
+    if not 0.0 < float(fraction) < 1.0:
+        raise ValueError(f"{fraction_name} must be in (0, 1), got {fraction!r}")
+    if block is None:
+        block = max(1, round(budget * fraction))
+    if samples is None:
+        samples = max(1, budget - block)
+    return part(block_name, block), part("sample_size", samples)
 
 
 def masked_softmax_parts(logits: torch.Tensor, allowed: torch.Tensor | None, values: torch.Tensor,

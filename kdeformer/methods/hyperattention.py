@@ -18,7 +18,9 @@ import math
 
 import torch
 
-from ._common import MethodTrace, dense_logits, gather_rows, masked_softmax_parts, merge_parts, part, prepare
+from ._common import (
+    MethodTrace, dense_logits, gather_rows, masked_softmax_parts, merge_parts, part, prepare, split_block_and_samples,
+)
 from ._lsh import gaussian_directions, gray_rank, in_block, make_blocks, sign_codes, sort_tokens, unblock_queries
 from .uniform import draw_uniform_columns
 
@@ -28,14 +30,9 @@ MAX_PROJS = 16
 
 def split_budget(budget: int, block_size: int | None = None, sample_size: int | None = None,
                  num_projs: int = 7, block_fraction: float = 1 / 3) -> dict:
-    if not 0.0 < float(block_fraction) < 1.0:
-        raise ValueError(f"block_fraction must be in (0, 1), got {block_fraction!r}")
-    if block_size is None:
-        block_size = max(1, round(budget * block_fraction))
-    if sample_size is None:
-        sample_size = max(1, budget - block_size)
-    return {"block_size": part("block_size", block_size), "sample_size": part("sample_size", sample_size),
-            "num_projs": part("num_projs", num_projs)}
+    block_size, sample_size = split_block_and_samples(
+        budget, block_size, sample_size, block_fraction, "block_size", "block_fraction")
+    return {"block_size": block_size, "sample_size": sample_size, "num_projs": part("num_projs", num_projs)}
 
 
 def sort_lsh(p, num_projs: int):

@@ -10,7 +10,7 @@ from __future__ import annotations
 import inspect
 
 from .. import core
-from ._common import part
+from ._common import split_block_and_samples
 
 BUDGET_PARAMS = ("bucket_size", "sample_size")
 RESERVED = ("query", "key", "value", "scale", "key_mask", "generator", "return_trace")
@@ -30,14 +30,9 @@ def sampling_modes() -> tuple[str, ...]:
 
 def split_budget(budget: int, bucket_size: int | None = None, sample_size: int | None = None,
                  bucket_fraction: float = 1 / 3, **passthrough) -> dict:
-    if not 0.0 < float(bucket_fraction) < 1.0:
-        raise ValueError(f"bucket_fraction must be in (0, 1), got {bucket_fraction!r}")
-    if bucket_size is None:
-        bucket_size = max(1, round(budget * bucket_fraction))
-    if sample_size is None:
-        sample_size = max(1, budget - bucket_size)
-    return {"bucket_size": part("bucket_size", bucket_size), "sample_size": part("sample_size", sample_size),
-            **passthrough}
+    bucket_size, sample_size = split_block_and_samples(
+        budget, bucket_size, sample_size, bucket_fraction, "bucket_size", "bucket_fraction")
+    return {"bucket_size": bucket_size, "sample_size": sample_size, **passthrough}
 
 
 def kdeformer_method(query, key, value, *, scale=None, key_mask=None, generator=None, return_trace=False, **options):
