@@ -23,7 +23,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import psutil  # noqa: E402
-import torch  # noqa: E402
 
 from benchmarks._report import markdown_table, write_section  # noqa: E402
 

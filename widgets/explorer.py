@@ -12,7 +12,7 @@ import contextlib
 import html
 import threading
 import time
-from dataclasses import asdict, fields, replace
+from dataclasses import fields
 
 import ipywidgets as widgets
 import numpy as np
