@@ -9,11 +9,12 @@ from __future__ import annotations
 import math
 import time
 from collections import OrderedDict
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 
 import torch
 
 import kdeformer
+from kdeformer.sources import AttentionSource
 from kdeformer._checks import check_choice, check_positive_int
 from kdeformer.core import BUCKET_ORDERS, MAX_PROJS, SAMPLINGS
 
@@ -44,34 +45,23 @@ def sampling_choices() -> tuple[str, ...]:
 
 
 # --------------------------------------------------------------------------- sources
-@dataclass
-class ToySource:
-    """A small AttentionSource-like object made from tensors (same fields as kdeformer.sources')."""
+@dataclass(repr=False)
+class ToySource(AttentionSource):
+    """An AttentionSource whose keys may outnumber or undercount its queries (cross-attention).
 
-    name: str
-    text: str
-    tokens: list
-    q: torch.Tensor  # (L, H, N, D)
-    k: torch.Tensor  # (L, H, Nk, D)
-    v: torch.Tensor  # (L, H, Nk, Dv)
-    scale: float
-    key_mask: torch.Tensor | None = None  # (Nk,) bool, True = attend
-    meta: dict = field(default_factory=dict)
+    q (L, H, Nq, D), k (L, H, Nk, D), v (L, H, Nk, Dv); tokens label the Nq queries; key_mask (Nk,).
+    """
 
-    @property
-    def num_layers(self) -> int:
-        return self.q.shape[0]
-
-    @property
-    def num_heads(self) -> int:
-        return self.q.shape[1]
-
-    @property
-    def num_tokens(self) -> int:
-        return self.q.shape[2]
-
-    def head(self, layer: int, head: int):
-        return self.q[layer, head], self.k[layer, head], self.v[layer, head]
+    def __post_init__(self):
+        q, k, v = self.q, self.k, self.v
+        if q.dim() != 4 or k.dim() != 4 or v.dim() != 4 or q.shape[:2] != k.shape[:2] or q.shape[3] != k.shape[3] \
+                or v.shape[:3] != k.shape[:3]:
+            shapes = [tuple(t.shape) for t in (q, k, v)]
+            raise ValueError(f"q, k, v must be (L, H, Nq, D), (L, H, Nk, D), (L, H, Nk, Dv); got {shapes}")
+        if len(self.tokens) != q.shape[2]:
+            raise ValueError(f"tokens must have Nq={q.shape[2]} labels, got {len(self.tokens)}")
+        if self.key_mask is not None and tuple(self.key_mask.shape) != (k.shape[2],):
+            raise ValueError(f"key_mask must be (Nk,) = ({k.shape[2]},), got {tuple(self.key_mask.shape)}")
 
 
 def toy_source(n: int = 96, d: int = 16, layers: int = 2, heads: int = 2, clusters: int = 6, seed: int = 0) -> ToySource:
@@ -128,7 +118,7 @@ def load_text_source(text: str | None = None, like=None):
     like: a source made by `sources.from_pretrained` (its meta holds the model path): re-run that model;
     otherwise MiniLM.
     """
-    from kdeformer import sources  # imported lazily: needs transformers
+    from kdeformer import sources  # (transformers itself is imported only when a model is loaded)
 
     if text is not None and not text.strip():
         raise ValueError("text must contain at least one word, got an empty text")
