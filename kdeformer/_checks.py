@@ -13,14 +13,38 @@ import torch
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
-def check_positive_int(name: str, value, *, minimum: int = 1, maximum: int | None = None) -> int:
-    """An integer in [minimum, maximum]; bools and floats are refused."""
+def check_int(name: str, value, *, minimum: int | None = None, maximum: int | None = None) -> int:
+    """An integer in [minimum, maximum] (either bound optional); bools, floats and strings are refused."""
+    if minimum is not None and maximum is not None:
+        allowed = f"an integer in [{minimum}, {maximum}]"
+    elif minimum is not None:
+        allowed = f"an integer >= {minimum}"
+    elif maximum is not None:
+        allowed = f"an integer <= {maximum}"
+    else:
+        allowed = "an integer"
     if isinstance(value, bool) or not isinstance(value, Integral):
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r} ({type(value).__name__})")
+        raise ValueError(f"{name} must be {allowed}, got {value!r} ({type(value).__name__})")
     value = int(value)
-    if value < minimum or (maximum is not None and value > maximum):
-        allowed = f"in [{minimum}, {maximum}]" if maximum is not None else f">= {minimum}"
-        raise ValueError(f"{name} must be an integer {allowed}, got {value}")
+    if (minimum is not None and value < minimum) or (maximum is not None and value > maximum):
+        raise ValueError(f"{name} must be {allowed}, got {value}")
+    return value
+
+
+def check_positive_int(name: str, value, *, maximum: int | None = None) -> int:
+    """An integer >= 1 (and <= maximum when given)."""
+    return check_int(name, value, minimum=1, maximum=maximum)
+
+
+def check_index(name: str, value, size: int) -> int:
+    """An index in [0, size - 1] (a layer, a head, a row)."""
+    return check_int(name, value, minimum=0, maximum=size - 1)
+
+
+def check_flag(name: str, value) -> bool:
+    """A real bool (True/False); strings such as "yes" and numbers are refused."""
+    if not isinstance(value, bool):
+        raise ValueError(f"{name} must be True or False, got {value!r} ({type(value).__name__})")
     return value
 
 

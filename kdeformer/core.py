@@ -20,6 +20,7 @@ import torch
 from ._checks import (
     check_choice,
     check_generator,
+    check_int,
     check_key_mask,
     check_positive_int,
     check_qkv,
@@ -326,7 +327,7 @@ def kde_attention(
     check_choice("bucket_order", bucket_order, BUCKET_ORDERS)
     if sampling == "column_norm":
         heavy_columns = sample_size // 4 if heavy_columns is None else heavy_columns
-        heavy_columns = check_positive_int("heavy_columns", heavy_columns, minimum=0, maximum=sample_size - 1)
+        heavy_columns = check_int("heavy_columns", heavy_columns, minimum=0, maximum=sample_size - 1)
         if estimate_rows is not None:
             estimate_rows = check_positive_int("estimate_rows", estimate_rows)
     else:

@@ -40,7 +40,7 @@ import weakref
 
 import torch
 
-from ._checks import check_choice, check_positive_int
+from ._checks import check_choice, check_index, check_int, check_positive_int
 from .core import kde_attention
 from .exact import exact_attention
 
@@ -87,9 +87,9 @@ def _validate(params: dict) -> dict:
         layers = out["layers"]
         if isinstance(layers, (int, str)) or not hasattr(layers, "__iter__"):
             raise ValueError(f"layers must be None (all layers) or a collection of layer indices >= 0, got {layers!r}")
-        out["layers"] = tuple(sorted({check_positive_int("layers", i, minimum=0) for i in layers}))
+        out["layers"] = tuple(sorted({check_int("layers", i, minimum=0) for i in layers}))
     if "seed" in out and out["seed"] is not None:
-        out["seed"] = check_positive_int("seed", out["seed"], minimum=0)
+        out["seed"] = check_int("seed", out["seed"], minimum=0)
     from . import core
 
     if "sampling" in out:

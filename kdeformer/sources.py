@@ -37,7 +37,7 @@ from numbers import Integral, Real
 import numpy as np
 import torch
 
-from ._checks import check_choice, check_positive_int
+from ._checks import check_choice, check_index, check_int, check_positive_int
 
 __all__ = [
     "AttentionSource",
@@ -105,8 +105,8 @@ class AttentionSource:
 
     def head(self, layer: int, head: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(q, k, v) of one head, each (N, D)."""
-        layer = check_positive_int("layer", layer, minimum=0, maximum=self.num_layers - 1)
-        head = check_positive_int("head", head, minimum=0, maximum=self.num_heads - 1)
+        layer = check_index("layer", layer, self.num_layers)
+        head = check_index("head", head, self.num_heads)
         return self.q[layer, head], self.k[layer, head], self.v[layer, head]
 
     def __repr__(self) -> str:
@@ -472,7 +472,7 @@ def from_pretrained(path, text=None, max_tokens: int | None = None, *, inputs: d
         if max_tokens is None:
             max_tokens_ = limit
         else:
-            max_tokens_ = check_positive_int("max_tokens", max_tokens, minimum=2, maximum=limit)
+            max_tokens_ = check_int("max_tokens", max_tokens, minimum=2, maximum=limit)
         enc, full = _tokenize(tokenizer, text, max_tokens_)
         truncated = full > max_tokens_
         if truncated and text != default_text():
@@ -552,8 +552,8 @@ def glove(n: int = 8192, scaling="sharp", seed: int = 0) -> AttentionSource:
     Returns q = k, v of shape (1, 1, n, 50) float32; ``tokens`` are the words when pyarrow is
     installed, else ``"#row"`` labels. n in [2, 200000].
     """
-    n = check_positive_int("n", n, minimum=2, maximum=GLOVE_MAX_N)
-    seed = check_positive_int("seed", seed, minimum=0)
+    n = check_int("n", n, minimum=2, maximum=GLOVE_MAX_N)
+    seed = check_int("seed", seed, minimum=0)
     if isinstance(scaling, str):
         check_choice("scaling", scaling, GLOVE_SCALINGS)
         scale = GLOVE_SCALINGS[scaling]
@@ -601,16 +601,16 @@ def synthetic(n: int = 256, d: int = 32, kind: str = "clustered", seed: int = 0,
     "uniform":   tiny logits (std about 0.1): near-uniform attention, where sampling shines.
     V is standard Gaussian in every case.
     """
-    n = check_positive_int("n", n, minimum=2, maximum=1 << 20)
-    d = check_positive_int("d", d, minimum=2, maximum=4096)
+    n = check_int("n", n, minimum=2, maximum=1 << 20)
+    d = check_int("d", d, minimum=2, maximum=4096)
     check_choice("kind", kind, SYNTHETIC_KINDS)
-    seed = check_positive_int("seed", seed, minimum=0)
+    seed = check_int("seed", seed, minimum=0)
     gen = torch.Generator().manual_seed(seed)
     root_d = math.sqrt(d)
     meta: dict = {"kind": kind, "seed": seed}
     tokens = [f"t{i}" for i in range(n)]
     if kind == "clustered":
-        c = check_positive_int("num_clusters", num_clusters, minimum=1, maximum=n)
+        c = check_int("num_clusters", num_clusters, minimum=1, maximum=n)
         centres = torch.randn(c, d, generator=gen)
         centres = centres / centres.norm(dim=-1, keepdim=True) * math.sqrt(8.0 * root_d)  # (c, d): |c|^2 * scale = 8
         q_lab = torch.randint(c, (n,), generator=gen)
@@ -620,7 +620,7 @@ def synthetic(n: int = 256, d: int = 32, kind: str = "clustered", seed: int = 0,
         tokens = [f"c{int(lab)}" for lab in k_lab]
         meta.update(num_clusters=c, query_clusters=q_lab, key_clusters=k_lab)
     elif kind == "sinks":
-        m = check_positive_int("num_sinks", num_sinks, minimum=1, maximum=n)
+        m = check_int("num_sinks", num_sinks, minimum=1, maximum=n)
         q = torch.randn(n, d, generator=gen)  # (n, d)
         k = torch.randn(n, d, generator=gen)  # (n, d)
         u = torch.randn(d, generator=gen)

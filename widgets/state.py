@@ -15,7 +15,7 @@ import torch
 
 import kdeformer
 from kdeformer.sources import AttentionSource
-from kdeformer._checks import check_choice, check_positive_int
+from kdeformer._checks import check_choice, check_index, check_int, check_positive_int
 from kdeformer.core import BUCKET_ORDERS, MAX_PROJS, SAMPLINGS
 
 # Up to this many keys the exact softmax matrix of a head is kept in memory (2048^2 float32 = 16 MiB).
@@ -184,15 +184,15 @@ class Settings:
 
 def check_settings(s: Settings, src, methods) -> Settings:
     """ValueError naming the first bad field and its allowed range."""
-    check_positive_int("layer", s.layer, minimum=0, maximum=src.q.shape[0] - 1)
-    check_positive_int("head", s.head, minimum=0, maximum=src.q.shape[1] - 1)
+    check_index("layer", s.layer, src.q.shape[0])
+    check_index("head", s.head, src.q.shape[1])
     check_choice("method", s.method, tuple(methods))
     check_positive_int("bucket_size", s.bucket_size)
     check_positive_int("sample_size", s.sample_size)
     check_positive_int("num_projs", s.num_projs, maximum=MAX_PROJS)
     check_choice("sampling", s.sampling, sampling_choices())
     check_choice("bucket_order", s.bucket_order, BUCKET_ORDERS)
-    check_positive_int("seed", s.seed, minimum=0, maximum=2**63 - 1)
+    check_int("seed", s.seed, minimum=0, maximum=2**63 - 1)
     return s
 
 

@@ -13,7 +13,7 @@ from typing import Callable
 
 import torch
 
-from .._checks import check_generator, check_key_mask, check_positive_int, check_qkv, check_scale
+from .._checks import check_generator, check_int, check_key_mask, check_positive_int, check_qkv, check_scale
 from ..core import gather_rows, working_dtype  # gather_rows: one implementation for the core and the peers
 
 
@@ -84,7 +84,7 @@ def prepare(query, key, value, *, scale, key_mask, generator) -> Prepared:
 
 
 def part(name: str, value: int, minimum: int = 1) -> int:
-    return check_positive_int(name, value, minimum=minimum)
+    return check_int(name, value, minimum=minimum)
 
 
 def split_block_and_samples(budget: int, block: int | None, samples: int | None, fraction: float,
