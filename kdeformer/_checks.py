@@ -145,3 +145,26 @@ def check_generator(generator, device) -> torch.Generator | None:
     if torch.device(generator.device).type != torch.device(device).type:
         raise ValueError(f"generator must live on the inputs' device ({device}), got {generator.device}")
     return generator
+
+
+def check_query_mask(query_mask, lead: tuple[int, ...], n_queries: int, device) -> torch.Tensor | None:
+    """Bool (..., Nq) broadcastable against the leading dims; True = a real query (False: padding).
+
+    Returns the mask expanded to (*lead, Nq), or None. A row may mask every query (an empty sequence).
+    """
+    if query_mask is None:
+        return None
+    if not isinstance(query_mask, torch.Tensor) or query_mask.dtype != torch.bool:
+        got = query_mask.dtype if isinstance(query_mask, torch.Tensor) else type(query_mask).__name__
+        raise ValueError(f"query_mask must be a bool tensor (True = real query), got {got}")
+    if query_mask.device != device:
+        raise ValueError(f"query_mask must be on {device}, got {query_mask.device}")
+    want = (*lead, n_queries)
+    if query_mask.dim() < 1 or query_mask.shape[-1] != n_queries or query_mask.dim() > len(want):
+        raise ValueError(f"query_mask must have shape (..., Nq) broadcastable to {want}, got {tuple(query_mask.shape)}")
+    try:
+        return query_mask.expand(want)
+    except RuntimeError:
+        raise ValueError(
+            f"query_mask must have shape (..., Nq) broadcastable to {want}, got {tuple(query_mask.shape)}"
+        ) from None

@@ -27,16 +27,12 @@ from ._checks import (
     check_scale,
 )
 from . import sampling as colnorm
+from ._inputs import working_dtype  # re-exported: the methods import it from here
 from .trace import KDETrace
 
 MAX_PROJS = 16
 BUCKET_ORDERS = ("gray", "authors", "binary")
 SAMPLINGS = ("value_norm", "uniform", "column_norm")
-
-
-def working_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Half types are computed in float32 (exp and sums need the range); float32/64 stay as they are."""
-    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
 # --------------------------------------------------------------------------- step 1: hashing

@@ -13,74 +13,9 @@ from typing import Callable
 
 import torch
 
-from .._checks import check_generator, check_int, check_key_mask, check_positive_int, check_qkv, check_scale
-from ..core import gather_rows, working_dtype  # gather_rows: one implementation for the core and the peers
-
-
-@dataclass
-class Prepared:
-    """Validated inputs of one call, flattened to (G, N, .) in the working dtype."""
-
-    lead: tuple
-    n_q: int
-    n_k: int
-    dim: int
-    dim_v: int
-    scale: float
-    mask: torch.Tensor | None  # (*lead, Nk) bool, True = attend (as the caller gave it, expanded)
-    generator: torch.Generator | None
-    q: torch.Tensor  # (G, Nq, D) unscaled
-    k: torch.Tensor  # (G, Nk, D)
-    v: torch.Tensor  # (G, Nk, Dv)
-    valid: torch.Tensor | None  # (G, Nk) bool
-    n_valid: torch.Tensor  # (G,) int64 unmasked keys per head
-    out_dtype: torch.dtype
-
-    @property
-    def groups(self) -> int:
-        return self.q.shape[0]
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.q.dtype
-
-    @property
-    def device(self) -> torch.device:
-        return self.q.device
-
-    def finish(self, out: torch.Tensor) -> torch.Tensor:
-        """(G, Nq, Dv) working dtype -> (*lead, Nq, Dv) in the caller's dtype."""
-        return out.reshape(*self.lead, self.n_q, self.dim_v).to(self.out_dtype)
-
-    def per_query(self, x: torch.Tensor) -> torch.Tensor:
-        """(G, Nq, ...) -> (*lead, Nq, ...)."""
-        return x.reshape(*self.lead, self.n_q, *x.shape[2:])
-
-    def per_key(self, x: torch.Tensor) -> torch.Tensor:
-        return x.reshape(*self.lead, self.n_k, *x.shape[2:])
-
-    def per_group(self, x: torch.Tensor) -> torch.Tensor:
-        """(G, ...) -> (*lead, ...)."""
-        return x.reshape(*self.lead, *x.shape[1:])
-
-
-def prepare(query, key, value, *, scale, key_mask, generator) -> Prepared:
-    """Check and flatten the inputs the same way as kde_attention (same errors, same dtype rules)."""
-    lead, n_q, n_k, dim, dim_v = check_qkv(query, key, value)
-    scale = check_scale(scale, dim)
-    mask = check_key_mask(key_mask, lead, n_k, query.device)
-    generator = check_generator(generator, query.device)
-    dtype = working_dtype(query.dtype)
-    groups = math.prod(lead)
-    q = query.reshape(groups, n_q, dim).to(dtype)  # (G, Nq, D)
-    k = key.reshape(groups, n_k, dim).to(dtype)  # (G, Nk, D)
-    v = value.reshape(groups, n_k, dim_v).to(dtype)  # (G, Nk, Dv)
-    valid = None if mask is None else mask.reshape(groups, n_k)  # (G, Nk)
-    if valid is None:
-        n_valid = torch.full((groups,), n_k, dtype=torch.int64, device=query.device)
-    else:
-        n_valid = valid.sum(-1)
-    return Prepared(lead, n_q, n_k, dim, dim_v, scale, mask, generator, q, k, v, valid, n_valid, query.dtype)
+from .._checks import check_int
+from .._inputs import Prepared, prepare  # one input step for the core, exact attention and the peers
+from ..core import gather_rows  # gather_rows: one implementation for the core and the peers
 
 
 def part(name: str, value: int, minimum: int = 1) -> int:
