@@ -1,0 +1,201 @@
+"""The block-level sampling schemes measured, as one configurable prototype (`run_plan`).
+
+Every scheme: LSH-sort the queries (the core's hashing, Gray order), cut them into blocks of Bq, give
+each block an optional exact key block of Bk (the core's pairing: key block t of the sorted keys), pick
+C more columns per block from an importance estimate, and evaluate densely (benchmarks.estimators.dense).
+C is what the budget leaves: b (D + Dv + 1) per query, minus the estimation, the window and the key
+block, all counted (see `estimation_cost`).
+
+Options (`Scheme` fields):
+    estimator  "centroid" (block mean query, one GEMM), "centroid_diag" (plus the diagonal query spread:
+               log w += sum_d var_d k_d^2, a Jensen correction), "rows:R" (R exact attention rows per
+               block, stratified), "oracle" (exact per-block column norms: a lower reference, not a method)
+    value      "centered" ||v_j - o_b||, "norm" ||[v_j, 1]||, "none"
+    sampler    "systematic" (capped PPS, one uniform per block), "stratified" (capped PPS, one uniform
+               per slot), "multinomial" (with replacement, weights 1/(C p), no cap), "poisson"
+               (independent Bernoulli(pi): C columns on average, a variable count; for reference)
+    floor      uniform share of each block's probabilities;  window  exact +-w band (self-attention)
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+
+import torch
+
+from kdeformer.core import bucket_ranks, draw_projections, gather_rows, hash_codes, sort_by_bucket
+
+from . import best
+from .dense import block_factor, dense_output, query_factor, with_window
+
+
+@dataclass(frozen=True)
+class Scheme:
+    name: str
+    q_block: int = 32
+    key_block: int = 0
+    estimator: str = "centroid"
+    value: str = "centered"
+    sampler: str = "systematic"
+    floor: float = best.FLOOR
+    window: int = 0
+    temperature: float = 1.0
+    num_projs: int = 7
+
+    def but(self, **changes) -> "Scheme":
+        return replace(self, **changes)
+
+
+# --------------------------------------------------------------------------- structure
+def sort_queries_and_keys(q, k, num_projs: int, generator):
+    """The core's SimHash and Gray-order sort.  -> q_order (G, Nq), k_order (G, Nk)."""
+    groups, _, dim = q.shape
+    proj = draw_projections(groups, dim, num_projs, dtype=q.dtype, device=q.device, generator=generator)
+    ranks = bucket_ranks(num_projs, "gray", q.device)
+    return sort_by_bucket(hash_codes(q, proj), ranks, None), sort_by_bucket(hash_codes(k, proj), ranks, None)
+
+
+def block_rows(q_order: torch.Tensor, q_block: int) -> torch.Tensor:
+    """Balanced blocks of sorted queries, the last padded with its last query.  -> (G, nqb, Bq)."""
+    n_q = q_order.shape[1]
+    nqb = -(-n_q // q_block)
+    bq = -(-n_q // nqb)
+    pos = torch.arange(nqb * bq, device=q_order.device).clamp_max(n_q - 1)
+    return q_order[:, pos].view(q_order.shape[0], nqb, bq)
+
+
+def key_blocks(k_order: torch.Tensor, nqb: int, key_block: int) -> torch.Tensor:
+    """Key block t: sorted keys [t Nk / nqb, + Bk).  -> (G, nqb, Bk) key index."""
+    n_k = k_order.shape[1]
+    start = torch.arange(nqb, device=k_order.device) * n_k // nqb  # (nqb,)
+    pos = (start.unsqueeze(-1) + torch.arange(key_block, device=k_order.device)).clamp_max(n_k - 1)
+    return k_order[:, pos.flatten()].view(k_order.shape[0], nqb, key_block)
+
+
+# --------------------------------------------------------------------------- estimators
+def estimation_cost(scheme: Scheme, nqb: int, n_k: int, dim: int, dim_v: int) -> int:
+    """Multiply-adds of the importance estimate per head (the oracle is charged like one row)."""
+    centered = 2 * n_k * dim_v if scheme.value == "centered" else 0
+    if scheme.estimator == "centroid":
+        return nqb * (n_k * dim + centered)
+    if scheme.estimator == "centroid_diag":
+        return nqb * (2 * n_k * dim + centered) + n_k * dim  # k^2 once per head, var . k^2 per block
+    if scheme.estimator.startswith("rows:"):
+        rows = int(scheme.estimator.split(":")[1])
+        return nqb * (rows * n_k * (dim + dim_v + 1) + (n_k * dim_v if centered else 0))
+    return nqb * (n_k * dim + centered)
+
+
+def row_importance(q_blocks, k, v, scale_free_logits, scheme: Scheme, allowed, generator):
+    """R stratified rows per block: sqrt(mean_i P_ij^2 ||v_j - o_i||^2) (or the chosen value factor)."""
+    groups, nqb, bq, dim = q_blocks.shape
+    rows = int(scheme.estimator.split(":")[1])
+    step = bq / rows
+    pick = ((torch.arange(rows) + torch.rand(groups, nqb, rows, generator=generator)) * step).long().clamp_max(bq - 1)
+    q_est = torch.gather(q_blocks, 2, pick.unsqueeze(-1).expand(-1, -1, -1, dim))  # (G, nqb, R, D)
+    return exact_row_importance(q_est, k, v, scheme.value, allowed)
+
+
+def exact_row_importance(q_rows, k, v, value: str, allowed):
+    """sqrt(mean over rows of P_ij^2 f_ij^2), P the exact softmax rows.  q_rows (G, nqb, R, D)."""
+    groups, nqb, rows, dim = q_rows.shape
+    logits = (q_rows.reshape(groups, nqb * rows, dim) @ k.mT).view(groups, nqb, rows, -1)  # (G, nqb, R, Nk)
+    p = torch.softmax(logits, -1)
+    if value == "centered":
+        out = p @ v.unsqueeze(1)  # (G, nqb, R, Dv)
+        f2 = (v.square().sum(-1)[:, None, None] - 2 * out @ v.unsqueeze(1).mT + out.square().sum(-1, keepdim=True)).clamp_min(0)
+    elif value == "norm":
+        f2 = (v.square().sum(-1) + 1)[:, None, None]
+    else:
+        f2 = torch.ones(1)
+    return ((p.square() * f2).mean(2)).sqrt() * allowed
+
+
+def diag_importance(q_blocks, centroids, k, v, scheme, allowed):
+    """Centroid importance with log w_j += sum_d var_d k_jd^2 (the block's query spread)."""
+    var = q_blocks.var(2, unbiased=False)  # (G, nqb, D)
+    spread = torch.bmm(var, k.square().mT)  # (G, nqb, Nk)
+    base = best.centroid_importance(centroids, k, v, allowed, "none", scheme.temperature)
+    logw = torch.log(base.clamp_min(1e-38)) + spread
+    logw = logw.masked_fill(~allowed, float("-inf"))
+    w = torch.exp(logw - logw.amax(-1, keepdim=True))
+    if scheme.value == "none":
+        return w
+    factor = best.centroid_importance(centroids, k, v, allowed, scheme.value, scheme.temperature) / base.clamp_min(1e-38)
+    return w * factor * allowed
+
+
+def importance(scheme, q_blocks, k, v, allowed, generator):
+    centroids = best.block_centroids(q_blocks)  # (G, nqb, D)
+    if scheme.estimator == "centroid":
+        return best.centroid_importance(centroids, k, v, allowed, scheme.value, scheme.temperature)
+    if scheme.estimator == "centroid_diag":
+        return diag_importance(q_blocks, centroids, k, v, scheme, allowed)
+    if scheme.estimator.startswith("rows:"):
+        return row_importance(q_blocks, k, v, None, scheme, allowed, generator)
+    if scheme.estimator == "oracle":
+        return exact_row_importance(q_blocks, k, v, scheme.value, allowed)
+    raise ValueError(scheme.estimator)
+
+
+# --------------------------------------------------------------------------- samplers
+def sample_columns(scheme, probs, count, generator):
+    """-> cols, weights (G, nqb, C) from the floored probabilities (G, nqb, Nk)."""
+    shape = probs.shape[:-1]
+    if scheme.sampler == "multinomial":
+        u = torch.rand(*shape, count, generator=generator)
+        cols = torch.searchsorted(probs.cumsum(-1), (u * probs.sum(-1, keepdim=True)).contiguous()).clamp_max(probs.shape[-1] - 1)
+        return cols, 1.0 / (count * torch.gather(probs, -1, cols))
+    pi = best.inclusion_probabilities(probs, count)
+    if scheme.sampler == "systematic":
+        cols, weights, _ = best.systematic_sample(pi, count, torch.rand(*shape, generator=generator))
+        return cols, weights
+    if scheme.sampler == "stratified":
+        cum = pi.cumsum(-1)
+        target = torch.arange(count, dtype=pi.dtype) + torch.rand(*shape, count, generator=generator)
+        used = target < cum[..., -1:]
+        cols = torch.searchsorted(cum, torch.where(used, target, 0).contiguous(), right=True).clamp_max(pi.shape[-1] - 1)
+        return cols, torch.where(used, 1.0 / torch.gather(pi, -1, cols).clamp_min(1e-30), 0.0)
+    if scheme.sampler == "poisson":  # every column independently: weight 1/pi where drawn
+        drawn = torch.rand(pi.shape, generator=generator) < pi
+        cols = torch.arange(pi.shape[-1]).expand_as(pi)
+        return cols, torch.where(drawn, 1.0 / pi.clamp_min(1e-30), 0.0)
+    raise ValueError(scheme.sampler)
+
+
+# --------------------------------------------------------------------------- the whole plan
+def columns_for_budget(scheme, budget, nqb, bq, n_q, n_k, dim, dim_v) -> int:
+    """C: what b (D + Dv + 1) per query leaves after the estimate, the window and the key block."""
+    per_col = dim + dim_v + 1
+    total = n_q * budget * per_col
+    spare = total - estimation_cost(scheme, nqb, n_k, dim, dim_v) - n_q * (2 * scheme.window + 1 if scheme.window else 0) * per_col
+    return max(1, spare // (nqb * bq * per_col) - scheme.key_block)
+
+
+def run_plan(scheme: Scheme, q, k, v, scale: float, budget: int, seed: int):
+    """Output (G, Nq, Dv) and multiply-adds per query of `scheme` at `budget`."""
+    generator = torch.Generator().manual_seed(seed)
+    groups, n_q, dim = q.shape
+    n_k, dim_v = k.shape[1], v.shape[-1]
+    q_order, k_order = sort_queries_and_keys(q, k, scheme.num_projs, generator)
+    rows = block_rows(q_order, scheme.q_block)  # (G, nqb, Bq)
+    nqb, bq = rows.shape[1:]
+    allowed = torch.ones(groups, nqb, n_k, dtype=torch.bool)
+    if scheme.key_block:
+        kb = key_blocks(k_order, nqb, scheme.key_block)  # (G, nqb, Bk)
+        allowed.scatter_(-1, kb, False)
+    q_blocks = gather_rows(q * scale, rows)  # (G, nqb, Bq, D)
+    count = columns_for_budget(scheme, budget, nqb, bq, n_q, n_k, dim, dim_v)
+    count = min(count, n_k - scheme.key_block)
+    weight = importance(scheme, q_blocks, k, v, allowed, generator)
+    probs = best.with_floor(weight, allowed, scheme.floor)
+    cols, weights = sample_columns(scheme, probs, count, generator)
+    factor = block_factor(n_k, cols, weights)
+    if scheme.key_block:
+        factor.scatter_(-1, kb, 1.0)
+    factor = with_window(query_factor(factor, rows, n_q), scheme.window)
+    out = dense_output(q, k, v, scale, factor)
+    per_col = dim + dim_v + 1
+    work = estimation_cost(scheme, nqb, n_k, dim, dim_v) + nqb * bq * (count + scheme.key_block) * per_col
+    work += n_q * (2 * scheme.window + 1 if scheme.window else 0) * per_col
+    return out, work / n_q
