@@ -2,7 +2,8 @@
 
 The core (this package) depends on torch and numpy only; the widgets live in ``kdeformer.widgets``.
 """
-from .core import kde_attention
+from .core import SAMPLINGS, check_kde_options, kde_attention
+from .defaults import KDE_DEFAULTS
 from .exact import exact_attention
 from .methods import METHODS, approximate, split_budget
 from . import sources
@@ -20,6 +21,9 @@ __version__ = "0.1.0"
 
 __all__ = [
     "kde_attention",
+    "check_kde_options",
+    "SAMPLINGS",
+    "KDE_DEFAULTS",
     "exact_attention",
     "approximate",
     "METHODS",

@@ -2,13 +2,16 @@
 
 Shape legend (the caller's leading dims are flattened into one group dim G = B * H * ...):
     G   batch x heads        Nq  queries       Nk  keys         D  head dim      Dv  value dim
-    r   hash bits (num_projs)  nb  blocks        Bk  key block slots (= bucket_size)
-    Bq  query block length      s   samples per head
+    r   hash bits (num_projs)  nb  key blocks    nqb query blocks  Bk key block slots  Bq query block length
+    ng  sampling groups      s'  draws per group  h  heavy columns per group  C = Bk + h + s' columns per block
 
-One function per step of the algorithm, in the order `kde_attention` calls them:
-    draw_projections -> hash_codes -> bucket_ranks -> sort_by_bucket -> plan_blocks
-    -> heavy_key_index -> sampling_probabilities (or kdeformer.sampling for "column_norm")
-    -> draw_samples -> attend_block_columns (per chunk of query blocks) -> divide by D~, in token order
+`kde_attention` runs these steps, one function each, in this order:
+    check_kde_options -> prepare (kdeformer._inputs) -> masks compacted away (kdeformer.masking)
+    -> hyperplanes -> hash_codes -> bucket_ranks -> sort_by_bucket -> plan_blocks -> block_queries
+    -> block_keys -> plan_sampling (kdeformer.sampling: value_norm | uniform | column_norm) -> draw_columns
+    -> assemble_columns -> attend_columns (attend_block_columns per chunk of query blocks)
+    -> pack_trace (kdeformer.trace)
+Causal attention (`is_causal=True`) takes the same first and last steps around `kdeformer.causal`.
 """
 from __future__ import annotations
 
@@ -17,31 +20,78 @@ from dataclasses import dataclass
 
 import torch
 
-from ._checks import (
-    check_choice,
-    check_generator,
-    check_int,
-    check_key_mask,
-    check_positive_int,
-    check_qkv,
-    check_scale,
-)
-from . import sampling as colnorm
-from ._inputs import working_dtype  # re-exported: the methods import it from here
-from .trace import KDETrace
+from . import sampling as schemes
+from ._checks import check_choice, check_flag, check_int, check_positive_int
+from ._inputs import prepare, working_dtype  # working_dtype re-exported: the methods import it from here
+from .defaults import KDE_DEFAULTS
+from .random import Draws, head_index
 
 MAX_PROJS = 16
 BUCKET_ORDERS = ("gray", "authors", "binary")
-SAMPLINGS = ("value_norm", "uniform", "column_norm")
+SAMPLINGS = schemes.SAMPLINGS
+
+
+# --------------------------------------------------------------------------- options
+@dataclass(frozen=True)
+class KDEOptions:
+    """kde_attention's settings after checking (heavy_columns resolved to a number)."""
+
+    bucket_size: int
+    sample_size: int
+    num_projs: int
+    sampling: str
+    bucket_order: str
+    heavy_columns: int
+    estimate_rows: int | None
+    is_causal: bool
+    local_window: int | None
+
+    @property
+    def num_draws(self) -> int:
+        """Draws per sampling group: the heavy columns are paid for out of sample_size."""
+        return self.sample_size - self.heavy_columns
+
+
+def check_kde_options(
+    *,
+    bucket_size=KDE_DEFAULTS.bucket_size,
+    sample_size=KDE_DEFAULTS.sample_size,
+    num_projs=KDE_DEFAULTS.num_projs,
+    sampling=KDE_DEFAULTS.sampling,
+    bucket_order=KDE_DEFAULTS.bucket_order,
+    heavy_columns=KDE_DEFAULTS.heavy_columns,
+    estimate_rows=KDE_DEFAULTS.estimate_rows,
+    is_causal=False,
+    local_window=KDE_DEFAULTS.local_window,
+) -> KDEOptions:
+    """Check every KDEformer setting (one ValueError naming the argument and its allowed range).
+
+    The Hugging Face plug-in and the explorer call this too, so a bad setting fails where it is made.
+    """
+    bucket_size = check_positive_int("bucket_size", bucket_size)
+    sample_size = check_positive_int("sample_size", sample_size)
+    num_projs = check_positive_int("num_projs", num_projs, maximum=MAX_PROJS)
+    check_choice("sampling", sampling, SAMPLINGS)
+    check_choice("bucket_order", bucket_order, BUCKET_ORDERS)
+    check_flag("is_causal", is_causal)
+    heavy_columns, estimate_rows = schemes.check_scheme_options(sampling, sample_size, heavy_columns, estimate_rows)
+    if local_window is not None:
+        if not is_causal:
+            raise ValueError("local_window needs is_causal=True (it sizes the causal local window)")
+        local_window = check_int("local_window", local_window, minimum=0)
+    return KDEOptions(bucket_size, sample_size, num_projs, sampling, bucket_order, heavy_columns, estimate_rows,
+                      is_causal, local_window)
 
 
 # --------------------------------------------------------------------------- step 1: hashing
 def draw_projections(groups: int, dim: int, num_projs: int, *, dtype, device, generator) -> torch.Tensor:
-    """r Gaussian hyperplane normals per head, shared by its queries and keys.  # (G, D, r)
-
-    Drawn in float32 whatever the dtype, so one seed makes the same random choices in every dtype.
-    """
+    """r Gaussian hyperplane normals per head from a torch.Generator (the peers' hashing).  # (G, D, r)"""
     return torch.randn(groups, dim, num_projs, device=device, generator=generator).to(dtype)
+
+
+def hyperplanes(draws: Draws, dim: int, num_projs: int) -> torch.Tensor:
+    """r Gaussian hyperplane normals per head from its own stream (shared by batch items).  # (G, D, r) float32"""
+    return draws.normal("projections", (dim, num_projs))
 
 
 def hash_codes(x: torch.Tensor, projections: torch.Tensor) -> torch.Tensor:
@@ -50,7 +100,7 @@ def hash_codes(x: torch.Tensor, projections: torch.Tensor) -> torch.Tensor:
     x (G, N, D), projections (G, D, r) -> codes (G, N) int64 in [0, 2^r).
     """
     num_projs = projections.shape[-1]
-    bits = (x @ projections) > 0  # (G, N, r)
+    bits = (x @ projections.to(x.dtype)) > 0  # (G, N, r)
     powers = 2 ** torch.arange(num_projs, device=x.device, dtype=torch.int64)  # (r,)
     return (bits.to(torch.int64) * powers).sum(-1)
 
@@ -85,12 +135,28 @@ def bucket_ranks(num_projs: int, order: str, device) -> torch.Tensor:
     return codes
 
 
-def sort_by_bucket(codes: torch.Tensor, ranks: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
+def sort_by_bucket(codes: torch.Tensor, ranks: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
     """Stable sort of tokens by bucket rank; masked tokens go last.  codes (G, N) -> order (G, N)."""
     key = ranks[codes]  # (G, N)
     if valid is not None:
         key = torch.where(valid, key, ranks.numel())
     return torch.sort(key, dim=-1, stable=True).indices
+
+
+def hash_and_sort(q: torch.Tensor, k: torch.Tensor, scale: float, opts: KDEOptions, draws: Draws) -> dict:
+    """Hash queries and keys with shared hyperplanes and sort both by bucket rank.
+
+    Hashing runs in float32 whatever the dtype, so exactly representable inputs get the same codes in
+    every dtype. A negative scale flips which keys are "close": the queries are hashed as -q then.
+    Returns projections (G, D, r), q_codes (G, Nq), k_codes (G, Nk), q_order (G, Nq), k_order (G, Nk).
+    """
+    projections = hyperplanes(draws, q.shape[-1], opts.num_projs)  # (G, D, r)
+    q32, k32 = q.detach().float(), k.detach().float()
+    q_codes = hash_codes(q32 if scale >= 0 else -q32, projections)  # (G, Nq)
+    k_codes = hash_codes(k32, projections)  # (G, Nk)
+    ranks = bucket_ranks(opts.num_projs, opts.bucket_order, q.device)  # (2^r,)
+    return {"projections": projections, "q_codes": q_codes, "k_codes": k_codes,
+            "q_order": sort_by_bucket(q_codes, ranks), "k_order": sort_by_bucket(k_codes, ranks)}
 
 
 # --------------------------------------------------------------------------- step 2: blocks
@@ -99,51 +165,59 @@ class BlockPlan:
     """How sorted queries and keys are cut into blocks (see `plan_blocks`)."""
 
     num_blocks: int  # nb = ceil(Nk / bucket_size): key blocks
-    key_slots: int  # Bk = bucket_size, capped at Nk: slots per key block
+    key_slots: int  # Bk = balanced key block length, ceil(Nk / nb) <= bucket_size
     q_block_len: int  # Bq = ceil(Nq / nb)
-    num_q_blocks: int  # ceil(Nq / Bq) <= nb
-    key_block_len: torch.Tensor  # (G,) keys per block of each head: ceil(n_valid / nb) <= Bk
-    pair: torch.Tensor  # (G, num_q_blocks) key block computed exactly for each query block
+    num_q_blocks: int  # nqb = ceil(Nq / Bq) <= nb
+    pair: torch.Tensor  # (nqb,) key block computed exactly for each query block
+
+    @property
+    def key_block_len(self) -> int:
+        """Keys per block (balanced: every block but possibly the last holds this many)."""
+        return self.key_slots
 
 
-def plan_blocks(n_queries: int, n_keys: int, bucket_size: int, n_valid: torch.Tensor) -> BlockPlan:
-    """Cut the sorted keys into nb = ceil(Nk / bucket_size) balanced blocks and the sorted queries into
-    as many blocks of equal length; query block b is paired with key block b.
+def plan_blocks(n_queries: int, n_keys: int, bucket_size: int, device=None) -> BlockPlan:
+    """Cut the sorted keys into nb = ceil(Nk / bucket_size) balanced blocks of ceil(Nk / nb) keys and the
+    sorted queries into blocks of ceil(Nq / nb); query block b computes key block pair[b] exactly.
 
-    With a key mask, each head cuts only its n_valid unmasked keys (blocks of ceil(n_valid / nb)), and
-    when that leaves fewer non-empty key blocks than query blocks, query blocks are spread evenly over
-    the non-empty ones, so every query sees at least one unmasked key exactly.
+    (Masked tokens never reach this step: `kdeformer.masking` removes them first, so padding takes no
+    block room.) `kdeformer.methods._lsh.make_blocks` cuts differently on purpose: the peers reproduce
+    their papers' fixed chunks, this plan balances blocks so no key block is a sliver.
     """
     num_blocks = max(1, math.ceil(n_keys / bucket_size))
-    key_slots = min(bucket_size, n_keys)
+    key_slots = math.ceil(n_keys / num_blocks)
+    used_key_blocks = math.ceil(n_keys / key_slots)
     q_block_len = math.ceil(n_queries / num_blocks)
     num_q_blocks = math.ceil(n_queries / q_block_len)
-    key_block_len = (n_valid + num_blocks - 1) // num_blocks  # (G,)
-    used_key_blocks = (n_valid + key_block_len - 1) // key_block_len  # (G,)
-    q_block = torch.arange(num_q_blocks, device=n_valid.device)  # (num_q_blocks,)
-    pair = (q_block * used_key_blocks.unsqueeze(-1)) // num_q_blocks  # (G, num_q_blocks)
-    return BlockPlan(num_blocks, key_slots, q_block_len, num_q_blocks, key_block_len, pair)
+    pair = torch.arange(num_q_blocks, device=device) * used_key_blocks // num_q_blocks  # (nqb,)
+    return BlockPlan(num_blocks, key_slots, q_block_len, num_q_blocks, pair)
 
 
-def key_block_of_sorted(plan: BlockPlan, n_valid: torch.Tensor, n_keys: int) -> torch.Tensor:
-    """Block index of each key in sorted order, -1 past the unmasked keys.  # (G, Nk)"""
-    pos = torch.arange(n_keys, device=n_valid.device)  # (Nk,)
-    block = pos // plan.key_block_len.unsqueeze(-1)  # (G, Nk)
-    return torch.where(pos < n_valid.unsqueeze(-1), block, -1)
+def block_queries(q_order: torch.Tensor, plan: BlockPlan) -> torch.Tensor:
+    """Token index of every query slot of every block; the last block is padded with its own last query
+    (a padded slot recomputes a real row of the same block, so writing it back changes nothing).
 
-
-def heavy_key_index(plan: BlockPlan, k_order: torch.Tensor, n_valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """For every query block, the keys of its paired key block.
-
-    Returns (index into keys, original order) (G, nqb, Bk) and its validity (G, nqb, Bk) bool.
+    q_order (G, Nq) -> (G, nqb, Bq).
     """
-    offset = torch.arange(plan.key_slots, device=k_order.device)  # (Bk,)
-    block_len = plan.key_block_len.view(-1, 1, 1)  # (G, 1, 1)
-    sorted_pos = plan.pair.unsqueeze(-1) * block_len + offset  # (G, nqb, Bk)
-    valid = (offset < block_len) & (sorted_pos < n_valid.view(-1, 1, 1))  # (G, nqb, Bk)
-    sorted_pos = torch.where(valid, sorted_pos, 0)
-    index = torch.gather(k_order, 1, sorted_pos.flatten(1)).view_as(sorted_pos)  # (G, nqb, Bk)
+    n_q = q_order.shape[-1]
+    pos = torch.arange(plan.num_q_blocks * plan.q_block_len, device=q_order.device).clamp_max(n_q - 1)
+    return q_order[:, pos].view(q_order.shape[0], plan.num_q_blocks, plan.q_block_len)
+
+
+def block_keys(k_order: torch.Tensor, plan: BlockPlan) -> tuple[torch.Tensor, torch.Tensor]:
+    """The keys of each query block's paired key block: index (G, nqb, Bk) and slot validity (nqb, Bk)."""
+    n_k = k_order.shape[-1]
+    sorted_pos = plan.pair.unsqueeze(-1) * plan.key_slots + torch.arange(plan.key_slots, device=k_order.device)
+    valid = sorted_pos < n_k  # (nqb, Bk): the last block may be shorter
+    index = k_order[:, sorted_pos.clamp_max(n_k - 1)]  # (G, nqb, Bk)
     return index, valid
+
+
+def key_blocks(k_order: torch.Tensor, plan: BlockPlan) -> torch.Tensor:
+    """Block index of every key, in token order.  # (G, Nk)"""
+    n_k = k_order.shape[-1]
+    block = (torch.arange(n_k, device=k_order.device) // plan.key_slots).expand_as(k_order)  # sorted order
+    return torch.empty_like(k_order).scatter_(1, k_order, block)
 
 
 def gather_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
@@ -153,39 +227,45 @@ def gather_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return x.reshape(groups * n, x.shape[-1]).index_select(0, flat.flatten()).view(*index.shape, x.shape[-1])
 
 
-# --------------------------------------------------------------------------- step 3: sampling
-def sampling_probabilities(value: torch.Tensor, valid: torch.Tensor | None, method: str) -> torch.Tensor:
-    """Probability of drawing each key column.  value (G, Nk, Dv) -> probs (G, Nk), 0 on masked keys.
+# --------------------------------------------------------------------------- step 3: columns
+@dataclass
+class Columns:
+    """The columns every query block attends to: exact ones first, then the draws."""
 
-    "value_norm" (the authors' choice): p_j proportional to ||v~_j|| / ||V~||_F^2 + 1/n, with v~_j the
-        value row with the ones column appended (so the normaliser is covered too), n unmasked keys.
-    "uniform": p_j = 1/n.
+    index: torch.Tensor  # (G, nqb, C) key index
+    weight: torch.Tensor  # (G, nqb, C) 1 exact, 1/(s p) kept draw, 0 unused
+    exact_valid: torch.Tensor | None  # (G or 1, nqb, E) False on padding slots (logit -inf); None: all real
+    n_exact: int  # E = Bk + h
+
+
+def assemble_columns(plan: BlockPlan, keys: tuple, k_blocks: torch.Tensor, sp, dtype) -> Columns:
+    """Each query block's columns: its key block, its group's heavy columns, its group's draws.
+
+    A draw that the block already computes exactly (its own key block or a heavy column) gets weight 0,
+    and so does a block key that is also a heavy column (it counts once, as a heavy column).
     """
-    groups, n_keys = value.shape[0], value.shape[1]
-    if valid is None:
-        n_valid = torch.full((groups, 1), n_keys, dtype=value.dtype, device=value.device)
-    else:
-        n_valid = valid.sum(-1, keepdim=True).to(value.dtype)
-    if method == "uniform":
-        weight = torch.ones(groups, n_keys, dtype=value.dtype, device=value.device)
-    else:
-        norm = colnorm.value_row_norms(value)  # (G, Nk): ||v~_j||
-        if valid is not None:
-            norm = norm * valid
-        weight = norm / norm.square().sum(-1, keepdim=True) + 1.0 / n_valid
-    if valid is not None:
-        weight = weight * valid
-    return weight / weight.sum(-1, keepdim=True)
-
-
-def draw_samples(probs: torch.Tensor, num_samples: int, generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """s key columns per head with replacement and their weights 1/(s p).  -> (G, s) int64, (G, s).
-
-    Draws from float32 probabilities whatever the dtype, so one seed draws the same columns in every dtype.
-    """
-    index = torch.multinomial(probs.float(), num_samples, replacement=True, generator=generator)  # (G, s)
-    weight = 1.0 / (num_samples * torch.gather(probs, 1, index))  # (G, s)
-    return index, weight
+    block_index, block_valid = keys  # (G, nqb, Bk), (nqb, Bk)
+    groups, nqb = block_index.shape[:2]
+    ones = block_valid.to(dtype).expand(groups, nqb, -1)  # (G, nqb, Bk)
+    draws = sp.samples[:, sp.block_group]  # (G, nqb, s')
+    kept = plan.pair.view(1, -1, 1) != torch.gather(k_blocks, 1, draws.flatten(1)).view_as(draws)
+    parts_index, parts_weight, exact_valid = [block_index], [ones], [block_valid.expand(groups, nqb, -1)]
+    if sp.heavy is not None:
+        heavy = sp.heavy[:, sp.block_group]  # (G, nqb, h)
+        heavy_valid = sp.heavy_valid[:, sp.block_group]  # (G, nqb, h)
+        table = sp.heavy_table()  # (G, ng * Nk) bool: is key j a heavy column of group g
+        row = (sp.block_group * k_blocks.shape[-1]).view(1, nqb, 1)
+        block_is_heavy = torch.gather(table, 1, (block_index + row).flatten(1)).view_as(block_index)
+        kept = kept & ~torch.gather(table, 1, (draws + row).flatten(1)).view_as(draws)
+        parts_weight[0] = ones * ~block_is_heavy
+        parts_index.append(heavy)
+        parts_weight.append(heavy_valid.to(dtype))
+        exact_valid.append(heavy_valid)
+    parts_index.append(draws)
+    parts_weight.append(sp.weights[:, sp.block_group].to(dtype) * kept)
+    exact_valid = torch.cat(exact_valid, -1)  # (G, nqb, E)
+    return Columns(torch.cat(parts_index, -1), torch.cat(parts_weight, -1),
+                   None if bool(exact_valid.all()) else exact_valid, exact_valid.shape[-1])
 
 
 # --------------------------------------------------------------------------- step 4: the two sums
@@ -194,33 +274,32 @@ def draw_samples(probs: torch.Tensor, num_samples: int, generator) -> tuple[torc
 CHUNK_ROWS = 4096
 
 
-def attend_block_columns(
-    q_blocks: torch.Tensor,
-    k_cols: torch.Tensor,
-    v_cols: torch.Tensor,
-    col_weight: torch.Tensor,
-    exact_valid: torch.Tensor | None,
-):
-    """Each query block against its columns (its key block, then its sampled keys) in one pass.
+def attend_block_columns(q_blocks, k_cols, v_cols, col_weight, exact_valid, *, inplace: bool = True):
+    """Each query block against its columns (its key block, heavy columns, then its draws) in one pass.
 
     q_blocks   (m, Bq, D)      sorted, padded, already scaled queries of m query blocks
-    k_cols     (m, C, D)       C = E + s columns: E exact ones (the paired key block's Bk keys, then any
-                               heavy columns), then the s sampled keys
+    k_cols     (m, C, D)       C = E + s' columns: E exact ones, then the draws
     v_cols     (m, C, Dv)
-    col_weight (m, C)          1 for exact columns (0 for a block key that is also a heavy column),
-                               1/(s p) for kept samples, 0 for samples already computed exactly
+    col_weight (m, C)          1 exact, 1/(s p) kept draws, 0 unused
     exact_valid (m, E) bool    False for padding slots (masked logits); None when all E hold real keys
+    inplace                    reuse the logits buffer (only when autograd is not recording)
     Returns shift (m, Bq), the shifted weighted terms P = exp(l - shift) * weight (m, Bq, C),
     numerator P @ V (m, Bq, Dv) and normaliser P @ 1 (m, Bq).
 
-    The shift is the max over every column logit: a sample (or block key) given weight 0 is also an
-    exact column of weight 1, so the max is attained by a weight-1 term and the normaliser is >= 1.
+    The shift is the max over every column logit: a draw given weight 0 is also an exact column of
+    weight 1, so the max is attained by a weight-1 term and the normaliser is >= 1.
     """
     logits = torch.bmm(q_blocks, k_cols.mT)  # (m, Bq, C)
     if exact_valid is not None:
-        logits[..., : exact_valid.shape[-1]].masked_fill_(~exact_valid.unsqueeze(-2), float("-inf"))
-    shift = logits.amax(-1)  # (m, Bq); finite: each block holds an unmasked key
-    terms = logits.sub_(shift.unsqueeze(-1)).exp_().mul_(col_weight.unsqueeze(-2))  # (m, Bq, C)
+        pad = torch.zeros_like(col_weight, dtype=torch.bool)
+        pad[:, : exact_valid.shape[-1]] = ~exact_valid
+        logits = logits.masked_fill_(pad.unsqueeze(-2), float("-inf")) if inplace else \
+            logits.masked_fill(pad.unsqueeze(-2), float("-inf"))
+    shift = logits.detach().amax(-1)  # (m, Bq); finite: each block holds a real key
+    if inplace:
+        terms = logits.sub_(shift.unsqueeze(-1)).exp_().mul_(col_weight.unsqueeze(-2))
+    else:
+        terms = torch.exp(logits - shift.unsqueeze(-1)) * col_weight.unsqueeze(-2)  # (m, Bq, C)
     numerator = torch.bmm(terms, v_cols)  # (m, Bq, Dv)
     normaliser = terms.sum(-1)  # (m, Bq)
     return shift, terms, numerator, normaliser
@@ -245,23 +324,99 @@ def flat_index(index: torch.Tensor, g0: int, n: int) -> torch.Tensor:
     return (index + offsets.view(-1, *([1] * (index.dim() - 1)))).flatten()
 
 
-# --------------------------------------------------------------------------- the function
+def attend_columns(q, k, v, scale: float, q_rows: torch.Tensor, cols: Columns, want_parts: bool):
+    """Every query block against its columns, chunk by chunk, divided by D~ and written back to token
+    order.  q (G, Nq, D), k (G, Nk, D), v (G, Nk, Dv), q_rows (G, nqb, Bq) -> out (G, Nq, Dv) and, when
+    asked, the trace's per-query parts (log D~, exact share of D~, sampled part of the output).
+    """
+    groups, n_q, dim = q.shape
+    n_k, dim_v, n_cols = k.shape[1], v.shape[-1], cols.index.shape[-1]
+    inplace = not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad))
+    q_flat, k_flat, v_flat = q.reshape(-1, dim), k.reshape(-1, dim), v.reshape(-1, dim_v)  # copies if strided
+    n_blocks, q_len = q_rows.shape[1], q_rows.shape[2]
+    slot_real = torch.arange(n_blocks * q_len, device=q.device).view(n_blocks, q_len) < n_q  # (nqb, Bq)
+    pieces, rows_all = [], []
+    for g0, g1, b0, b1 in chunk_ranges(groups, n_blocks, q_len):
+        m = (g1 - g0) * (b1 - b0)  # query blocks in this chunk
+        rows = flat_index(q_rows[g0:g1, b0:b1], g0, n_q)  # (m*Bq,)
+        real = None if b1 < n_blocks else slot_real[b0:b1].expand(g1 - g0, -1, -1).flatten()  # padded slots
+        q_chunk = q_flat.index_select(0, rows).view(m, -1, dim) * scale  # scale before the matmul
+        index = flat_index(cols.index[g0:g1, b0:b1], g0, n_k)  # (m*C,)
+        v_cols = v_flat.index_select(0, index).view(m, n_cols, dim_v)  # (m, C, Dv)
+        valid = None if cols.exact_valid is None else cols.exact_valid[g0:g1, b0:b1].reshape(m, cols.n_exact)
+        shift, terms, numerator, normaliser = attend_block_columns(
+            q_chunk, k_flat.index_select(0, index).view(m, n_cols, dim), v_cols,
+            cols.weight[g0:g1, b0:b1].reshape(m, n_cols), valid, inplace=inplace)
+        piece = [numerator / normaliser.unsqueeze(-1)]
+        if want_parts:
+            piece += [(shift + normaliser.log()).unsqueeze(-1), (terms[..., : cols.n_exact].sum(-1) / normaliser).unsqueeze(-1),
+                      torch.bmm(terms[..., cols.n_exact:], v_cols[:, cols.n_exact:]) / normaliser.unsqueeze(-1)]
+        piece = torch.cat([p.reshape(-1, p.shape[-1]) for p in piece], -1)  # (m*Bq, Dv [+ 2 + Dv])
+        if real is not None and not bool(real.all()):  # a padded slot repeats a real row: write it once
+            piece, rows = piece[real], rows[real]
+        pieces.append(piece)
+        rows_all.append(rows)
+    packed = torch.cat(pieces) if len(pieces) > 1 else pieces[0]  # (rows, Dv [+ 2 + Dv])
+    full = packed.new_zeros(groups * n_q, packed.shape[-1]).index_copy(0, torch.cat(rows_all), packed)
+    full = full.view(groups, n_q, -1)
+    out = full[..., :dim_v]
+    if not want_parts:
+        return out, None
+    return out, {"log_normalizer": full[..., dim_v], "heavy_fraction": full[..., dim_v + 1],
+                 "sampled_output": full[..., dim_v + 2:], "heavy_output": out - full[..., dim_v + 2:]}
+
+
+# --------------------------------------------------------------------------- the algorithm
+def kde_unmasked(q, k, v, *, scale: float, opts: KDEOptions, draws: Draws, return_trace: bool):
+    """KDEformer on heads without masks.  q (G, Nq, D), k (G, Nk, D), v (G, Nk, Dv) in the working
+    dtype, unscaled -> out (G, Nq, Dv) and the trace's parts (G-leading tensors) or None."""
+    groups, n_q, n_k = q.shape[0], q.shape[1], k.shape[1]
+    hashed = hash_and_sort(q, k, scale, opts, draws)
+    plan = plan_blocks(n_q, n_k, opts.bucket_size, q.device)
+    q_rows = block_queries(hashed["q_order"], plan)  # (G, nqb, Bq)
+    keys = block_keys(hashed["k_order"], plan)  # (G, nqb, Bk), (nqb, Bk)
+    k_blocks = key_blocks(hashed["k_order"], plan)  # (G, Nk)
+    sp = schemes.plan_sampling(q, k, v, scale=scale, plan=plan, q_order=hashed["q_order"], k_blocks=k_blocks,
+                                opts=opts, draws=draws)
+    cols = assemble_columns(plan, keys, k_blocks, sp, q.dtype)
+    out, parts = attend_columns(q, k, v, scale, q_rows, cols, return_trace)
+    if not return_trace:
+        return out, None
+    q_key_block = plan.pair.repeat_interleave(plan.q_block_len)[:n_q].expand(groups, n_q)  # sorted order
+    q_group = sp.block_group.repeat_interleave(plan.q_block_len)[:n_q].expand(groups, n_q)
+    row_block = torch.arange(plan.num_q_blocks, device=q.device).repeat_interleave(plan.q_block_len)[:n_q]
+    to_tokens = lambda x: torch.empty_like(x).scatter_(1, hashed["q_order"], x)  # noqa: E731 sorted -> token order
+    exact = torch.arange(cols.index.shape[-1], device=q.device) < cols.n_exact  # (C,)
+    parts.update(
+        projections=hashed["projections"].to(q.dtype), q_buckets=hashed["q_codes"], k_buckets=hashed["k_codes"],
+        q_order=hashed["q_order"], k_order=hashed["k_order"], q_blocks=to_tokens(q_key_block), k_blocks=k_blocks,
+        key_block_len=torch.full((groups,), plan.key_slots, device=q.device),
+        q_groups=to_tokens(q_group), row_block=to_tokens(row_block.expand(groups, n_q)),
+        block_cols=cols.index, block_weights=cols.weight if cols.exact_valid is None else
+        cols.weight * torch.cat([cols.exact_valid, exact.new_ones(*cols.exact_valid.shape[:2], cols.index.shape[-1] - cols.n_exact)], -1),
+        block_exact=exact.expand_as(cols.index), num_blocks=plan.num_blocks, **sp.trace_parts(q.dtype))
+    return out, parts
+
+
 def kde_attention(
     query: torch.Tensor,
     key: torch.Tensor,
     value: torch.Tensor,
     *,
-    bucket_size: int = 64,
-    sample_size: int = 128,
-    num_projs: int = 7,
+    bucket_size: int = KDE_DEFAULTS.bucket_size,
+    sample_size: int = KDE_DEFAULTS.sample_size,
+    num_projs: int = KDE_DEFAULTS.num_projs,
     scale: float | None = None,
     key_mask: torch.Tensor | None = None,
-    sampling: str = "value_norm",
-    bucket_order: str = "gray",
+    query_mask: torch.Tensor | None = None,
+    is_causal: bool = False,
+    local_window: int | None = KDE_DEFAULTS.local_window,
+    sampling: str = KDE_DEFAULTS.sampling,
+    bucket_order: str = KDE_DEFAULTS.bucket_order,
     generator: torch.Generator | None = None,
     return_trace: bool = False,
-    heavy_columns: int | None = None,
-    estimate_rows: int | None = None,
+    heavy_columns: int | None = KDE_DEFAULTS.heavy_columns,
+    estimate_rows: int | None = KDE_DEFAULTS.estimate_rows,
 ):
     r"""KDEformer approximation of softmax(scale * query @ key^T) @ value.
 
@@ -278,222 +433,92 @@ def kde_attention(
     2. sort both by bucket, buckets in Gray order (``bucket_order``);
     3. cut sorted keys into ceil(Nk / bucket_size) blocks and sorted queries into as many; compute
        each query block against its key block exactly (the "heavy" block diagonal);
-    4. draw ``sample_size`` key columns with replacement from ``sampling`` probabilities p, weight
-       each by 1 / (s p), and add them for every query whose block does not already hold that key;
+    4. draw key columns from ``sampling`` probabilities p, weight each by 1 / (s p), and add them for
+       every query whose block does not already hold that key;
     5. the same pass gives the row sums D~ (the ones column of V~ = [V, 1]); output = numerator / D~.
 
     A reference in plain torch (exact when ``bucket_size >= Nk``)::
 
         A = exp(scale * Q @ K.T - m)                  # m: per-row shift, any value
-        H = heavy entries (same block), C_j = count_j / (s p_j) for sampled columns
+        H = exactly computed entries, C_j = count_j / (s p_j) for sampled columns
         out = ((A * H + A * ~H * C) @ V) / (A * H + A * ~H * C).sum(-1)
 
     Args:
         bucket_size: keys per block computed exactly (>= 1). ``bucket_size >= Nk`` gives exact attention.
-        sample_size: key columns sampled per head (>= 1).
+        sample_size: key columns each query pays for beyond its block (>= 1), heavy columns included.
         num_projs: hash bits r, in [1, 16]; 2^r buckets.
         scale: logit scale, default 1/sqrt(D).
         key_mask: bool (..., Nk), broadcastable against the leading dims, **True = attend** (like SDPA's
-            boolean ``attn_mask`` and Hugging Face's ``attention_mask``; the opposite of
-            ``nn.MultiheadAttention``'s ``key_padding_mask``, hence the different name). Masked keys take
-            no part in the blocks, the sampling or the normaliser. Every row needs one unmasked key.
-        sampling: "value_norm" (authors': value-row norms mixed with uniform), "uniform", or
-            "column_norm" (the theory's choice: estimated column norms of D^-1 A times value-row norms,
-            drawn per group of query blocks; see :mod:`kdeformer.sampling` for the estimator and its cost).
+            boolean ``attn_mask`` and Hugging Face's ``attention_mask``). Masked keys take no part in
+            the blocks, the sampling or the normaliser. Every row needs one unmasked key.
+        query_mask: bool (..., Nq), **True = a real query** (False: padding). Padded queries take no
+            block room and their output rows are 0. With both masks, a sequence's output does not depend
+            on how much padding follows it.
+        is_causal: query i sees keys j <= Nk - Nq + i (bottom-right aligned, as flash-attention and
+            KV-cache decoding need; torch SDPA's ``is_causal`` is top-left when Nq != Nk). Strictly
+            causal: output i never depends on a later token. See :mod:`kdeformer.causal`.
+        local_window: with ``is_causal`` only: keys before each query chunk computed exactly.
+        sampling: "column_norm" (default; the theory's choice: estimated column norms of D^-1 A times
+            value-row norms, drawn per group of query blocks, see :mod:`kdeformer.sampling`),
+            "value_norm" (the authors' choice: value-row norms mixed with uniform) or "uniform".
         bucket_order: "gray" (true Gray order), "authors" (sort by gray(code), as the authors' code) or
             "binary".
         generator: a ``torch.Generator`` on the inputs' device; the same generator state gives the
-            same output.
+            same output. It gives one seed per call; every draw is addressed by (seed, head, index), so
+            the last leading dim (heads) draws alike in every batch item, whatever the batch size.
         return_trace: also return a :class:`KDETrace` of every intermediate step.
-        heavy_columns: with "column_norm" only: how many of the ``sample_size`` columns each query pays
-            for are spent on the group's largest estimated columns (attention sinks), computed exactly
-            instead of sampled. Default ``sample_size // 4`` for "column_norm", 0 otherwise.
+        heavy_columns: with "column_norm" only: how many of the ``sample_size`` columns are spent on each
+            group's largest estimated columns (attention sinks), computed exactly. Default
+            ``sample_size // 4`` for "column_norm", 0 otherwise.
         estimate_rows: with "column_norm" only: queries per head whose attention rows are computed
-            exactly to estimate the column norms. Default ceil(sample_size * Nq / (2 Nk)), i.e. at most
-            half the sampling's multiply-adds.
+            exactly to estimate the column norms. Default ceil(sample_size * Nq / (2 Nk)).
 
-    Half-precision inputs are computed in float32 and returned in their own dtype; logits are
-    shifted by their per-row maximum before ``exp``, so any finite input gives a finite output.
+    Half-precision inputs are computed in float32 and returned in their own dtype; logits are shifted
+    by their per-row maximum before ``exp``, so any finite input gives a finite output. Hashing and
+    sampling probabilities are computed in float32 from the inputs, so exactly representable inputs
+    draw the same columns in every dtype. Gradients flow through the estimate for the drawn hashes and
+    columns; the sampling probabilities (and so the weights 1/(s p)) are detached.
     """
-    lead, n_q, n_k, dim, dim_v = check_qkv(query, key, value)
-    bucket_size = check_positive_int("bucket_size", bucket_size)
-    sample_size = check_positive_int("sample_size", sample_size)
-    num_projs = check_positive_int("num_projs", num_projs, maximum=MAX_PROJS)
-    check_choice("sampling", sampling, SAMPLINGS)
-    check_choice("bucket_order", bucket_order, BUCKET_ORDERS)
-    if sampling == "column_norm":
-        heavy_columns = sample_size // 4 if heavy_columns is None else heavy_columns
-        heavy_columns = check_int("heavy_columns", heavy_columns, minimum=0, maximum=sample_size - 1)
-        if estimate_rows is not None:
-            estimate_rows = check_positive_int("estimate_rows", estimate_rows)
-    else:
-        for name, given in (("heavy_columns", heavy_columns), ("estimate_rows", estimate_rows)):
-            if given not in (None, 0):
-                raise ValueError(f"{name} needs sampling='column_norm' (it uses the estimated column norms), got sampling={sampling!r}")
-        heavy_columns = 0
-    num_draws = sample_size - heavy_columns  # the heavy columns are paid for out of sample_size
-    heavy_columns = min(heavy_columns, n_k)  # (cannot pick more columns than there are keys)
-    scale = check_scale(scale, dim)
-    mask = check_key_mask(key_mask, lead, n_k, query.device)
-    generator = check_generator(generator, query.device)
+    opts = check_kde_options(bucket_size=bucket_size, sample_size=sample_size, num_projs=num_projs,
+                             sampling=sampling, bucket_order=bucket_order, heavy_columns=heavy_columns,
+                             estimate_rows=estimate_rows, is_causal=is_causal, local_window=local_window)
+    p = prepare(query, key, value, scale=scale, key_mask=key_mask, query_mask=query_mask, generator=generator,
+                return_trace=return_trace)
+    draws = Draws.from_generator(p.generator, head_index(p.lead, query.device))
+    from .masking import attend_real_tokens
 
-    out_dtype, dtype, device = query.dtype, working_dtype(query.dtype), query.device
-    groups = math.prod(lead)
-    q = query.reshape(groups, n_q, dim).to(dtype)  # (G, Nq, D)
-    k = key.reshape(groups, n_k, dim).to(dtype)  # (G, Nk, D)
-    v = value.reshape(groups, n_k, dim_v).to(dtype)  # (G, Nk, Dv)
-    valid = None if mask is None else mask.reshape(groups, n_k)  # (G, Nk) bool
-    n_valid = (
-        torch.full((groups,), n_k, device=device, dtype=torch.int64) if valid is None else valid.sum(-1)
-    )  # (G,)
-
-    # 1-2. hash and sort (a negative scale flips which keys are "close": hash -q then)
-    projections = draw_projections(groups, dim, num_projs, dtype=dtype, device=device, generator=generator)
-    q_codes = hash_codes(q if scale >= 0 else -q, projections)  # (G, Nq)
-    k_codes = hash_codes(k, projections)  # (G, Nk)
-    ranks = bucket_ranks(num_projs, bucket_order, device)  # (2^r,)
-    q_order = sort_by_bucket(q_codes, ranks, None)  # (G, Nq)
-    k_order = sort_by_bucket(k_codes, ranks, valid)  # (G, Nk)
-
-    # 3. blocks: query block b of a head computes its paired key block exactly
-    plan = plan_blocks(n_q, n_k, bucket_size, n_valid)
-    nqb, bq, bk = plan.num_q_blocks, plan.q_block_len, plan.key_slots
-    q_pos = torch.arange(nqb * bq, device=device).clamp_max(n_q - 1)  # (Nq_padded,): pad = last query
-    q_rows = q_order[:, q_pos].view(groups, nqb, bq)  # (G, nqb, Bq) token index of each sorted slot
-    heavy_index, heavy_valid = heavy_key_index(plan, k_order, n_valid)  # (G, nqb, Bk) each
-
-    # 4. sampling: per-group probabilities, heavy columns, draws, and which blocks skip which draws
-    sorted_block = key_block_of_sorted(plan, n_valid, n_k)  # (G, Nk) block of each sorted position
-    k_blocks = torch.empty_like(sorted_block).scatter_(1, k_order, sorted_block)  # (G, Nk) token order
-    extras = {}
-    if sampling == "column_norm":
-        unmasked = torch.ones(groups, n_k, dtype=torch.bool, device=device) if valid is None else valid  # (G, Nk)
-        rows_budget = estimate_rows or colnorm.default_estimate_rows(sample_size, n_q, n_k)
-        num_groups, rows_per_group = colnorm.plan_sample_groups(nqb, rows_budget)
-        block_group = colnorm.group_of_blocks(nqb, num_groups, device)  # (nqb,)
-        est_pos = colnorm.draw_estimation_rows(
-            groups, num_groups, rows_per_group, n_q, nqb, bq, generator, device
-        )  # (G, ng, m) sorted positions
-        est_rows = torch.gather(q_order, 1, est_pos.flatten(1))  # (G, R) token index
-        row_sq, est_log_d = colnorm.estimate_column_norms(gather_rows(q, est_rows) * scale, k, valid)
-        allowed = unmasked.unsqueeze(1).expand(groups, num_groups, n_k)  # (G, ng, Nk)
-        if num_groups == nqb:  # one block per group: its own key block is exact, never draw from it
-            allowed = allowed & (k_blocks.unsqueeze(1) != plan.pair.unsqueeze(-1))
-        importance, group_norm = colnorm.column_norm_probabilities(row_sq, v, allowed, num_groups)
-        if heavy_columns:
-            heavy_cols, heavy_cols_valid = colnorm.pick_heavy_columns(importance, allowed, heavy_columns)
-            extras.update(heavy_columns=heavy_cols, heavy_columns_valid=heavy_cols_valid)
-            allowed = allowed.scatter(-1, heavy_cols, False)
-            importance = importance * allowed
-        empty = ~allowed.any(-1, keepdim=True)  # a group with nothing left to draw falls back to all keys
-        group_probs = colnorm.mix_with_floor(importance, allowed | (empty & unmasked.unsqueeze(1)))
-        extras.update(estimate_rows=est_rows, estimate_log_normalizer=est_log_d, group_column_norms=group_norm)
-    else:
-        num_groups, block_group = 1, torch.zeros(nqb, dtype=torch.long, device=device)
-        group_probs = sampling_probabilities(v, valid, sampling).unsqueeze(1)  # (G, 1, Nk)
-    samples, sample_weight = draw_samples(group_probs.flatten(0, 1), num_draws, generator)
-    samples = samples.view(groups, num_groups, num_draws)  # (G, ng, s')
-    sample_weight = sample_weight.view(groups, num_groups, num_draws)  # (G, ng, s')
-
-    ones = torch.ones(groups, nqb, bk, dtype=dtype, device=device)  # (G, nqb, Bk) block slot weights
-    if plan.num_blocks == 1 and not heavy_columns:
-        col_index, col_weight = heavy_index, ones  # one block: every other column is already exact
-    else:
-        block_samples = samples[:, block_group]  # (G, nqb, s')
-        kept = plan.pair.unsqueeze(-1) != torch.gather(k_blocks, 1, block_samples.flatten(1)).view_as(block_samples)
-        parts_index, parts_weight = [heavy_index], [ones]
-        if heavy_columns:
-            block_heavy = heavy_cols[:, block_group]  # (G, nqb, h)
-            block_heavy_valid = heavy_cols_valid[:, block_group]
-            is_heavy = torch.zeros(groups, num_groups, n_k, dtype=torch.bool, device=device)
-            is_heavy.scatter_(-1, heavy_cols, heavy_cols_valid)  # (G, ng, Nk) lookup table
-            table = is_heavy.flatten(1)  # (G, ng * Nk)
-            block_offset = (block_group * n_k).view(1, nqb, 1)  # row of each block's group in the table
-            block_key_heavy = torch.gather(table, 1, (heavy_index + block_offset).flatten(1)).view_as(heavy_index)
-            sample_heavy = torch.gather(table, 1, (block_samples + block_offset).flatten(1)).view_as(block_samples)
-            parts_weight[0] = ones * ~block_key_heavy  # a block key that is a heavy column counts once
-            kept = kept & ~sample_heavy
-            parts_index.append(block_heavy)
-            parts_weight.append(block_heavy_valid.to(dtype))
-        parts_index.append(block_samples)
-        parts_weight.append(sample_weight[:, block_group] * kept)
-        col_index, col_weight = torch.cat(parts_index, -1), torch.cat(parts_weight, -1)  # (G, nqb, C)
-    exact_valid = heavy_valid  # (G, nqb, Bk + h): which exactly computed columns hold a real key
-    if heavy_columns:
-        exact_valid = torch.cat([heavy_valid, heavy_cols_valid[:, block_group]], -1)
-    if bool(exact_valid.all()):
-        exact_valid = None  # no masking pass needed
-    n_cols = col_index.shape[-1]  # C = Bk + h + s'
-    n_exact = bk + heavy_columns  # columns computed exactly: the block and the heavy columns
-
-    # 5. one shifted pass per chunk of query blocks, divided by the estimated normaliser and written
-    #    straight back to token order
-    q_flat, k_flat, v_flat = q.reshape(-1, dim), k.reshape(-1, dim), v.reshape(-1, dim_v)  # copies if strided
-    out = torch.empty(groups * n_q, dim_v, dtype=dtype, device=device)  # (G*Nq, Dv) token order
-    if return_trace:
-        parts = {
-            "log_normalizer": torch.empty(groups * n_q, 1, dtype=dtype, device=device),
-            "heavy_fraction": torch.empty(groups * n_q, 1, dtype=dtype, device=device),
-            "sampled_output": torch.zeros(groups * n_q, dim_v, dtype=dtype, device=device),
-        }
-    for g0, g1, b0, b1 in chunk_ranges(groups, nqb, bq):
-        m = (g1 - g0) * (b1 - b0)  # query blocks in this chunk
-        rows = flat_index(q_rows[g0:g1, b0:b1], g0, n_q)  # (m*Bq,)
-        q_chunk = q_flat.index_select(0, rows).mul_(scale).view(m, bq, dim)  # scale before the matmul
-        cols = flat_index(col_index[g0:g1, b0:b1], g0, n_k)  # (m*C,)
-        v_cols = v_flat.index_select(0, cols).view(m, n_cols, dim_v)  # (m, C, Dv)
-        shift, terms, numerator, normaliser = attend_block_columns(
-            q_chunk,
-            k_flat.index_select(0, cols).view(m, n_cols, dim),
-            v_cols,
-            col_weight[g0:g1, b0:b1].reshape(m, n_cols),
-            None if exact_valid is None else exact_valid[g0:g1, b0:b1].reshape(m, n_exact),
-        )
-        out.index_copy_(0, rows, numerator.div_(normaliser.unsqueeze(-1)).view(-1, dim_v))
-        if return_trace:
-            parts["log_normalizer"].index_copy_(0, rows, (shift + normaliser.log()).view(-1, 1))
-            heavy_den = terms[..., :n_exact].sum(-1)
-            parts["heavy_fraction"].index_copy_(0, rows, (heavy_den / normaliser).view(-1, 1))
-            if n_cols > n_exact:
-                sampled = torch.bmm(terms[..., n_exact:], v_cols[:, n_exact:]) / normaliser.unsqueeze(-1)
-                parts["sampled_output"].index_copy_(0, rows, sampled.view(-1, dim_v))
-    out = out.view(*lead, n_q, dim_v)
+    out, parts = attend_real_tokens(p, opts, draws, return_trace)
+    out = p.finish(out)
     if not return_trace:
-        return out.to(out_dtype)
-    parts["heavy_output"] = out - parts["sampled_output"].view(*lead, n_q, dim_v)
+        return out
+    from .trace import pack_trace
 
-    q_key_block = plan.pair.repeat_interleave(bq, dim=1)[:, :n_q]  # (G, Nq) in sorted order
-    q_group = block_group.repeat_interleave(bq)[:n_q].expand(groups, n_q)  # (G, Nq) in sorted order
-    extras = {name: t.view(*lead, *t.shape[1:]) for name, t in extras.items()}  # (G, ...) -> (..., ...)
-    total_draws = num_groups * num_draws
-    trace = KDETrace(
-        query=query,
-        key=key,
-        scale=scale,
-        key_mask=mask,
-        projections=projections.view(*lead, dim, num_projs),
-        q_buckets=q_codes.view(*lead, n_q),
-        k_buckets=k_codes.view(*lead, n_k),
-        q_order=q_order.view(*lead, n_q),
-        k_order=k_order.view(*lead, n_k),
-        q_blocks=torch.empty_like(q_key_block).scatter_(1, q_order, q_key_block).view(*lead, n_q),
-        k_blocks=k_blocks.view(*lead, n_k),
-        block_size=bucket_size,
-        num_blocks=plan.num_blocks,
-        key_block_len=plan.key_block_len.view(lead),
-        sampled=samples.view(*lead, total_draws),
-        probs=group_probs.mean(1).view(*lead, n_k),
-        weights=sample_weight.view(*lead, total_draws),
-        log_normalizer=parts["log_normalizer"].view(*lead, n_q),
-        heavy_fraction=parts["heavy_fraction"].view(*lead, n_q),
-        heavy_output=parts["heavy_output"],
-        sampled_output=parts["sampled_output"].view(*lead, n_q, dim_v),
-        sampling=sampling,
-        bucket_order=bucket_order,
-        q_groups=torch.empty_like(q_group).scatter_(1, q_order, q_group).view(*lead, n_q),
-        group_probs=group_probs.view(*lead, num_groups, n_k),
-        sample_group=torch.arange(num_groups, device=device).repeat_interleave(num_draws).expand(groups, -1).reshape(*lead, total_draws),
-        num_groups=num_groups,
-        extras=extras,
-    )
-    return out.to(out_dtype), trace
+    return out, pack_trace(p, query, key, opts, parts)
+
+
+# --------------------------------------------------------------------------- cost
+def kde_multiply_adds(n_queries: int, n_keys: int, dim: int, dim_v: int, *, include_hashing: bool = False,
+                      **options) -> int:
+    """Multiply-adds one head of `kde_attention` performs for these shapes and options.
+
+    Counted from the shapes the code uses: every query slot of every block (padded slots included)
+    against its C = Bk + h + s' columns, D for the logit and Dv + 1 for the value and the normaliser;
+    column_norm's estimation rows (R x Nk logits); with include_hashing, (Nq + Nk) * D * r for hashing.
+    """
+    opts = check_kde_options(**options)
+    if opts.is_causal:
+        from .causal import causal_multiply_adds
+
+        total = causal_multiply_adds(n_queries, n_keys, dim, dim_v, opts)
+    else:
+        plan = plan_blocks(n_queries, n_keys, opts.bucket_size)
+        columns = plan.key_slots + opts.sample_size
+        total = plan.num_q_blocks * plan.q_block_len * columns * (dim + dim_v + 1)
+        total += schemes.estimation_multiply_adds(opts, plan, n_queries, n_keys, dim)
+    if include_hashing:
+        total += (n_queries + n_keys) * dim * opts.num_projs
+    return int(total)
+
+
+__all__ = ["kde_attention", "check_kde_options", "kde_multiply_adds", "KDEOptions", "SAMPLINGS", "BUCKET_ORDERS",
+           "MAX_PROJS"]

@@ -86,7 +86,8 @@ def test_trace_sorts_by_bucket_rank():
 @pytest.mark.parametrize("nq,nk,bucket", [(40, 40, 8), (37, 100, 16), (100, 30, 7), (64, 64, 64)])
 def test_trace_reproduces_output(nq, nk, bucket):
     q, k, v = qkv(2, 2, nq=nq, nk=nk)
-    out, t = K.kde_attention(q, k, v, bucket_size=bucket, sample_size=24, generator=gen(1), return_trace=True)
+    out, t = K.kde_attention(q, k, v, bucket_size=bucket, sample_size=24, sampling="value_norm", generator=gen(1),
+                             return_trace=True)
     torch.testing.assert_close(t.attention_matrix() @ v, out, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(t.heavy_output + t.sampled_output, out, rtol=1e-10, atol=1e-12)
     assert t.q_buckets.shape == (2, 2, nq) and t.k_buckets.shape == (2, 2, nk)
@@ -114,7 +115,8 @@ def test_trace_blocks_are_contiguous_runs_of_the_sorted_order():
 
 def test_excluded_samples_are_the_sampled_keys_inside_a_block():
     q, k, v = qkv(1, nq=32, nk=32)
-    _, t = K.kde_attention(q, k, v, bucket_size=8, sample_size=64, generator=gen(5), return_trace=True)
+    _, t = K.kde_attention(q, k, v, bucket_size=8, sample_size=64, sampling="value_norm", generator=gen(5),
+                           return_trace=True)
     excluded = t.excluded_mask()[0]
     counts = t.sample_counts()[0]
     for i in range(32):

@@ -157,7 +157,7 @@ def test_column_norm_options_are_checked():
     with pytest.raises(ValueError, match="estimate_rows must be an integer >= 1"):
         K.kde_attention(q, k, v, sampling="column_norm", estimate_rows=0)
     with pytest.raises(ValueError, match="heavy_columns needs sampling='column_norm'"):
-        K.kde_attention(q, k, v, heavy_columns=4)
+        K.kde_attention(q, k, v, sampling="value_norm", heavy_columns=4)
 
 
 def test_theory_view_compares_estimates_with_exact_quantities():
