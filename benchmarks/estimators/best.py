@@ -59,6 +59,9 @@ def centroid_importance(
         weight = weight * sq.clamp_min(0).sqrt()
     elif value_factor == "norm":
         weight = weight * (v.square().sum(-1) + 1).sqrt().unsqueeze(1)
+    elif value_factor == "meancentered":  # ||[v_j - mean v, 1]||: no extra multiply-adds
+        centred = v - v.mean(1, keepdim=True)
+        weight = weight * (centred.square().sum(-1) + 1).sqrt().unsqueeze(1)
     return weight
 
 

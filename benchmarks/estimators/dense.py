@@ -35,7 +35,10 @@ def with_window(factor: torch.Tensor, window: int) -> torch.Tensor:
 
 
 def dense_output(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, factor: torch.Tensor) -> torch.Tensor:
-    """((A o W) V) / ((A o W) 1) in float32, A = exp(scale q k^T - row max).  -> (G, Nq, Dv)."""
+    """((A o W) V) / ((A o W) 1) in float32, A = exp(scale q k^T - max over the used entries), as the
+    sparse computation shifts by the max over its own columns (no underflow of every used entry).
+    -> (G, Nq, Dv)."""
     logits = (q.float() * scale) @ k.float().mT  # (G, Nq, Nk)
-    a = torch.exp(logits - logits.amax(-1, keepdim=True)) * factor
+    shift = logits.masked_fill(factor <= 0, float("-inf")).amax(-1, keepdim=True)
+    a = torch.exp((logits - shift).clamp_max(0).masked_fill(factor <= 0, float("-inf"))) * factor
     return (a @ v.float()) / a.sum(-1, keepdim=True)

@@ -50,6 +50,12 @@ SCHEMES = {
         BASE.but(name="pps-diag-norm-w2", value="norm", window=2, estimator="centroid_diag"),
         BASE.but(name="pps-rows1-norm-w2", value="norm", window=2, estimator="rows:1"),
         BASE.but(name="oracle-norm-w2", value="norm", window=2, estimator="oracle"),
+        BASE.but(name="pps-norm-w4", value="norm", window=4),
+        BASE.but(name="pps-meancentered-w3", value="meancentered", window=3),
+        BASE.but(name="pps-norm-w3-share8", value="norm", window=3, estimate_share=1 / 8),
+        BASE.but(name="pps-norm-w3-share16", value="norm", window=3, estimate_share=1 / 16),
+        BASE.but(name="pps-norm-w3-share16-shared", value="norm", window=3, estimate_share=1 / 16, shared_draws=True),
+        BASE.but(name="pps-norm-w0-share8", value="norm", estimate_share=1 / 8),
     ]
 }
 TODAY = ("today-column_norm", "today-column_norm-honest", "today-value_norm", "today-uniform")
@@ -136,7 +142,7 @@ def main(argv=None) -> int:
         return 2
     budgets = [int(b) for b in args.budgets.split(",")]
     records, nystrom_rows = [], []
-    for text in args.texts.split(","):
+    for text in [t for t in args.texts.split(",") if t]:
         heads = data.minilm_heads(text)  # loaded once per text
         for name in names:
             for budget in budgets:

@@ -41,6 +41,8 @@ class Scheme:
     window: int = 0
     temperature: float = 1.0
     num_projs: int = 7
+    estimate_share: float | None = None  # None: one estimate per block; else at most this share of the budget
+    shared_draws: bool = False  # one sample per estimate group (True) or one per block (False)
 
     def but(self, **changes) -> "Scheme":
         return replace(self, **changes)
@@ -48,8 +50,10 @@ class Scheme:
 
 # --------------------------------------------------------------------------- structure
 def sort_queries_and_keys(q, k, num_projs: int, generator):
-    """The core's SimHash and Gray-order sort.  -> q_order (G, Nq), k_order (G, Nk)."""
+    """The core's SimHash and Gray-order sort (num_projs 0: token order).  -> q_order (G, Nq), k_order (G, Nk)."""
     groups, _, dim = q.shape
+    if num_projs == 0:
+        return (torch.arange(q.shape[1]).expand(groups, -1), torch.arange(k.shape[1]).expand(groups, -1))
     proj = draw_projections(groups, dim, num_projs, dtype=q.dtype, device=q.device, generator=generator)
     ranks = bucket_ranks(num_projs, "gray", q.device)
     return sort_by_bucket(hash_codes(q, proj), ranks, None), sort_by_bucket(hash_codes(k, proj), ranks, None)
@@ -164,11 +168,20 @@ def sample_columns(scheme, probs, count, generator):
 
 
 # --------------------------------------------------------------------------- the whole plan
-def columns_for_budget(scheme, budget, nqb, bq, n_q, n_k, dim, dim_v) -> int:
+def estimate_groups(scheme, budget, nqb, n_q, n_k, dim, dim_v) -> int:
+    """Number of importance estimates: one per block, or as many as `estimate_share` of the budget buys."""
+    if scheme.estimate_share is None:
+        return nqb
+    per_estimate = estimation_cost(scheme, 1, n_k, dim, dim_v)
+    affordable = int(scheme.estimate_share * n_q * budget * (dim + dim_v + 1) // per_estimate)
+    return max(1, min(nqb, affordable))
+
+
+def columns_for_budget(scheme, budget, n_est, nqb, bq, n_q, n_k, dim, dim_v) -> int:
     """C: what b (D + Dv + 1) per query leaves after the estimate, the window and the key block."""
     per_col = dim + dim_v + 1
     total = n_q * budget * per_col
-    spare = total - estimation_cost(scheme, nqb, n_k, dim, dim_v) - n_q * (2 * scheme.window + 1 if scheme.window else 0) * per_col
+    spare = total - estimation_cost(scheme, n_est, n_k, dim, dim_v) - n_q * (2 * scheme.window + 1 if scheme.window else 0) * per_col
     return max(1, spare // (nqb * bq * per_col) - scheme.key_block)
 
 
@@ -185,17 +198,31 @@ def run_plan(scheme: Scheme, q, k, v, scale: float, budget: int, seed: int):
         kb = key_blocks(k_order, nqb, scheme.key_block)  # (G, nqb, Bk)
         allowed.scatter_(-1, kb, False)
     q_blocks = gather_rows(q * scale, rows)  # (G, nqb, Bq, D)
-    count = columns_for_budget(scheme, budget, nqb, bq, n_q, n_k, dim, dim_v)
+    n_est = estimate_groups(scheme, budget, nqb, n_q, n_k, dim, dim_v)
+    count = columns_for_budget(scheme, budget, n_est, nqb, bq, n_q, n_k, dim, dim_v)
     count = min(count, n_k - scheme.key_block)
-    weight = importance(scheme, q_blocks, k, v, allowed, generator)
-    probs = best.with_floor(weight, allowed, scheme.floor)
-    cols, weights = sample_columns(scheme, probs, count, generator)
+    group_of = torch.arange(nqb) * n_est // nqb  # (nqb,) consecutive blocks share an estimate
+    if n_est < nqb:  # the group's queries, as one block of the group's length (padded by repetition)
+        member = [torch.nonzero(group_of == t).flatten() for t in range(n_est)]
+        longest = max(len(m) for m in member)
+        pick = torch.stack([m[torch.arange(longest).clamp_max(len(m) - 1)] for m in member])  # (ng, longest)
+        est_blocks = q_blocks[:, pick].flatten(2, 3)  # (G, ng, longest * Bq, D)
+        est_allowed = allowed[:, pick[:, 0]]
+    else:
+        est_blocks, est_allowed = q_blocks, allowed
+    weight = importance(scheme, est_blocks, k, v, est_allowed, generator)  # (G, ng, Nk)
+    probs = best.with_floor(weight, est_allowed, scheme.floor)
+    if scheme.shared_draws:
+        cols, weights = sample_columns(scheme, probs, count, generator)
+        cols, weights = cols[:, group_of], weights[:, group_of]
+    else:
+        cols, weights = sample_columns(scheme, probs[:, group_of], count, generator)
     factor = block_factor(n_k, cols, weights)
     if scheme.key_block:
         factor.scatter_(-1, kb, 1.0)
     factor = with_window(query_factor(factor, rows, n_q), scheme.window)
     out = dense_output(q, k, v, scale, factor)
     per_col = dim + dim_v + 1
-    work = estimation_cost(scheme, nqb, n_k, dim, dim_v) + nqb * bq * (count + scheme.key_block) * per_col
+    work = estimation_cost(scheme, n_est, n_k, dim, dim_v) + nqb * bq * (count + scheme.key_block) * per_col
     work += n_q * (2 * scheme.window + 1 if scheme.window else 0) * per_col
     return out, work / n_q
