@@ -1,16 +1,48 @@
 """Exact softmax attention with the same signature and checks as kde_attention (the reference)."""
 from __future__ import annotations
 
-import math
+from dataclasses import dataclass
 
 import torch
 
-from ._checks import check_key_mask, check_qkv, check_scale
-from .core import working_dtype
+from ._checks import check_flag
+from ._inputs import prepare
 from .trace import ExactTrace
 
 # Queries per chunk are chosen so one chunk's logits hold about this many entries (bounded memory).
 CHUNK_ENTRIES = 1 << 24
+
+
+def causal_visible(n_q: int, n_k: int, start: int, stop: int, device) -> torch.Tensor:
+    """Bool (stop - start, Nk): query i sees key j <= Nk - Nq + i (bottom-right aligned)."""
+    limit = torch.arange(start, stop, device=device) + (n_k - n_q)  # (c,)
+    return torch.arange(n_k, device=device) <= limit.unsqueeze(-1)
+
+
+@dataclass
+class CausalExactTrace(ExactTrace):
+    """ExactTrace of a causal call: the matrix keeps its upper (future) triangle at 0."""
+
+    is_causal: bool = True
+
+    def attention_matrix(self) -> torch.Tensor:
+        n_q, n_k = self.query.shape[-2], self.key.shape[-2]
+        visible = causal_visible(n_q, n_k, 0, n_q, self.query.device)  # (Nq, Nk)
+        return torch.where(visible, super().attention_matrix(), 0.0).nan_to_num(0.0)  # rows seeing no key: 0
+
+
+def exact_chunk(q, k, v, invalid, *, in_place: bool):
+    """Softmax attention of one chunk of queries.  q (G, c, D) scaled, invalid (G or 1, c or 1, Nk) bool or
+    None.  -> out (G, c, Dv) (0 for a query that sees no key), log D (G, c) (-inf there)."""
+    logits = q @ k.mT  # (G, c, Nk)
+    if invalid is not None:
+        logits = logits.masked_fill_(invalid, float("-inf")) if in_place else logits.masked_fill(invalid, float("-inf"))
+    shift = logits.amax(-1, keepdim=True).detach()  # (G, c, 1)
+    shift = torch.where(torch.isfinite(shift), shift, torch.zeros_like(shift))
+    weights = logits.sub_(shift).exp_() if in_place else torch.exp(logits - shift)
+    den = weights.sum(-1, keepdim=True)  # (G, c, 1)
+    out = (weights @ v) / den.clamp_min(torch.finfo(den.dtype).tiny)
+    return out, (shift + den.log()).squeeze(-1)
 
 
 def exact_attention(
@@ -20,38 +52,45 @@ def exact_attention(
     *,
     scale: float | None = None,
     key_mask: torch.Tensor | None = None,
+    query_mask: torch.Tensor | None = None,
+    is_causal: bool = False,
+    generator: torch.Generator | None = None,
     return_trace: bool = False,
     **ignored,
 ):
     """softmax(scale * query @ key^T) @ value, stable in every dtype, chunked over queries.
 
     Same layout and arguments as :func:`kdeformer.kde_attention` (query (..., Nq, D), key (..., Nk, D),
-    value (..., Nk, Dv), key_mask (..., Nk) True = attend); the approximation's own parameters
-    (bucket_size, sample_size, ...) are accepted and ignored so the two can be swapped in one call.
+    value (..., Nk, Dv), key_mask (..., Nk) True = attend, query_mask (..., Nq) True = real query: masked
+    queries give 0 rows); the approximation's own parameters (bucket_size, sample_size, ...) are accepted
+    and ignored so the two can be swapped in one call, and `generator` is checked and unused.
+    is_causal: query i sees keys j <= Nk - Nq + i (bottom-right aligned as in flash-attention; torch's
+    SDPA aligns top-left when Nq != Nk); a query that sees no key gives a 0 row.
+    Gradients flow (in-place steps only where autograd is not recording).
     With ``return_trace=True`` returns ``(out, ExactTrace)`` holding log D.
     """
-    lead, n_q, n_k, dim, dim_v = check_qkv(query, key, value)
-    scale = check_scale(scale, dim)
-    mask = check_key_mask(key_mask, lead, n_k, query.device)
-    dtype = working_dtype(query.dtype)
-    groups = math.prod(lead)
-    q = query.reshape(groups, n_q, dim).to(dtype) * scale  # (G, Nq, D)
-    k = key.reshape(groups, n_k, dim).to(dtype)  # (G, Nk, D)
-    v = value.reshape(groups, n_k, dim_v).to(dtype)  # (G, Nk, Dv)
-    invalid = None if mask is None else ~mask.reshape(groups, 1, n_k)  # (G, 1, Nk)
-    out = torch.empty(groups, n_q, dim_v, dtype=dtype, device=query.device)  # (G, Nq, Dv)
-    log_d = torch.empty(groups, n_q, dtype=dtype, device=query.device)  # (G, Nq)
-    chunk = max(1, CHUNK_ENTRIES // max(1, groups * n_k))
-    for start in range(0, n_q, chunk):
-        logits = q[:, start : start + chunk] @ k.mT  # (G, c, Nk)
-        if invalid is not None:
-            logits.masked_fill_(invalid, float("-inf"))
-        shift = logits.amax(-1, keepdim=True)  # (G, c, 1)
-        weights = logits.sub_(shift).exp_()
-        den = weights.sum(-1, keepdim=True)
-        out[:, start : start + chunk] = (weights @ v) / den
-        log_d[:, start : start + chunk] = (shift + den.log()).squeeze(-1)
-    out = out.view(*lead, n_q, dim_v).to(query.dtype)
+    p = prepare(query, key, value, scale=scale, key_mask=key_mask, generator=generator, query_mask=query_mask,
+                return_trace=return_trace)
+    check_flag("is_causal", is_causal)
+    q = p.q * p.scale  # (G, Nq, D)
+    in_place = not torch.is_grad_enabled() or not (q.requires_grad or p.k.requires_grad)
+    invalid = None if p.valid is None else ~p.valid.unsqueeze(1)  # (G, 1, Nk)
+    chunk = max(1, CHUNK_ENTRIES // max(1, p.groups * p.n_k))
+    outs, log_ds = [], []
+    for start in range(0, p.n_q, chunk):
+        stop = min(p.n_q, start + chunk)
+        bad = invalid
+        if is_causal:
+            future = ~causal_visible(p.n_q, p.n_k, start, stop, p.device).unsqueeze(0)  # (1, c, Nk)
+            bad = future if bad is None else bad | future
+        out, log_d = exact_chunk(q[:, start:stop], p.k, p.v, bad, in_place=in_place)
+        outs.append(out)
+        log_ds.append(log_d)
+    out, log_d = torch.cat(outs, 1), torch.cat(log_ds, 1)  # (G, Nq, Dv), (G, Nq)
+    if p.query_valid is not None:
+        out = out * p.query_valid.unsqueeze(-1)
+    out = p.finish(out)
     if not return_trace:
         return out
-    return out, ExactTrace(query, key, scale, mask, log_d.view(*lead, n_q))
+    trace_cls = CausalExactTrace if is_causal else ExactTrace
+    return out, trace_cls(query, key, p.scale, p.mask, p.per_query(log_d))

@@ -1,25 +1,36 @@
-"""Shared plumbing of the peer methods: input checks, flattening, stable merges and the trace.
+"""Shared plumbing of the peer methods: input checks, flattening, stable merges, causal masks and the trace.
 
 Every method works on flattened heads: the caller's leading dims (batch, heads, ...) become one group
 dim G.  Shape legend used in this package:
     G  groups (batch x heads)   Nq queries   Nk keys   D head dim   Dv value dim
     nb blocks (chunks)   Bq query slots per block   K key slots per block   s samples   m features
+Causal masks are bottom-right aligned, as flash-attention and KV-cache decoding need: query i sees the
+keys j <= Nk - Nq + i (torch's SDPA `is_causal` is top-left aligned when Nq != Nk).
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
 
-from .._checks import check_int
+from .._checks import check_flag, check_int
 from .._inputs import Prepared, prepare  # one input step for the core, exact attention and the peers
 from ..core import gather_rows  # gather_rows: one implementation for the core and the peers
+
+# Entries of one chunk of per-query gathered keys (G x queries x keys x D): bounded memory.
+CHUNK_ENTRIES = 1 << 23
 
 
 def part(name: str, value: int, minimum: int = 1) -> int:
     return check_int(name, value, minimum=minimum)
+
+
+def refuse_causal(is_causal, method: str, why: str) -> None:
+    """The ValueError of a method that has no causal form (`why` says what needs the future)."""
+    if check_flag("is_causal", is_causal):
+        raise ValueError(f"{method} has no causal form ({why}); is_causal=True is not supported: use exact, "
+                         "kdeformer, performer, reformer, hyperattention or uniform for causal attention")
 
 
 def split_block_and_samples(budget: int, block: int | None, samples: int | None, fraction: float,
@@ -37,22 +48,29 @@ def split_block_and_samples(budget: int, block: int | None, samples: int | None,
     return part(block_name, block), part("sample_size", samples)
 
 
+def grad_free(*tensors: torch.Tensor) -> bool:
+    """True when autograd records nothing for these tensors, so in-place ops on them are safe."""
+    return not torch.is_grad_enabled() or not any(t.requires_grad for t in tensors)
+
+
 def masked_softmax_parts(logits: torch.Tensor, allowed: torch.Tensor | None, values: torch.Tensor,
                          log_weight: torch.Tensor | None = None):
     """One attention part over a set of keys, kept as (output, log-sum-exp) so parts merge stably.
 
-    logits (..., R, K) already scaled (overwritten: pass a fresh tensor), allowed (..., R or 1, K) bool
-    or None, values (..., K, Dv), log_weight (..., 1, K) optional log importance weight of each key.
+    logits (..., R, K) already scaled (a fresh tensor: overwritten when autograd is not recording),
+    allowed (..., R or 1, K) bool or None, values (..., K, Dv), log_weight (..., 1, K) optional log
+    importance weight of each key.
     Returns out (..., R, Dv) = sum_j w_j e^{l_j} v_j / sum_j w_j e^{l_j}  (0 where no key is allowed) and
     lse (..., R) = log sum_j w_j e^{l_j}  (-inf where no key is allowed).
     """
+    in_place = grad_free(logits)
     if log_weight is not None:
-        logits.add_(log_weight)
+        logits = logits.add_(log_weight) if in_place else logits + log_weight
     if allowed is not None:
-        logits.masked_fill_(~allowed, float("-inf"))
-    shift = logits.amax(-1, keepdim=True)  # (..., R, 1)
+        logits = logits.masked_fill_(~allowed, float("-inf")) if in_place else logits.masked_fill(~allowed, float("-inf"))
+    shift = logits.amax(-1, keepdim=True).detach()  # (..., R, 1); any shift is exact, so it needs no gradient
     shift = torch.where(torch.isfinite(shift), shift, torch.zeros_like(shift))
-    weights = logits.sub_(shift).exp_()  # 0 on masked entries
+    weights = logits.sub_(shift).exp_() if in_place else torch.exp(logits - shift)  # 0 on masked entries
     den = weights.sum(-1, keepdim=True)  # (..., R, 1)
     out = (weights @ values) / den.clamp_min(torch.finfo(den.dtype).tiny)
     return out, (shift + den.log()).squeeze(-1)
@@ -61,7 +79,7 @@ def masked_softmax_parts(logits: torch.Tensor, allowed: torch.Tensor | None, val
 def merge_parts(parts):
     """Merge (out, lse) parts over disjoint key sets: a softmax over their union.  -> (out, lse)."""
     lse = torch.logsumexp(torch.stack([p[1] for p in parts]), dim=0)  # (..., R)
-    safe = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
+    safe = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse)).detach()
     out = 0
     for o, l in parts:
         out = out + torch.exp(l - safe).unsqueeze(-1) * o
@@ -71,6 +89,56 @@ def merge_parts(parts):
 def dense_logits(query: torch.Tensor, key: torch.Tensor, scale: float, dtype) -> torch.Tensor:
     """(..., Nq, Nk) scale * q k^T in `dtype` (for the small-N attention_matrix views)."""
     return scale * (query.to(dtype) @ key.to(dtype).mT)
+
+
+# --------------------------------------------------------------------------- causal helpers
+def causal_limit(n_q: int, n_k: int, device) -> torch.Tensor:
+    """Last key each query may see, bottom-right aligned: Nk - Nq + i (negative: none).  # (Nq,)"""
+    return torch.arange(n_q, device=device) + (n_k - n_q)
+
+
+def causal_allowed(n_q: int, n_k: int, device) -> torch.Tensor:
+    """Bool (Nq, Nk): key j is visible to query i (j <= Nk - Nq + i)."""
+    return torch.arange(n_k, device=device) <= causal_limit(n_q, n_k, device).unsqueeze(-1)
+
+
+def visible_pairs(n_q: int, n_k: int) -> int:
+    """Number of (query, key) pairs under the bottom-right causal mask."""
+    return sum(min(n_k, max(0, n_k - n_q + i + 1)) for i in range(n_q))
+
+
+def attend_per_query(q_scaled: torch.Tensor, k: torch.Tensor, v: torch.Tensor, index: torch.Tensor,
+                     allowed: torch.Tensor, log_weight: torch.Tensor | None = None):
+    """Each query attends to its own list of keys (causal peers), chunked over queries for memory.
+
+    q_scaled (G, Nq, D), k (G, Nk, D), v (G, Nk, Dv), index (G, Nq, S) key of each slot, allowed
+    (G, Nq, S) bool, log_weight (G, Nq, S) or None.  -> (out (G, Nq, Dv), lse (G, Nq)) as
+    masked_softmax_parts.  Every row is computed with the same shapes whatever the other rows hold, so a
+    query's result never depends on another query's keys (the strict causality tests rely on it).
+    """
+    groups, n_q, slots = index.shape
+    chunk = max(1, CHUNK_ENTRIES // max(1, groups * slots * max(k.shape[-1], v.shape[-1])))
+    outs, lses = [], []
+    for start in range(0, n_q, chunk):
+        idx = index[:, start:start + chunk]  # (G, c, S)
+        k_sel, v_sel = gather_rows(k, idx), gather_rows(v, idx)  # (G, c, S, D), (G, c, S, Dv)
+        logits = (k_sel @ q_scaled[:, start:start + chunk].unsqueeze(-1)).squeeze(-1)  # (G, c, S)
+        w = None if log_weight is None else log_weight[:, start:start + chunk].unsqueeze(-2)  # (G, c, 1, S)
+        out, lse = masked_softmax_parts(logits.unsqueeze(-2), allowed[:, start:start + chunk].unsqueeze(-2), v_sel, w)
+        outs.append(out.squeeze(-2))
+        lses.append(lse.squeeze(-1))
+    return torch.cat(outs, 1), torch.cat(lses, 1)
+
+
+def block_support(blocks, q_block: torch.Tensor | None = None) -> torch.Tensor:
+    """Bool (G, Nq, Nk): key j lies in the key block of query i (the exact part of the LSH methods).
+
+    blocks: an _lsh.Blocks; q_block (G, Nq) block of each query (default: blocks.q_block)."""
+    q_block = blocks.q_block if q_block is None else q_block
+    q_start = torch.gather(blocks.k_start, 1, q_block).unsqueeze(-1)  # (G, Nq, 1)
+    q_end = torch.gather(blocks.k_end, 1, q_block).unsqueeze(-1)
+    kp = blocks.k_pos.unsqueeze(1)  # (G, 1, Nk)
+    return (kp >= q_start) & (kp < q_end)
 
 
 @dataclass

@@ -13,7 +13,7 @@ from .. import core
 from ._common import split_block_and_samples
 
 BUDGET_PARAMS = ("bucket_size", "sample_size")
-RESERVED = ("query", "key", "value", "scale", "key_mask", "generator", "return_trace")
+RESERVED = ("query", "key", "value", "scale", "key_mask", "generator", "return_trace", "is_causal")
 
 
 def core_options() -> tuple[str, ...]:
@@ -35,6 +35,16 @@ def split_budget(budget: int, bucket_size: int | None = None, sample_size: int |
     return {"bucket_size": bucket_size, "sample_size": sample_size, **passthrough}
 
 
-def kdeformer_method(query, key, value, *, scale=None, key_mask=None, generator=None, return_trace=False, **options):
+def kdeformer_method(query, key, value, *, scale=None, key_mask=None, generator=None, return_trace=False,
+                     is_causal=False, **options):
     return core.kde_attention(query, key, value, scale=scale, key_mask=key_mask, generator=generator,
-                              return_trace=return_trace, **options)
+                              return_trace=return_trace, is_causal=is_causal, **options)
+
+
+OPTIONS = core_options()
+
+
+def multiply_adds(n_queries: int, n_keys: int, dim: int, dim_v: int, *, is_causal: bool = False, **params) -> int:
+    """The core's own count (kdeformer.core.kde_multiply_adds: blocks, samples, heavy columns, estimation rows)."""
+    params.pop("bucket_fraction", None)
+    return int(core.kde_multiply_adds(n_queries, n_keys, dim, dim_v, is_causal=is_causal, **params))

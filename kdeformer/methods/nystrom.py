@@ -12,13 +12,14 @@ released code takes the max over the whole batch).  The learned depthwise-convol
 layer is a model part, not part of the approximation, and is left out.
 Nystromformer estimates no normaliser (log_normalizer is None).  With m = Nq = Nk the three kernels are
 the full softmax S and the output is S S^+ S V = S V (exact up to the pseudo-inverse's convergence).
-Budget: m = budget landmarks (capped at Nq and Nk).  Cost O((Nq + Nk) m D + m^3).
+No causal form: every landmark averages queries and keys from the whole sequence (is_causal=True is
+refused).  Budget: m = budget landmarks (capped at Nq and Nk).  Cost O((Nq + Nk) m D + m^3): see multiply_adds.
 """
 from __future__ import annotations
 
 import torch
 
-from ._common import MethodTrace, part, prepare
+from ._common import MethodTrace, part, prepare, refuse_causal
 
 OPTIONS = ("num_landmarks", "pinv_iterations", "pinv")
 PINV_MODES = ("iterative", "exact")
@@ -60,13 +61,15 @@ def iterative_pinv(a: torch.Tensor, iterations: int) -> torch.Tensor:
 
 
 def nystrom_attention(query, key, value, *, num_landmarks: int = 64, pinv_iterations: int = 6,
-                      pinv: str = "iterative", scale=None, key_mask=None, generator=None, return_trace=False):
+                      pinv: str = "iterative", scale=None, key_mask=None, generator=None, return_trace=False,
+                      is_causal=False):
     """Nystromformer approximation with `num_landmarks` segment-mean landmarks (deterministic)."""
+    refuse_causal(is_causal, "Nystromformer", "its landmarks average tokens from the whole sequence")
     num_landmarks = part("num_landmarks", num_landmarks)
     pinv_iterations = part("pinv_iterations", pinv_iterations)
     if pinv not in PINV_MODES:
         raise ValueError(f"pinv must be one of {list(PINV_MODES)}, got {pinv!r}")
-    p = prepare(query, key, value, scale=scale, key_mask=key_mask, generator=generator)
+    p = prepare(query, key, value, scale=scale, key_mask=key_mask, generator=generator, return_trace=return_trace)
     m = min(num_landmarks, p.n_q, p.n_k)
     q_s = p.q * p.scale  # (G, Nq, D)
     q_marks = segment_means(q_s, torch.full_like(p.n_valid, p.n_q), m)  # (G, m, D)
@@ -97,3 +100,19 @@ def nystrom_attention(query, key, value, *, num_landmarks: int = 64, pinv_iterat
                 "kernel_b": p.per_group(kernel_b), "a_pinv": p.per_group(a_pinv)},
         matrix_fn=lambda: p.per_query(kernel_f @ a_pinv @ kernel_b))
     return p.finish(out), trace
+
+
+# Multiply-adds of one exact SVD-based pseudo-inverse of an m x m matrix, counted as 12 m^3 (the usual
+# operation count of a full SVD of a square matrix, Golub and Van Loan); the iterative scheme is counted exactly.
+SVD_FACTOR = 12
+
+
+def multiply_adds(n_queries: int, n_keys: int, dim: int, dim_v: int, *, num_landmarks: int, pinv_iterations: int = 6,
+                  pinv: str = "iterative") -> int:
+    """With m = min(num_landmarks, Nq, Nk): segment means (Nq + Nk) D; the kernels F Nq m (D + 1), A m^2 (D + 1)
+    and B m Nk (D + 1) (logits plus the softmax sum); the pseudo-inverse 4 m^3 per iteration (A Z, then three
+    products with A Z) plus 2 m^2 for the norms; the output B V m Nk Dv, A^+ (B V) m^2 Dv, F (.) Nq m Dv."""
+    m = min(num_landmarks, n_queries, n_keys)
+    kernels = (n_queries * m + m * m + m * n_keys) * (dim + 1)
+    inverse = pinv_iterations * 4 * m**3 + 2 * m * m if pinv == "iterative" else SVD_FACTOR * m**3
+    return (n_queries + n_keys) * dim + kernels + inverse + (m * n_keys + m * m + n_queries * m) * dim_v

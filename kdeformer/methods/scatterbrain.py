@@ -7,18 +7,21 @@ fills in; nothing is counted twice because L is subtracted on S:
     D~_i = the same with v = 1;   out_i = N~_i / D~_i
 Support: Reformer's angular LSH (one round), queries and keys sorted by bucket and cut into
 nb = ceil(Nk / block_size) balanced chunks; query chunk t meets key chunk t.
-Stability: every term is carried relative to one per-query reference c_i (the larger of the sparse max
-logit and the log of the low-rank normaliser), the Performer shifts are folded into it, and the
-low-rank remainder of D~ is clamped at 0 against rounding.  Masked keys: out of the support and phi = 0.
-Budget = block_size + num_features, split half and half by default.  Cost O(Nq (B + m) D).
+Stability (finite at logits of +-1e4): the Performer features carry the shifts of performer.favor_features
+(per key feature and per query row, so the low-rank normaliser's largest term is exactly 1); every term is
+then carried relative to one per-query reference c_i (the larger of the sparse max logit and the log of the
+low-rank normaliser), and the low-rank remainder of D~ is clamped at 0 against rounding.
+Masked keys: out of the support and phi = 0.  No causal form: the low-rank part sums over every key and
+the support is cut from all tokens sorted together.
+Budget = block_size + num_features, split half and half by default.  Cost: see multiply_adds.
 """
 from __future__ import annotations
 
 import torch
 
-from ._common import MethodTrace, dense_logits, gather_rows, part, prepare
+from ._common import MethodTrace, block_support, dense_logits, gather_rows, part, prepare, refuse_causal
 from ._lsh import angular_buckets, gaussian_directions, make_blocks, sort_tokens, unblock_queries
-from .performer import draw_feature_directions, key_features, query_features, scaled_pair
+from .performer import draw_feature_directions, favor_features, scaled_pair
 from .reformer import default_num_buckets
 
 OPTIONS = ("block_size", "num_features", "num_buckets", "orthogonal")
@@ -38,11 +41,13 @@ def split_budget(budget: int, block_size: int | None = None, num_features: int |
 
 
 def scatterbrain_attention(query, key, value, *, block_size: int = 64, num_features: int = 64, num_buckets=None,
-                           orthogonal: bool = True, scale=None, key_mask=None, generator=None, return_trace=False):
+                           orthogonal: bool = True, scale=None, key_mask=None, generator=None, return_trace=False,
+                           is_causal=False):
     """ScatterBrain: exact attention on an LSH support plus Performer features everywhere else."""
+    refuse_causal(is_causal, "ScatterBrain", "its low-rank part sums over every key")
     block_size = part("block_size", block_size)
     num_features = part("num_features", num_features)
-    p = prepare(query, key, value, scale=scale, key_mask=key_mask, generator=generator)
+    p = prepare(query, key, value, scale=scale, key_mask=key_mask, generator=generator, return_trace=return_trace)
     num_chunks = max(1, -(-p.n_k // block_size))
     num_buckets = part("num_buckets", default_num_buckets(num_chunks) if num_buckets is None else num_buckets,
                        minimum=2)
@@ -59,9 +64,8 @@ def scatterbrain_attention(query, key, value, *, block_size: int = 64, num_featu
     directions = draw_feature_directions(p.groups, num_features, p.dim, orthogonal=bool(orthogonal),
                                          dtype=p.dtype, device=p.device, generator=p.generator)  # (G, m, D)
     q_s, k_s = scaled_pair(p)
-    phi_q, a = query_features(q_s, directions)  # (G, Nq, m), (G, Nq)
-    phi_k, b = key_features(k_s, directions, p.valid)  # (G, Nk, m), (G,)
-    lr_num = phi_q @ (phi_k.mT @ p.v)  # (G, Nq, Dv)  times e^{a_i + b}
+    phi_q, phi_k, lr_factor = favor_features(q_s, k_s, directions, p.valid)  # (G, Nq, m), (G, Nk, m), (G, Nq)
+    lr_num = phi_q @ (phi_k.mT @ p.v)  # (G, Nq, Dv)  times e^{lr_factor_i}
     lr_den = (phi_q @ phi_k.sum(1).unsqueeze(-1)).squeeze(-1)  # (G, Nq)
 
     def blocked(x):  # (G, Nq, ...) token order -> (G, nb, Bq, ...)
@@ -71,7 +75,7 @@ def scatterbrain_attention(query, key, value, *, block_size: int = 64, num_featu
     fk_blk = gather_rows(phi_k, blocks.k_index)  # (G, nb, K, m)
     q_blk = blocked(p.q * p.scale)  # (G, nb, Bq, D)
     fq_blk = blocked(phi_q)  # (G, nb, Bq, m)
-    lr_log = blocked(a.unsqueeze(-1)).squeeze(-1) + b.view(-1, 1, 1)  # (G, nb, Bq) log factor of L entries
+    lr_log = blocked(lr_factor.unsqueeze(-1)).squeeze(-1)  # (G, nb, Bq) log factor of L entries
     valid = blocks.k_valid.unsqueeze(-2)  # (G, nb, 1, K)
     logits = (q_blk @ k_blk.mT).masked_fill(~valid, float("-inf"))  # (G, nb, Bq, K)
     lr_sparse = (fq_blk @ fk_blk.mT) * valid  # (G, nb, Bq, K) L on the support (unscaled)
@@ -89,12 +93,9 @@ def scatterbrain_attention(query, key, value, *, block_size: int = 64, num_featu
     log_d = unblock_queries((ref + den.log()).unsqueeze(-1), blocks).squeeze(-1)  # (G, Nq)
 
     def matrix():
-        q_start = torch.gather(blocks.k_start, 1, blocks.q_block).unsqueeze(-1)  # (G, Nq, 1)
-        q_end = torch.gather(blocks.k_end, 1, blocks.q_block).unsqueeze(-1)
-        kp = blocks.k_pos.unsqueeze(1)  # (G, 1, Nk)
-        support = (kp >= q_start) & (kp < q_end)  # (G, Nq, Nk)
+        support = block_support(blocks)  # (G, Nq, Nk)
         exact_part = torch.exp(dense_logits(p.q, p.k, p.scale, p.dtype) - log_d.unsqueeze(-1))
-        low_rank = (phi_q @ phi_k.mT) * torch.exp(a + b.unsqueeze(-1) - log_d).unsqueeze(-1)
+        low_rank = (phi_q @ phi_k.mT) * torch.exp(lr_factor - log_d).unsqueeze(-1)
         return p.per_query(torch.where(support, exact_part, low_rank))
 
     trace = MethodTrace(
@@ -108,3 +109,16 @@ def scatterbrain_attention(query, key, value, *, block_size: int = 64, num_featu
             unblock_queries((exact.sum(-1) / den).unsqueeze(-1), blocks).squeeze(-1))},
         matrix_fn=matrix)
     return p.finish(out), trace
+
+
+def multiply_adds(n_queries: int, n_keys: int, dim: int, dim_v: int, *, block_size: int, num_features: int,
+                  num_buckets: int | None = None, orthogonal: bool = True) -> int:
+    """Per head, with nb = ceil(Nk / block_size) chunks of Bq = ceil(Nq / nb) query slots and K = ceil(Nk / nb)
+    key slots (padded slots count): Performer features (Nq + Nk)(m D + D), the low-rank sums Nk m (Dv + 1) +
+    Nq m (Dv + 1); on the support the exact logits nb Bq K D, L on the support nb Bq K m, and both times the
+    values nb Bq K 2 (Dv + 1).  Hashing (angular LSH) is left out."""
+    nb = max(1, -(-n_keys // block_size))
+    bq, k = -(-n_queries // nb), -(-n_keys // nb)
+    m = num_features
+    features = (n_queries + n_keys) * (m * dim + dim) + (n_keys + n_queries) * m * (dim_v + 1)
+    return features + nb * bq * k * (dim + m + 2 * (dim_v + 1))
