@@ -26,7 +26,7 @@ SHORT_TEXT = (
 def softmax_probs(src: S.AttentionSource) -> torch.Tensor:
     """softmax(scale * Q K^T) of every layer and head, float64.  # (L, H, N, N)"""
     logits = (src.q.double() @ src.k.double().transpose(-1, -2)) * src.scale
-    return torch.softmax(logits, dim=-1)
+    return torch.softmax(logits.masked_fill(~src.allowed(), float("-inf")), dim=-1)
 
 
 def model_attentions_and_contexts(model, projections, inputs):
@@ -171,7 +171,7 @@ def test_disk_cache_round_trip_without_running_the_model(tmp_path, monkeypatch):
     files = list(tmp_path.glob("source-*.pt"))
     assert len(files) == 1
     S.clear_cache()
-    monkeypatch.setattr(S, "_capture", lambda *a, **k: pytest.fail("the model ran despite the disk cache"))
+    monkeypatch.setattr(S.pretrained, "_capture", lambda *a, **k: pytest.fail("the model ran despite the disk cache"))
     second = S.minilm(SHORT_TEXT, max_tokens=32, cache_dir=tmp_path)
     assert second is not first
     assert torch.equal(second.q, first.q) and torch.equal(second.v, first.v)
@@ -232,10 +232,42 @@ def test_from_pretrained_without_tokenizer_needs_inputs(tiny_dirs):
         S.from_pretrained(tiny_dirs["vit"], SHORT_TEXT)
 
 
+@pytest.fixture(scope="module")
+def tiny_decoders(tmp_path_factory):
+    root = tmp_path_factory.mktemp("decoders")
+    return {arch: S.tiny_decoder(root / arch, arch) for arch in S.TINY_ARCHS}
+
+
+@pytest.mark.parametrize("arch", S.TINY_ARCHS)
+def test_from_pretrained_captures_decoders_with_their_causal_mask(tiny_decoders, arch):
+    text = S.corpus()[2]
+    src = S.from_pretrained(tiny_decoders[arch], text)
+    assert src.is_causal and "causal" in repr(src)
+    assert (src.num_layers, src.num_heads, src.head_dim) == (2, 4, 8)  # Llama's 2 key/value heads repeated
+    assert src.scale == pytest.approx(8 ** -0.5) and src.meta["capture"] == "attention function"
+    import transformers as tf
+
+    folder = tiny_decoders[arch]
+    model = tf.AutoModelForCausalLM.from_pretrained(folder, local_files_only=True, attn_implementation="eager").eval()
+    tok = tf.AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    enc = tok(text, return_tensors="pt")
+    assert src.tokens == tok.convert_ids_to_tokens(enc["input_ids"][0].tolist())
+    with torch.no_grad():
+        probs = torch.stack(model(**enc, output_attentions=True).attentions)[:, 0]  # (L, H, N, N)
+    mine = softmax_probs(src)  # the causal mask applied: the model's own attention, upper triangle empty
+    torch.testing.assert_close(mine, probs.double(), atol=1e-5, rtol=0)
+    assert float(mine.triu(1).abs().max()) == 0.0
+
+
 @pytest.mark.parametrize("kind", ["gpt2", "bert-decoder"])
-def test_from_pretrained_refuses_decoders(tiny_dirs, kind):
-    with pytest.raises(ValueError, match="causal mask"):
-        S.from_pretrained(tiny_dirs[kind], SHORT_TEXT)
+def test_from_pretrained_decoders_of_other_families_are_causal(tiny_dirs, kind):
+    src = S.from_pretrained(tiny_dirs[kind], SHORT_TEXT)
+    assert src.is_causal and src.num_layers == 2
+
+
+def test_encoder_sources_are_not_causal(tiny_dirs):
+    assert not S.from_pretrained(tiny_dirs["bert"], SHORT_TEXT).is_causal
+    assert not S.synthetic(n=16).is_causal
 
 
 def test_from_pretrained_refuses_a_folder_without_config(tmp_path):
@@ -336,3 +368,23 @@ def test_attention_source_checks():
     with pytest.raises(ValueError, match="tokens"):
         S.AttentionSource("x", "", ["a"] * 3, src.q, src.k, src.v, 0.5)
     assert "tokens=16" in repr(src) and math.isclose(src.scale, 0.5)
+    with pytest.raises(ValueError, match="is_causal"):
+        S.AttentionSource("x", "", ["a"] * 16, src.q, src.k, src.v, 0.5, is_causal="yes")
+
+
+def test_causal_sources_allow_the_lower_triangle_and_measure_it():
+    src = S.synthetic(16, 4, "uniform")
+    causal = S.AttentionSource("x", "", src.tokens, src.q, src.k, src.v, src.scale, is_causal=True)
+    assert torch.equal(causal.allowed(), torch.ones(16, 16, dtype=torch.bool).tril())
+    assert torch.equal(src.allowed(), torch.ones(16, 16, dtype=torch.bool))
+    # near-uniform attention: entropy ~1 both ways; row i of the causal source spreads over i + 1 keys
+    assert S.measure_attention(causal)["entropy"] > 0.98 and S.measure_attention(src)["entropy"] > 0.98
+    assert S.measure_attention(causal)["max_prob"] > 2 * S.measure_attention(src)["max_prob"]
+
+
+def test_causal_source_disk_round_trip(tmp_path):
+    src = S.synthetic(16, 4, "uniform")
+    causal = S.AttentionSource("x", "", src.tokens, src.q, src.k, src.v, src.scale, is_causal=True)
+    S.container.save_source(causal, tmp_path / "s.pt")
+    back = S.container.load_source(tmp_path / "s.pt")
+    assert back.is_causal and torch.equal(back.q, causal.q)
