@@ -509,7 +509,10 @@ def kde_multiply_adds(n_queries: int, n_keys: int, dim: int, dim_v: int, *, incl
     if opts.is_causal:
         from .causal import causal_multiply_adds
 
-        total = causal_multiply_adds(n_queries, n_keys, dim, dim_v, opts)
+        total = causal_multiply_adds(n_queries, n_keys, dim, dim_v, bucket_size=opts.bucket_size,
+                                     sample_size=opts.sample_size, local_window=opts.local_window,
+                                     num_projs=opts.num_projs, sampling=opts.sampling,
+                                     heavy_columns=opts.heavy_columns, estimate_rows=opts.estimate_rows)
     else:
         plan = plan_blocks(n_queries, n_keys, opts.bucket_size)
         columns = plan.key_slots + opts.sample_size

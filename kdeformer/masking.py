@@ -24,7 +24,7 @@ KEY_AXIS = ("probs", "group_probs", "group_column_norms")  # last dim indexes ke
 KEY_INDICES = ("block_cols", "sampled", "heavy_columns")  # values are key indices
 QUERY_INDICES = ("estimate_rows",)  # values are query indices
 ORDERS = ("q_order", "k_order")  # permutations: real tokens sorted, then the masked ones
-SCALARS = ("num_blocks", "num_groups")
+SCALARS = ("num_blocks", "num_groups", "chunk_len", "local_window")
 PAD_FILL = {"sample_group": -1}  # fill of padding slots when classes of different sizes are merged
 
 
@@ -33,7 +33,7 @@ def causal_limits(q_pos: torch.Tensor, k_pos: torch.Tensor, n_q: int, n_k: int) 
 
     q_pos (G, nq), k_pos (G, nk) token positions of the real queries / keys (ascending) -> (G, nq) int64.
     """
-    limits = torch.searchsorted(k_pos, q_pos + (n_k - n_q), right=True)
+    limits = torch.searchsorted(k_pos.contiguous(), q_pos + (n_k - n_q), right=True)
     if bool((limits == 0).any()):
         raise ValueError(
             "is_causal leaves a query without any visible key (Nq > Nk, or key_mask hides every key up to "
@@ -47,12 +47,25 @@ def run_kernel(q, k, v, limits, *, scale, opts, draws, return_trace):
     if opts.is_causal:
         from .causal import causal_kde
 
-        return causal_kde(q, k, v, limits=limits, scale=scale, bucket_size=opts.bucket_size,
-                          sample_size=opts.sample_size, num_projs=opts.num_projs, sampling=opts.sampling,
-                          bucket_order=opts.bucket_order, local_window=opts.local_window,
-                          heavy_columns=opts.heavy_columns, estimate_rows=opts.estimate_rows, draws=draws,
-                          return_trace=return_trace)
+        out, parts = causal_kde(q, k, v, limits=limits, scale=scale, bucket_size=opts.bucket_size,
+                                sample_size=opts.sample_size, num_projs=opts.num_projs, sampling=opts.sampling,
+                                bucket_order=opts.bucket_order, local_window=opts.local_window,
+                                heavy_columns=opts.heavy_columns, estimate_rows=opts.estimate_rows, draws=draws,
+                                return_trace=return_trace)
+        return out, None if parts is None else flat_parts(parts)
     return kde_unmasked(q, k, v, scale=scale, opts=opts, draws=draws, return_trace=return_trace)
+
+
+def flat_parts(parts: dict) -> dict:
+    """A kernel's parts in the one layout the trace reads: nested extras lifted, `n_exact` (the first
+    n_exact columns are exact) turned into the per-column `block_exact` flags."""
+    parts = dict(parts)
+    parts.update(parts.pop("extras", {}))
+    if "n_exact" in parts:
+        cols = parts["block_cols"]
+        exact = torch.arange(cols.shape[-1], device=cols.device) < parts.pop("n_exact")  # (C,)
+        parts["block_exact"] = exact.expand_as(cols)
+    return parts
 
 
 def real_first(valid: torch.Tensor | None, groups: int, n: int, device) -> torch.Tensor:

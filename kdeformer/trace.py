@@ -257,13 +257,17 @@ def pack_trace(p, query: torch.Tensor, key: torch.Tensor, opts, parts: dict) -> 
     parts.setdefault("k_blocks", torch.full((groups, p.n_k), -1, dtype=torch.int64, device=device))
     parts.setdefault("key_block_len", torch.full((groups,), opts.bucket_size, device=device))
     parts.setdefault("num_blocks", 1)
+    if "probs" not in parts:
+        parts["probs"] = parts["group_probs"].mean(1)  # (G, Nk)
     scalars = {name: parts.pop(name) for name in ("num_blocks", "num_groups")}
+    extras = {name: parts.pop(name) for name in list(parts) if not isinstance(parts[name], torch.Tensor)}
     shaped = {name: t.reshape(tuple(lead) + tuple(t.shape[1:])) for name, t in parts.items()}
-    extras = {name: shaped.pop(name) for name in EXTRA_FIELDS if name in shaped}
+    extras.update({name: shaped.pop(name) for name in list(shaped)
+                   if name in EXTRA_FIELDS or name not in KDETrace.__dataclass_fields__})
     return KDETrace(
         query=query, key=key, scale=p.scale, key_mask=p.mask, block_size=opts.bucket_size,
         sampling=opts.sampling, bucket_order=opts.bucket_order, extras=extras, is_causal=opts.is_causal,
         query_mask=None if p.query_valid is None else p.query_valid.view(*lead, p.n_q),
         num_blocks=int(scalars["num_blocks"]), num_groups=int(scalars.get("num_groups", 1)),
-        **{name: t for name, t in shaped.items() if name in KDETrace.__dataclass_fields__},
+        **shaped,
     )

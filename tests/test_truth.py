@@ -212,3 +212,38 @@ def test_multiply_adds_count_the_real_shapes():
     assert kde_multiply_adds(100, 100, 8, 4, bucket_size=16, sample_size=32) == 105 * 47 * 13 + 14 * 100 * 8
     assert kde_multiply_adds(100, 100, 8, 4, bucket_size=16, sample_size=32, sampling="uniform",
                              include_hashing=True) == 105 * 47 * 13 + 200 * 8 * 7
+
+
+# ----------------------------------------------------------------------------- causal, through kde_attention
+def bottom_right_sdpa(q, k, v):
+    n_q, n_k = q.shape[-2], k.shape[-2]
+    allowed = torch.ones(n_q, n_k, dtype=torch.bool).tril(n_k - n_q)  # query i sees keys j <= Nk - Nq + i
+    return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=allowed)
+
+
+@pytest.mark.parametrize("nq,nk", [(50, 50), (20, 50), (1, 30)])
+def test_causal_exact_limit_and_lower_triangular_trace(nq, nk):
+    q, k, v = qkv(2, 3, nq=nq, nk=nk, seed=8)
+    torch.testing.assert_close(K.kde_attention(q, k, v, bucket_size=nk, is_causal=True), bottom_right_sdpa(q, k, v))
+    out, t = K.kde_attention(q, k, v, bucket_size=8, sample_size=16, is_causal=True, generator=gen(1),
+                             return_trace=True)
+    m = t.attention_matrix()
+    torch.testing.assert_close(m @ v, out, rtol=1e-10, atol=1e-12)
+    assert t.is_causal and not bool(m.triu(nk - nq + 1).any()) and not bool(t.heavy_mask().triu(nk - nq + 1).any())
+
+
+def test_causal_with_left_padding_equals_the_sequence_alone():
+    q, k, v = qkv(1, 2, nq=40, seed=9)
+    pad = lambda x: torch.cat([torch.randn(1, 2, 25, x.shape[-1], generator=gen(2), dtype=x.dtype), x], 2)  # noqa: E731
+    mask = torch.zeros(1, 1, 65, dtype=torch.bool)
+    mask[..., 25:] = True
+    kw = dict(bucket_size=8, sample_size=16, is_causal=True)
+    alone = K.kde_attention(q, k, v, generator=gen(3), **kw)
+    padded = K.kde_attention(pad(q), pad(k), pad(v), key_mask=mask, query_mask=mask, generator=gen(3), **kw)
+    torch.testing.assert_close(padded[..., 25:, :], alone, rtol=1e-6, atol=1e-6)
+
+
+def test_causal_query_without_a_visible_key_is_refused():
+    q, k, v = qkv(nq=10, nk=5)
+    with pytest.raises(ValueError, match="is_causal leaves a query without any visible key"):
+        K.kde_attention(q, k, v, is_causal=True)
