@@ -9,6 +9,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .defaults import KDE_DEFAULTS
+
 
 @dataclass
 class KDETrace:
@@ -81,7 +83,7 @@ class KDETrace:
     block_cols: torch.Tensor
     block_weights: torch.Tensor
     block_exact: torch.Tensor
-    sampling: str = "column_norm"
+    sampling: str = KDE_DEFAULTS.sampling
     bucket_order: str = "gray"
     q_groups: torch.Tensor | None = None
     group_probs: torch.Tensor | None = None
