@@ -13,9 +13,11 @@ import torch
 from plotly.callbacks import Points
 
 import kdeformer
-from kdeformer.widgets import AttentionExplorer, toy_source
+from kdeformer.core import SAMPLINGS
+from kdeformer.defaults import KDE_DEFAULTS
+from kdeformer.widgets import AttentionExplorer, PlotBoard, source_from_tensors, toy_source
 from kdeformer.widgets import panels
-from kdeformer.widgets.state import Settings, kde_call_code, load_text_source
+from kdeformer.widgets.state import Engine, Settings, call_code, kde_call_code, load_text_source
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -50,18 +52,21 @@ def snapshot(ex):
     return {name: fig.to_json() for name, fig in ex.figures.items()}
 
 
+def click(ex, panel, trace_name, **point):
+    """A click as the page reports it (PlotBoard message)."""
+    ex.board._on_message(ex.board, {"event": "click", "panel": panel, "points": [{"trace": trace_name, **point}]}, [])
+
+
 # --------------------------------------------------------------------------- structure
 def test_controls_figures_and_css_classes(ex):
     c = ex.controls
     expected = {"text", "layer", "head", "method", "bucket_size", "sample_size", "num_projs", "sampling",
                 "bucket_order", "seed", "log_color", "order", "zoom", "query"}
     assert set(c) == expected
-    assert set(ex.figures) >= {"buckets", "heavy", "samples", "error"}
+    assert list(ex.figures) == ["buckets", "heavy", "samples", "error", "inspector"] == ex.board.panels
     for name, w in c.items():
         assert f"kde-control-{name}" in w._dom_classes
-    for name, fig in ex.figures.items():
-        assert f"kde-figure-{name}" in fig._dom_classes
-    assert "kde-explorer" in ex._dom_classes
+    assert "kde-explorer" in ex._dom_classes and "kde-board" in ex.board._dom_classes
     assert "kde-readout" in ex.readout._dom_classes and "kde-message" in ex.message._dom_classes
     assert "kde-status" in ex.status._dom_classes
     assert isinstance(c["bucket_size"], widgets.IntSlider) and (c["bucket_size"].min, c["bucket_size"].max) == (1, N)
@@ -69,12 +74,67 @@ def test_controls_figures_and_css_classes(ex):
     assert (c["num_projs"].min, c["num_projs"].max) == (1, 16)
     assert c["bucket_size"].continuous_update is False and c["sample_size"].continuous_update is False
     assert ex.last_error is None and ex.update_count == 1
-    # status: N, cost as a fraction of exact, time of the update
     assert re.search(r"N = 96 .*cost 0\.\d\d of exact.*updated in \d+ ms", ex.status.value)
-    # token strings on hover
-    assert "tok5" in list(trace_of(ex.figures["buckets"], "queries").text)
-    assert "%{text}" in trace_of(ex.figures["buckets"], "queries").hovertemplate
+    assert any("'tok5'" in t for t in trace_of(ex.figures["buckets"], "queries").hovertext)
     assert any("tok" in lab for lab in trace_of(ex.figures["heavy"], "attention").y)
+
+
+def test_defaults_come_from_kdeformer_defaults(src):
+    ex = AttentionExplorer(src)
+    s = ex.settings()
+    assert (s.bucket_size, s.sample_size, s.num_projs, s.sampling, s.bucket_order) == (
+        KDE_DEFAULTS.bucket_size, KDE_DEFAULTS.sample_size, KDE_DEFAULTS.num_projs, KDE_DEFAULTS.sampling,
+        KDE_DEFAULTS.bucket_order)
+    labels = dict((v, k) for k, v in ex.controls["sampling"].options)
+    assert "authors" in labels["value_norm"] and "best" in labels[KDE_DEFAULTS.sampling]
+
+
+def test_panel_registry_declares_dependencies():
+    reg = panels.PANELS
+    assert list(reg) == ["buckets", "heavy", "samples", "error", "inspector"]
+    s = Settings()
+    for name, panel in reg.items():
+        fig = panel.make()
+        assert fig.layout.autosize is True and fig.layout.width is None, name  # fills the output width
+        disp = dict(log_color=True, order="sorted", zoom=None, query=0)
+        assert not panels.needs_redraw(panel, s, disp, s, disp)
+        # a panel redraws exactly when a field it declares changes
+        for field in s.__dataclass_fields__:
+            moved = Settings(**{**s.__dict__, field: 1 if field != "sampling" else "uniform"})
+            depends = panel.settings is None or field in panel.settings
+            if moved != s:
+                assert panels.needs_redraw(panel, moved, disp, s, disp) == depends, (name, field)
+    assert reg["buckets"].settings == ("layer", "head", "num_projs", "bucket_order", "seed", "bucket_size")
+
+
+def test_one_message_per_move(ex, monkeypatch):
+    """Every changed panel travels in one PlotBoard state message (hold_sync), not one per panel."""
+    sent = []
+    monkeypatch.setattr(ex.board, "comm", _FakeComm(sent))
+    ex.set(sample_size=40)
+    states = [m for m in sent if m.get("method") == "update"]
+    assert len(states) == 1, [sorted(m["state"]) for m in states]
+    keys = set(states[0]["state"])
+    assert {"fig_samples", "fig_error", "fig_inspector", "stamps", "revision"} <= keys and "fig_buckets" not in keys
+    stamp = ex.stamp(ex.settings(), ex.display_options())
+    assert set(states[0]["state"]["stamps"].values()) == {stamp}
+    assert f"data-stamp='{stamp}'" in ex.status.value and f"data-stamp='{stamp}'" in ex.readout.value
+
+
+class _FakeComm:
+    kernel = object()
+    comm_id = "fake-comm"
+
+    def __init__(self, sink):
+        self.sink = sink
+
+    def send(self, data=None, buffers=None, **_):
+        self.sink.append(data)
+
+    def on_msg(self, *_):
+        pass
+
+    on_close = close = on_msg
 
 
 # --------------------------------------------------------------------------- figures follow the trace
@@ -93,16 +153,15 @@ def test_heavy_outlines_match_trace_blocks(ex, src):
             start = p
     got = sorted((s.y0, s.y1, s.x0, s.x1) for s in shapes)
     assert got == sorted(expected)
-    # the outlined area is exactly the set of entries computed exactly
-    area = sum((y1 - y0) * (x1 - x0) for y0, y1, x0, x1 in got)
-    assert area == int(tr.heavy_mask().sum())
-    assert tr.num_blocks == math.ceil(N / 16) and len(shapes) == tr.num_blocks
+    # value_norm-free default (column_norm) also computes heavy columns exactly: they are shaded
+    overlay = panels.unpack(trace_of(fig, "heavy overlay").z)
+    np.testing.assert_array_equal(np.nan_to_num(overlay) > 0, tr.heavy_mask()[tr.q_order][:, tr.k_order].numpy())
     # the matrix drawn is the exact softmax in sorted order (log10), unpooled at this N
     z = panels.unpack(trace_of(fig, "attention").z)
     att = kdeformer.exact_attention(*(x[0, 0] for x in (src.q, src.k, src.v)), scale=src.scale, return_trace=True)[1]
     want = att.attention_matrix()[tr.q_order][:, tr.k_order].numpy()
     np.testing.assert_allclose(z, np.maximum(np.log10(want), panels.LOG_FLOOR), atol=1e-4)
-    # heavy mass per query = exact softmax mass inside its block
+    # exact mass per query = exact softmax mass in the entries computed exactly
     mass = (att.attention_matrix() * tr.heavy_mask()).sum(-1)
     np.testing.assert_allclose(trace_of(fig, "exact heavy mass").y, mass[tr.q_order].numpy(), atol=1e-4)
 
@@ -110,14 +169,20 @@ def test_heavy_outlines_match_trace_blocks(ex, src):
 def test_sample_marks_match_trace(ex, src):
     out, tr = reference(src, ex.settings())
     fig = ex.figures["samples"]
-    uniq = torch.unique(tr.sampled).numpy()
+    g = int(tr.q_groups[ex.display_options()["query"]])
+    mine = tr.sample_group == g
+    uniq = torch.unique(tr.sampled[mine]).numpy()
     marks = trace_of(fig, "sampled")
     np.testing.assert_array_equal(np.asarray(marks.x), uniq)
-    np.testing.assert_allclose(marks.y, tr.probs[uniq].numpy(), rtol=1e-6)
-    np.testing.assert_allclose(trace_of(fig, "column weight").y, tr.column_weights()[uniq].numpy(), rtol=1e-6)
-    np.testing.assert_array_equal(trace_of(fig, "excluded queries").y, tr.excluded_mask().sum(-2)[uniq].numpy())
-    np.testing.assert_allclose(trace_of(fig, "probability").y, tr.probs.numpy(), rtol=1e-6)
-    assert f"s={tr.sampled.numel()} draws" in fig.layout.title.text
+    np.testing.assert_allclose(marks.y, tr.group_probs[g][uniq].numpy(), rtol=1e-6)
+    np.testing.assert_allclose(trace_of(fig, "column weight").y, tr.group_column_weights()[g][uniq].numpy(), rtol=1e-6)
+    in_group = tr.q_groups == g
+    np.testing.assert_array_equal(trace_of(fig, "excluded queries").y, tr.heavy_mask()[in_group][:, uniq].sum(0).numpy())
+    np.testing.assert_allclose(trace_of(fig, "probability").y, tr.group_probs[g].numpy(), rtol=1e-6)
+    draws = int(mine.sum())
+    assert f"{draws} draws" in fig.layout.title.text and f"s = {ex.settings().sample_size} columns per query" in fig.layout.title.text
+    if tr.num_groups > 1:
+        assert f"each of {tr.num_groups} query groups draws its own ({tr.sampled.numel()} in all)" in fig.layout.title.text
     # buckets: sizes per code match the hash codes
     b = ex.figures["buckets"]
     counts = dict(zip(trace_of(b, "keys per bucket").x, trace_of(b, "keys per bucket").y))
@@ -125,8 +190,7 @@ def test_sample_marks_match_trace(ex, src):
     for code in torch.unique(tr.k_buckets).tolist():
         assert counts[panels.code_string(code, r)] == int((tr.k_buckets == code).sum())
     assert sum(trace_of(b, "queries per bucket").y) == N
-    # the key sequence is the Gray rank of the sorted keys' buckets: non-decreasing
-    seq = np.asarray(trace_of(b, "key sequence").y)
+    seq = np.asarray(trace_of(b, "key sequence").y)  # Gray rank of the sorted keys' buckets: non-decreasing
     assert (np.diff(seq) >= 0).all()
 
 
@@ -134,10 +198,8 @@ def test_error_panel_and_readout_match_metrics(ex, src):
     s = ex.settings()
     out, tr = reference(src, s)
     exact = kdeformer.exact_attention(*(x[0, 0] for x in (src.q, src.k, src.v)), scale=src.scale)
-    errs = []
-    for i in range(3):
-        o = reference(src, Settings(**{**s.__dict__, "seed": s.seed + i}))[0]
-        errs.append(kdeformer.relative_spectral_error(o, exact))
+    errs = [kdeformer.relative_spectral_error(reference(src, Settings(**{**s.__dict__, "seed": s.seed + i}))[0], exact)
+            for i in range(3)]
     mean, sd = float(np.mean(errs)), float(np.std(errs, ddof=1))
     assert f"{mean:.4f} ± {sd:.4f}" in ex.readout.value
     curve = trace_of(ex.figures["error"], "current")
@@ -156,72 +218,179 @@ def test_error_panel_and_readout_match_metrics(ex, src):
 def test_every_setting_control_redraws_consistently(ex, src, name, value):
     before = snapshot(ex)
     count = ex.update_count
-    ex.controls[name].value = value  # synchronous: figures are updated when this returns
+    ex.set(**{name: value})  # synchronous: figures are updated when this returns
     assert ex.update_count == count + 1 and ex.last_error is None
     after = snapshot(ex)
     assert after["samples"] != before["samples"] or after["heavy"] != before["heavy"]
     s = ex.settings()
     assert getattr(s, name) == value
     out, tr = reference(src, s)
-    np.testing.assert_array_equal(np.asarray(trace_of(ex.figures["samples"], "sampled").x), torch.unique(tr.sampled).numpy())
+    g = int(tr.q_groups[0])
+    np.testing.assert_array_equal(np.asarray(trace_of(ex.figures["samples"], "sampled").x),
+                                  torch.unique(tr.sampled[tr.sample_group == g]).numpy())
     n_rects = len([sh for sh in ex.figures["heavy"].layout.shapes if sh.type == "rect"])
     assert n_rects == len(panels.block_rectangles(tr))
+    assert f"L{s.layer}H{s.head}" in ex.figures["error"].layout.title.text
 
 
 def test_display_controls(ex, src):
     heavy = ex.figures["heavy"]
     z_log = panels.unpack(trace_of(heavy, "attention").z).copy()
-    ex.controls["log_color"].value = False
+    ex.set(log_color=False)
     z_lin = panels.unpack(trace_of(heavy, "attention").z)
     finite = np.isfinite(z_log) & (z_log > panels.LOG_FLOOR)
     np.testing.assert_allclose(np.log10(z_lin[finite]), z_log[finite], atol=1e-4)
-    # original order: rows are tokens 0..N-1, blocks shaded (no outlines)
-    ex.controls["order"].value = "original"
+    # original order: rows are tokens 0..N-1, exact entries shaded (no outlines)
+    ex.set(order="original")
     assert trace_of(heavy, "attention").y[0].startswith("q0 ")
     assert not [s for s in heavy.layout.shapes if s.type == "rect"]
     out, tr = reference(src, ex.settings())
     overlay = panels.unpack(trace_of(heavy, "heavy overlay").z)
     np.testing.assert_array_equal(np.nan_to_num(overlay) > 0, tr.heavy_mask().numpy())
-    # zoom: a token range, shown at token resolution
-    ex.controls["zoom"].value = (10, 29)
+    ex.set(zoom=(10, 29))  # a token range, shown at token resolution
     assert len(trace_of(heavy, "attention").y) == 20 and trace_of(heavy, "attention").y[0].startswith("q10 ")
-    # inspector: exact row of that query, its block and its sampled keys
-    ex.controls["query"].value = 7
+    ex.set(query=7)  # inspector: exact row, the trace's row, its exact and sampled keys
     insp = ex.figures["inspector"]
     att = kdeformer.exact_attention(*(x[0, 0] for x in (src.q, src.k, src.v)), scale=src.scale, return_trace=True)[1]
     np.testing.assert_allclose(trace_of(insp, "exact row").y, att.attention_matrix()[7].numpy(), rtol=1e-5, atol=1e-9)
-    np.testing.assert_allclose(trace_of(insp, "approximate row").y, tr.attention_matrix()[7].numpy(), rtol=1e-4, atol=1e-9)
-    np.testing.assert_array_equal(trace_of(insp, "its block").x, torch.nonzero(tr.k_blocks == tr.q_blocks[7]).flatten().numpy())
-    outside = (tr.sample_counts() > 0) & (tr.k_blocks != tr.q_blocks[7])
-    np.testing.assert_array_equal(trace_of(insp, "sampled keys").x, torch.nonzero(outside).flatten().numpy())
+    np.testing.assert_allclose(trace_of(insp, "approximate row").y, tr.attention_rows(torch.tensor([7]))[0].numpy(),
+                               rtol=1e-5, atol=1e-9)
+    exact7 = tr.exact_mask_rows(torch.tensor([7]))[0]
+    np.testing.assert_array_equal(trace_of(insp, "computed exactly").x, torch.nonzero(exact7).flatten().numpy())
+    sampled7 = (tr.weight_rows(torch.tensor([7]))[0] > 0) & ~exact7
+    np.testing.assert_array_equal(trace_of(insp, "sampled keys").x, torch.nonzero(sampled7).flatten().numpy())
     assert "query 7 'tok7'" in insp.layout.title.text
 
 
 def test_click_on_a_query_point_opens_inspector(ex):
     pts = trace_of(ex.figures["buckets"], "queries")
-    ex._on_point_click(pts, Points(point_inds=[11], xs=[pts.x[11]], ys=[pts.y[11]], trace_name="queries", trace_index=1), None)
+    click(ex, "buckets", "queries", index=11, x=float(pts.x[11]), y=float(pts.y[11]), customdata=list(pts.customdata[11]))
     assert ex.controls["query"].value == int(pts.customdata[11][0])
-    err = trace_of(ex.figures["error"], "per-query error")
-    ex._on_point_click(err, Points(point_inds=[40], xs=[40], ys=[err.y[40]], trace_name="per-query error", trace_index=0), None)
+    click(ex, "error", "per-query error", index=40, x=40, y=0.1, customdata=40)
     assert ex.controls["query"].value == 40
 
 
-def test_click_on_matrix_row_opens_inspector(ex):
-    hm = trace_of(ex.figures["heavy"], "attention")
+@pytest.mark.parametrize("panel,trace_name", [("heavy", "attention"), ("error", "exact"), ("error", "approx")])
+def test_click_on_matrix_row_opens_inspector(ex, panel, trace_name):
+    hm = trace_of(ex.figures[panel], trace_name)
     label = hm.y[5]  # a row of the sorted matrix
     token = int(label.split()[0][1:])
-    ex._on_matrix_click(hm, Points(point_inds=[[5, 0]], xs=[hm.x[0]], ys=[label], trace_name="attention", trace_index=0), None)
+    click(ex, panel, trace_name, index=[5, 0], x=hm.x[0], y=label, customdata=None)
     assert ex.controls["query"].value == token
     assert f"query {token} " in ex.figures["inspector"].layout.title.text
 
 
+def test_open_a_head_for_overview_clicks(ex):
+    assert ex.open_head(1, 0)
+    s = ex.settings()
+    assert (s.layer, s.head) == (1, 0) and "L1H0" in ex.figures["heavy"].layout.title.text
+    assert not ex.open_head(5, 0) and "layer" in ex.last_error
+
+
+# --------------------------------------------------------------------------- truth: panels draw the trace's rows
+def _source_3000(masked: bool, n: int):
+    g = torch.Generator().manual_seed(n)
+    q, k, v = (torch.randn(1, 1, n, 16, generator=g) for _ in range(3))  # (L, H, N, D)
+    k[..., :3, :] *= 3.0  # a few sink-like keys
+    mask = None
+    if masked:
+        mask = torch.rand(n, generator=g) > 0.2  # (N,) True = attend
+    return source_from_tensors(q, k, v, key_mask=mask)
+
+
+@pytest.mark.parametrize("masked", [False, True], ids=["nomask", "keymask"])
+@pytest.mark.parametrize("n", [300, 3000])
+@pytest.mark.parametrize("sampling", SAMPLINGS)
+def test_every_panel_draws_the_traces_rows(sampling, n, masked, monkeypatch):
+    """The data each panel draws (before pooling) equals the trace's rows to 1e-6, and those rows @ V
+    equal the output rows (issue 11.1: no re-derivation in the widgets)."""
+    src = _source_3000(masked, n)
+    engine = Engine(src, seeds=1, curve_factors=(1.0,))
+    s = Settings(bucket_size=64, sample_size=128, sampling=sampling, seed=1)
+    res = engine.run(s)
+    tr = res.kde_trace
+    seen = {}
+    original = panels.pooled_rows
+
+    def recording(row_fns, *args):
+        def recorder(name, fn):
+            def rows_of(rows):
+                got = fn(rows)
+                seen.setdefault(name, []).append((rows, got))
+                return got
+            return rows_of
+
+        return original({name: recorder(name, fn) for name, fn in row_fns.items()}, *args)
+
+    monkeypatch.setattr(panels, "pooled_rows", recording)
+    disp = dict(log_color=True, order="sorted", zoom=None, query=n // 3)
+    view = panels.View(s, disp, engine, res, engine.curve(s), panels.TokenLabels(src.tokens), panels.TokenLabels(src.tokens))
+    ups = {name: p.update(view) for name, p in panels.PANELS.items()}
+    rows = torch.cat([r for r, _ in seen["approx"]])  # every row the error panel drew, before pooling
+    approx = torch.cat([a for _, a in seen["approx"]])
+    want = tr.attention_rows(rows)
+    torch.testing.assert_close(approx, want, rtol=0, atol=1e-6)
+    order = torch.argsort(rows)
+    torch.testing.assert_close((approx[order].double() @ src.v[0, 0].double()), res.out.double(), rtol=1e-5, atol=1e-6)
+    rows_h = torch.cat([r for r, _ in seen["heavy"]])
+    marks = torch.cat([m for _, m in seen["heavy"]])
+    torch.testing.assert_close(marks, tr.exact_mask_rows(rows_h).float(), rtol=0, atol=0)
+    assert sorted(rows_h.tolist()) == list(range(n)) == sorted(rows.tolist())
+    # heavy panel's mass: exact P over the trace's exact entries; inspector: the trace's own row
+    q = disp["query"]
+    insp = ups["inspector"].info
+    np.testing.assert_allclose(insp["approx"], tr.attention_rows(torch.tensor([q]))[0].double().numpy(), rtol=0, atol=1e-6)
+    np.testing.assert_array_equal(insp["exact_keys"], torch.nonzero(tr.exact_mask_rows(torch.tensor([q]))[0]).flatten().numpy())
+    weight = tr.weight_rows(torch.tensor([q]))[0]
+    g = int(tr.q_groups[q])
+    samp = ups["samples"].info  # the sampled columns' weights are the query's own group's weights
+    outside = ~tr.exact_mask_rows(torch.tensor([q]))[0][samp["unique"]]
+    np.testing.assert_allclose(samp["weights"][outside.numpy()], weight[samp["unique"]][outside].double().numpy(), rtol=1e-6)
+    assert samp["group"] == g
+    ex_rows = engine.exact_rows(0, 0, torch.arange(n))
+    mass = (ex_rows.double() * tr.exact_mask_rows(torch.arange(n))).sum(-1).numpy()
+    np.testing.assert_allclose(ups["heavy"].info["mass"], mass, rtol=0, atol=1e-6)
+    if n > 2048:  # pooled: nothing of N x N reached the figure
+        assert panels.unpack(ups["heavy"].traces["attention"]["z"]).shape[0] <= 256
+
+
 # --------------------------------------------------------------------------- limits and bad input
 def test_bucket_size_at_or_above_n_is_exact(ex):
-    assert ex.set(bucket_size=10 * N)  # valid: one block, exact attention
+    assert ex.set(bucket_size=10 * N)  # valid: one block, exact attention, and the clamp is announced
     assert ex.controls["bucket_size"].value == N and ex.last_error is None
-    assert "cost 1.00 of exact" in ex.status.value
+    assert f"bucket_size {10 * N} is more than the {N} keys" in ex.notes.value
+    assert "cost 1.00 of exact" in ex.status.value and "one block: exact attention" in ex.status.value
     m = float(re.search(r"<b>([0-9.]+) ±", ex.readout.value).group(1))
     assert m < 1e-5
+    ex.set(bucket_size=16)
+    assert ex.notes.value == ""
+
+
+def test_cost_above_one_is_shown_as_more_than_exact(src):
+    ex = AttentionExplorer(src, bucket_size=49, sample_size=128, seeds=1)  # 49 + 128 columns of 96 keys
+    assert re.search(r"cost 1\.\d\d of exact — <b>more than exact</b>", ex.status.value), ex.status.value
+
+
+def test_effective_block_size_is_shown(src):
+    ex = AttentionExplorer(src, bucket_size=40, sample_size=16, seeds=1)  # 96 keys: 3 balanced blocks of 32
+    assert "block of 32 keys (bucket_size 40: 3 balanced blocks of ≤32)" in ex.status.value
+
+
+def test_bucket_size_one_draws_no_wall_of_lines(src):
+    ex = AttentionExplorer(src, bucket_size=1, sample_size=16, seeds=1)
+    edges = trace_of(ex.figures["buckets"], "block edges")
+    assert len(edges.x or ()) == 0 and "edges of 96 blocks not drawn" in ex.figures["buckets"].layout.title.text
+
+
+@pytest.mark.parametrize("typed", ["-1", "abc", "1.5", str(2**40)])
+def test_typed_seed_is_refused_with_a_message(ex, typed):
+    before, count = snapshot(ex), ex.update_count
+    ex.controls["seed"].value = typed  # as the page sends a typed value
+    assert ex.last_error and "seed must be an integer" in ex.message.value and repr(typed) in ex.last_error
+    assert snapshot(ex) == before and ex.update_count == count
+    assert ex.controls["seed"].value == "3"  # the last good value is back in the box
+    ex.controls["seed"].value = "4"
+    assert ex.last_error is None and ex.settings().seed == 4
 
 
 @pytest.mark.parametrize("values,needle", [(dict(bucket_size=0), "bucket_size"), (dict(num_projs=17), "num_projs"),
@@ -243,7 +412,7 @@ def test_failure_inside_an_update_keeps_last_good_figures(ex, monkeypatch):
         raise RuntimeError("simulated failure")
 
     monkeypatch.setattr(ex.engine, "run", boom)
-    ex.controls["seed"].value = 99
+    ex.set(seed=99)
     assert "simulated failure" in ex.last_error and "Traceback" not in ex.message.value
     assert snapshot(ex) == before and ex.update_count == count
 
@@ -351,7 +520,7 @@ def test_memory_is_flat_over_many_updates():
     def churn(n):
         for i in range(n):
             ex.controls["bucket_size"].value = values[i % 8]
-            ex.controls["seed"].value = i % 5
+            ex.set(seed=i % 5)
 
     churn(40)  # fill the bounded caches (8 x 5 settings fit)
     gc.collect()
@@ -404,7 +573,9 @@ def test_tuple_sources(shape):
     out, tr = kdeformer.kde_attention(q.reshape(-1, N, 8)[s.layer * lead[1] + s.head], k.reshape(-1, N, 8)[s.layer * lead[1] + s.head],
                                       v.reshape(-1, N, 8)[s.layer * lead[1] + s.head], bucket_size=16, sample_size=16,
                                       generator=torch.Generator().manual_seed(0), return_trace=True)
-    np.testing.assert_array_equal(np.asarray(trace_of(ex.figures["samples"], "sampled").x), torch.unique(tr.sampled).numpy())
+    g = int(tr.q_groups[0])
+    np.testing.assert_array_equal(np.asarray(trace_of(ex.figures["samples"], "sampled").x),
+                                  torch.unique(tr.sampled[tr.sample_group == g]).numpy())
     with pytest.raises(ValueError, match="source"):
         AttentionExplorer((q, k))
 
@@ -418,8 +589,8 @@ def test_cross_attention_tuple():
                                       return_trace=True)
     z = panels.unpack(trace_of(ex.figures["heavy"], "attention").z)
     assert z.shape == (40, 70)
-    shapes = [s for s in ex.figures["heavy"].layout.shapes if s.type == "rect"]
-    assert sum((s.y1 - s.y0) * (s.x1 - s.x0) for s in shapes) == int(tr.heavy_mask().sum())
+    overlay = panels.unpack(trace_of(ex.figures["heavy"], "heavy overlay").z)
+    np.testing.assert_array_equal(np.nan_to_num(overlay) > 0, tr.heavy_mask()[tr.q_order][:, tr.k_order].numpy())
     torch.testing.assert_close(ex._result.out, out)
 
 
@@ -465,7 +636,7 @@ def test_pin_and_copy_as_code(ex, src):
     scope = {"q": src.q[0, 0], "k": src.k[0, 0], "v": src.v[0, 0]}
     exec(code, scope)  # the shown call reproduces the explorer's output
     torch.testing.assert_close(scope["out"], ex._result.out)
-    assert code == kde_call_code(ex.settings(), src.scale)
+    assert code == call_code(ex.settings(), src.scale)
 
 
 def test_save_html_is_standalone(ex, tmp_path):
@@ -512,17 +683,31 @@ def test_default_explorer_opens_minilm():
     ex.controls["text"].value = "The cat sat on the mat because it was warm."
     assert ex.last_error is None and ex.source.num_tokens < n_before
     assert ex.controls["query"].max == ex.source.num_tokens - 1
-    assert "cat" in list(trace_of(ex.figures["buckets"], "queries").text)
+    assert any("'cat'" in t for t in trace_of(ex.figures["buckets"], "queries").hovertext)
 
 
-def test_display_refreshes_every_panel_snapshot_for_late_pages(ex):
-    """Voila and reloaded tabs read a FigureWidget's snapshot; displaying the explorer must refresh it."""
-    ex.controls["sample_size"].value = 31
-    samples = ex.figures["samples"]
-    assert "s=31" in samples.layout.title.text
-    assert "s=31" not in str(samples._widget_layout.get("title"))  # stale: the construction-time snapshot
-    bundle = ex._repr_mimebundle_()
-    assert bundle["application/vnd.jupyter.widget-view+json"]["model_id"] == ex.model_id
-    for name, fig in ex.figures.items():
-        assert fig._widget_layout["title"]["text"] == fig.layout.title.text, name
-        assert len(fig._widget_data) == len(fig.data), name
+def test_board_holds_the_current_figures_for_late_pages(ex):
+    """Voila and reloaded tabs read the model's state: it must be the current figures, not a snapshot."""
+    ex.set(sample_size=31)
+    fig = ex.board.fig_samples
+    assert "s = 31 columns per query" in fig["layout"]["title"]["text"]
+    assert fig["rev"] <= ex.board.revision and len(fig["data"]) == len(ex.figures["samples"].data)
+    z = ex.board.fig_heavy["data"][0]["z"]
+    assert set(z) == {"dtype", "bdata", "shape"}  # a typed array, not nested lists
+    assert ex.board.stamps["error"] == ex.stamp(ex.settings(), ex.display_options())
+    assert len(ex.board._plotly_js) > 1_000_000 and b"plotly.js" in ex.board._plotly_js[:400]
+
+
+def test_sampling_labels_name_the_authors_choice(ex):
+    labels = [lab for lab, _ in ex.controls["sampling"].options]
+    assert any("authors" in lab and "value_norm" in lab for lab in labels)
+
+
+def test_set_zoom_none_means_everything(ex):
+    assert ex.set(zoom=(5, 20)) and ex.display_options()["zoom"] == (5, 20)
+    assert ex.set(zoom=None) and ex.display_options()["zoom"] is None and ex.last_error is None
+    assert not ex.set(zoom="all") and "zoom" in ex.last_error
+
+
+def test_call_code_keeps_its_old_name():
+    assert kde_call_code is call_code

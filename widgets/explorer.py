@@ -1,9 +1,14 @@
 """AttentionExplorer: move a slider, see what KDEformer hashed, computed exactly, sampled and got wrong.
 
-Controls are standard ipywidgets, panels are plotly FigureWidgets; all numbers come from `state.Engine`
-(the core's trace) and the pure functions of `panels`. Updates are synchronous and coalesced: setting a
-control's `.value` from Python redraws before the assignment returns, and values that arrive while an
-update runs replace each other, so only the newest one is drawn.
+Controls are standard ipywidgets; the five panels live in one `PlotBoard` (one widget model, plotly.js
+loaded once, every changed panel sent in ONE message and redrawn in the same frame). All numbers come
+from `state.Engine` (the core's trace) through the panel registry `panels.PANELS`. Updates are
+synchronous and coalesced: setting a control's `.value` from Python redraws before the assignment
+returns, and values that arrive while an update runs replace each other, so only the newest is drawn.
+
+Front-end moves are told apart from Python assignments by wrapping each control's public
+`Widget.set_state` (ipywidgets calls it for every update message from the page); no private
+ipywidgets attribute is read.
 """
 from __future__ import annotations
 
@@ -15,29 +20,32 @@ import time
 from dataclasses import fields
 
 import ipywidgets as widgets
-import numpy as np
 import plotly.graph_objects as go
 import torch
 
 from kdeformer.core import BUCKET_ORDERS, MAX_PROJS
+from kdeformer.defaults import KDE_DEFAULTS
 
 from . import panels
+from .board import PlotBoard
+from .figures import TokenLabels, apply
+from .panels import PANELS, View
 from .state import (
-    Engine,
     MATERIALIZE_MAX,
+    SAMPLING_LABELS,
+    Engine,
     Settings,
+    call_code,
     check_settings,
-    exact_row_fn,
-    kde_call_code,
-    resolve_source,
-    text_capable,
-    sampling_choices,
     key_tokens,
     load_text_source,
+    resolve_source,
+    sampling_choices,
+    text_capable,
     toy_source,
 )
 
-FIGURES = ("buckets", "heavy", "samples", "error", "inspector")
+FIGURES = tuple(PANELS)
 DISPLAY = ("log_color", "order", "zoom", "query")
 CONTROL_NAMES = ("text", "layer", "head", "method", "bucket_size", "sample_size", "num_projs", "sampling",
                  "bucket_order", "seed", *DISPLAY)
@@ -76,6 +84,14 @@ def _css(widget, name: str):
     return widget
 
 
+def parse_seed(value) -> int:
+    """The seed box's text (or an int) as a seed; ValueError naming the allowed range otherwise."""
+    text = str(value).strip()
+    if isinstance(value, bool) or not (text.isdigit() and int(text) <= SEED_MAX):
+        raise ValueError(f"seed must be an integer in [0, {SEED_MAX}], got {value!r}")
+    return int(text)
+
+
 class AttentionExplorer(widgets.VBox):
     """Live view of KDEformer on one attention head.
 
@@ -94,8 +110,8 @@ class AttentionExplorer(widgets.VBox):
     (`kdeformer.methods.approximate`); the buckets, heavy and samples panels always show KDEformer's
     trace for the current setting, the error panel and the inspector show the chosen method.
 
-    Attributes: controls, figures, readout, message, status, code (HTML), last_error, update_count,
-    pins (pinned curves), timings (seconds of the last update's steps).
+    Attributes: controls, figures (name -> plotly Figure, as drawn), board (the widget drawing them),
+    readout, message, notes, status, code (HTML), last_error, update_count, pins, timings, panel_info.
     """
 
     def __init__(self, source=None, **params):
@@ -109,12 +125,36 @@ class AttentionExplorer(widgets.VBox):
         self.update_count = 0
         self.timings: dict = {}
         self.pins: list = []
+        self.panel_info: dict = {}
         self.max_cells = int(params.pop("max_cells", 256))
         self.error_cells = int(params.pop("error_cells", 128))
-        seeds = int(params.pop("seeds", 3))
-        curve_seeds = int(params.pop("curve_seeds", 1))
+        seeds, curve_seeds = int(params.pop("seeds", 3)), int(params.pop("curve_seeds", 1))
         self.threads = params.pop("threads", 1)
-        startup_note = ""
+        src, startup_note = self._open_source(source)
+        self.engine = Engine(src, seeds=seeds, curve_seeds=curve_seeds)
+        self._tokens()
+        self._lock = threading.Lock()
+        self._pending = self._suspend = self._scheduled = False
+        self._from_page = 0  # > 0 while a front-end message is being applied
+        self._applied: dict = {}  # figure -> values last written (unchanged ones are not re-sent)
+        self._last = None  # (settings, display) drawn last
+        self._result = None
+        self._row_labels: dict = {}
+        self._wanted_bucket = params.get("bucket_size", KDE_DEFAULTS.bucket_size)
+        self._notes: dict[str, str] = {}
+        self._build_controls(params)
+        self._build_outputs()
+        self._layout()
+        for name, w in self.controls.items():
+            w.observe(self._on_text if name == "text" else self._on_control, names="value")
+            self._mark_page_updates(w)
+        self._announce_source()
+        self.request_update()
+        if startup_note:
+            self._show_error(startup_note)
+
+    # ------------------------------------------------------------------ construction
+    def _open_source(self, source):
         self._text_model = source is None or isinstance(source, str)
         try:
             src = resolve_source(source)
@@ -123,29 +163,16 @@ class AttentionExplorer(widgets.VBox):
         except Exception as exc:  # the model could not be loaded: keep a working explorer on toy data
             if not self._text_model:
                 raise
-            src = toy_source(n=256, d=32, layers=1, heads=2)
             self._text_model = False
-            startup_note = f"MiniLM could not be loaded ({type(exc).__name__}: {exc}); showing synthetic data."
+            note = f"MiniLM could not be loaded ({type(exc).__name__}: {exc}); showing synthetic data."
+            return toy_source(n=256, d=32, layers=1, heads=2), note
         self._text_model = self._text_model or text_capable(src)
-        self.engine = Engine(src, seeds=seeds, curve_seeds=curve_seeds)
-        self._lock = threading.Lock()
-        self._pending = False
-        self._suspend = False
-        self._scheduled = False
-        self._applied: dict = {}  # figure -> values last written (unchanged ones are not re-sent)
-        self._last = None  # (settings, display) drawn last
-        self._result = None
-        self._row_labels: dict = {}
-        self._build_controls(params)
-        self._build_outputs()
-        self._layout()
-        for name, w in self.controls.items():
-            w.observe(self._on_text if name == "text" else self._on_control, names="value")
-        self.request_update()
-        if startup_note:
-            self._show_error(startup_note)
+        return src, ""
 
-    # ------------------------------------------------------------------ construction
+    def _tokens(self):
+        self._q_tokens = TokenLabels(self.engine.src.tokens)
+        self._k_tokens = TokenLabels(key_tokens(self.engine.src))
+
     @property
     def source(self):
         return self.engine.src
@@ -158,9 +185,9 @@ class AttentionExplorer(widgets.VBox):
         # refuse initial values that the widgets would clamp silently or reject with a TraitError
         self._validate_values({k: v for k, v in p.items() if k in CONTROL_NAMES})
         layers, heads, nq, nk = self._sizes()
-        defaults = Settings()
-        methods = self.engine.methods
+        d = Settings()
         cu = dict(continuous_update=False, style={"description_width": "92px"}, layout=SLIDER_LAYOUT)
+        drop = dict(style=cu["style"], layout=SLIDER_LAYOUT)
         c = {}
         c["text"] = widgets.Textarea(
             value=getattr(self.engine.src, "text", "") or "", description="text", continuous_update=False,
@@ -168,27 +195,25 @@ class AttentionExplorer(widgets.VBox):
             placeholder="text to run through the model (MiniLM sources only)")
         c["layer"] = widgets.IntSlider(value=p.get("layer", 0), min=0, max=layers - 1, description="layer", **cu)
         c["head"] = widgets.IntSlider(value=p.get("head", 0), min=0, max=heads - 1, description="head", **cu)
-        c["method"] = widgets.Dropdown(options=[(lab, name) for name, lab in methods.items()],
-                                       value=p.get("method", "kdeformer"), description="method",
-                                       style=cu["style"], layout=SLIDER_LAYOUT)
-        c["bucket_size"] = widgets.IntSlider(value=min(p.get("bucket_size", defaults.bucket_size), nk), min=1, max=nk,
+        c["method"] = widgets.Dropdown(options=[(lab, name) for name, lab in self.engine.methods.items()],
+                                       value=p.get("method", "kdeformer"), description="method", **drop)
+        c["bucket_size"] = widgets.IntSlider(value=min(p.get("bucket_size", d.bucket_size), nk), min=1, max=nk,
                                              description="bucket_size", **cu)
-        c["sample_size"] = widgets.IntSlider(value=p.get("sample_size", min(defaults.sample_size, 4 * nk)), min=1,
+        c["sample_size"] = widgets.IntSlider(value=p.get("sample_size", min(d.sample_size, 4 * nk)), min=1,
                                              max=self._sample_max(nk), description="sample_size", **cu)
-        c["num_projs"] = widgets.IntSlider(value=p.get("num_projs", defaults.num_projs), min=1, max=MAX_PROJS,
+        c["num_projs"] = widgets.IntSlider(value=p.get("num_projs", d.num_projs), min=1, max=MAX_PROJS,
                                            description="num_projs", **cu)
-        c["sampling"] = widgets.Dropdown(options=list(sampling_choices()), value=p.get("sampling", defaults.sampling),
-                                         description="sampling", style=cu["style"], layout=SLIDER_LAYOUT)
-        c["bucket_order"] = widgets.Dropdown(options=list(BUCKET_ORDERS), value=p.get("bucket_order", defaults.bucket_order),
-                                             description="bucket_order", style=cu["style"], layout=SLIDER_LAYOUT)
-        c["seed"] = widgets.BoundedIntText(value=p.get("seed", 0), min=0, max=SEED_MAX, description="seed",
-                                           style=cu["style"], layout=SLIDER_LAYOUT)
+        c["sampling"] = widgets.Dropdown(options=[(SAMPLING_LABELS.get(m, m), m) for m in sampling_choices()],
+                                         value=p.get("sampling", d.sampling), description="sampling", **drop)
+        c["bucket_order"] = widgets.Dropdown(options=list(BUCKET_ORDERS), value=p.get("bucket_order", d.bucket_order),
+                                             description="bucket_order", **drop)
+        c["seed"] = widgets.Text(value=str(p.get("seed", 0)), description="seed", continuous_update=False, **drop)
         c["log_color"] = widgets.Checkbox(value=p.get("log_color", True), description="log colour scale", indent=False)
         c["order"] = widgets.ToggleButtons(options=["sorted", "original"], value=p.get("order", "sorted"),
                                            tooltips=["hash-sorted order (blocks on the diagonal)", "token order"],
                                            style={"button_width": "80px"})
-        zoom = p.get("zoom") or (0, nq - 1)
-        c["zoom"] = widgets.IntRangeSlider(value=tuple(zoom), min=0, max=nq - 1, description="zoom", **cu)
+        c["zoom"] = widgets.IntRangeSlider(value=tuple(p.get("zoom") or (0, nq - 1)), min=0, max=nq - 1,
+                                           description="zoom", **cu)
         c["query"] = widgets.IntSlider(value=p.get("query", 0), min=0, max=nq - 1, description="inspect query", **cu)
         for name, w in c.items():
             _css(w, f"kde-control-{name}")
@@ -201,30 +226,23 @@ class AttentionExplorer(widgets.VBox):
     def _build_outputs(self):
         self.status = _css(widgets.HTML(), "kde-status")
         self.message = _css(widgets.HTML(), "kde-message")
+        self.notes = _css(widgets.HTML(), "kde-notes")
         self.readout = _css(widgets.HTML(), "kde-readout")
         self.code = _css(widgets.HTML(), "kde-code")
         self.code.layout.display = "none"
-        self.pin_button = _css(widgets.Button(description="pin curve", icon="thumb-tack",
-                                              tooltip="keep the current error-vs-budget curve"), "kde-button-pin")
+        self.pin_button = _css(widgets.Button(description="pin curve", tooltip="keep the current error-vs-budget curve"),
+                               "kde-button-pin")
         self.clear_pins_button = _css(widgets.Button(description="clear pins"), "kde-button-clear-pins")
-        self.code_button = _css(widgets.ToggleButton(description="copy as code", icon="code",
-                                                     tooltip="show the kde_attention(...) call"), "kde-button-code")
+        self.code_button = _css(widgets.ToggleButton(description="copy as code", tooltip="show the call for this setting"),
+                                "kde-button-code")
         self.pin_button.on_click(lambda _: self.pin())
         self.clear_pins_button.on_click(lambda _: self.clear_pins())
         self.code_button.observe(lambda ch: self.show_code(ch["new"]), names="value")
-        makers = dict(buckets=panels.make_buckets, heavy=panels.make_heavy, samples=panels.make_samples,
-                      error=panels.make_error, inspector=panels.make_inspector)
-        self.figures = {}
-        for name in FIGURES:
-            fig = go.FigureWidget(makers[name]())
-            fig.add_class(f"kde-figure-{name}")
-            self.figures[name] = fig
+        self.board = _css(PlotBoard({name: panel.make() for name, panel in PANELS.items()}), "kde-board")
+        self.figures = self.board.figures
         # clicking a query (a matrix row, a point, a per-query error) opens it in the row inspector
-        hm = panels.trace_by_name(self.figures["heavy"], "attention")
-        hm.on_click(self._on_matrix_click)
-        for fig_name, trace_name in (("buckets", "queries"), ("error", "per-query error"), ("error", "normaliser")):
-            panels.trace_by_name(self.figures[fig_name], trace_name).on_click(self._on_point_click)
-        panels.trace_by_name(self.figures["error"], "exact").on_click(self._on_matrix_click)
+        for name in ("heavy", "error", "buckets"):
+            self.board.on_click(name, self._on_panel_click)
 
     def _layout(self):
         c = self.controls
@@ -236,8 +254,21 @@ class AttentionExplorer(widgets.VBox):
             col(c["order"], c["log_color"], c["zoom"], c["query"]),
         ], layout=dict(flex_flow="row wrap"))
         buttons = widgets.HBox([self.pin_button, self.clear_pins_button, self.code_button])
-        self.children = [c["text"], grid, buttons, self.status, self.message, self.readout, self.code,
-                         *(self.figures[n] for n in FIGURES)]
+        self.children = [c["text"], grid, buttons, self.status, self.message, self.notes, self.readout, self.code,
+                         self.board]
+
+    def _mark_page_updates(self, widget):
+        """Count front-end updates while they are applied (ipywidgets calls the public set_state)."""
+        original = widget.set_state
+
+        def set_state(sync_data):
+            self._from_page += 1
+            try:
+                original(sync_data)
+            finally:
+                self._from_page -= 1
+
+        widget.set_state = set_state
 
     # ------------------------------------------------------------------ reading the controls
     def settings(self) -> Settings:
@@ -245,7 +276,7 @@ class AttentionExplorer(widgets.VBox):
         return Settings(layer=c["layer"].value, head=c["head"].value, method=c["method"].value,
                         bucket_size=c["bucket_size"].value, sample_size=c["sample_size"].value,
                         num_projs=c["num_projs"].value, sampling=c["sampling"].value,
-                        bucket_order=c["bucket_order"].value, seed=c["seed"].value)
+                        bucket_order=c["bucket_order"].value, seed=parse_seed(c["seed"].value))
 
     def display_options(self) -> dict:
         c = self.controls
@@ -256,13 +287,15 @@ class AttentionExplorer(widgets.VBox):
 
     # ------------------------------------------------------------------ updates
     def _on_control(self, change):
-        """A control moved. From Python: redraw now. From the browser (inside a kernel): redraw on the
+        """A control moved. From Python: redraw now. From the page (inside a kernel): redraw on the
         next turn of the event loop, so a burst of queued moves (a held arrow key, a fast drag) is
         drawn once, with the newest values, instead of once per stale value."""
         if self._suspend:
             return
-        owner = change.get("owner")
-        loop = _running_loop() if owner is not None and getattr(owner, "_property_lock", None) else None
+        if change.get("owner") is self.controls["bucket_size"]:
+            self._wanted_bucket = change["new"]
+            self.drop_note("bucket_size")
+        loop = _running_loop() if self._from_page else None
         if loop is None:
             self.request_update()
             return
@@ -292,157 +325,140 @@ class AttentionExplorer(widgets.VBox):
 
     def _show_error(self, text: str):
         self.last_error = text
-        self.message.value = f'<div style="color:#b00020"><b>Not updated:</b> {html.escape(text)} (showing the last good result)</div>'
+        self.message.value = (f'<div style="color:#b00020"><b>Not updated:</b> {html.escape(text)} '
+                              "(showing the last good result)</div>")
 
     def _clear_error(self):
         self.last_error = None
         self.message.value = ""
+
+    def note(self, topic: str, text: str):
+        """Announce an adjustment the explorer made (a clamp, a truncation); one note per topic."""
+        self._notes[topic] = text
+        self._write_notes()
+
+    def drop_note(self, topic: str):
+        if self._notes.pop(topic, None) is not None:
+            self._write_notes()
+
+    def _write_notes(self):
+        self.notes.value = "".join(f"<div style='color:#8a5a00'>Note: {html.escape(t)}</div>" for t in self._notes.values())
+
+    def _compute(self, s: Settings):
+        """The run, the error summary and the curve; None when newer values arrived meanwhile."""
+        res = self.engine.run(s)
+        if self._pending:
+            return None
+        summary = self.engine.summary(s)
+        if self._pending:
+            return None
+        curve = self.engine.curve(s)
+        return None if self._pending else (res, summary, curve)
 
     def _update_once(self):
         t0 = time.perf_counter()
         try:
             s = check_settings(self.settings(), self.engine.src, self.engine.methods)
             disp = self.display_options()
-            last_s, last_d = self._last if self._last else (None, None)
-            # newer values arriving while computing make this one stale: drop it, the loop draws the newest
-            res = self.engine.run(s)
-            if self._pending:
+            got = self._compute(s)
+            if got is None:  # newer values arrived while computing: the loop draws the newest
                 return
-            summary = self.engine.summary(s)
-            if self._pending:
-                return
-            curve = self.engine.curve(s)
             t1 = time.perf_counter()
-            if self._pending:
-                return
-            self._draw(s, disp, res, summary, curve, self._stale_panels(s, disp, last_s, last_d))
+            self._draw(s, disp, *got, t0)
         except Exception as exc:  # any failure: message in the UI, figures stay as they were
             self._show_error(f"{type(exc).__name__}: {exc}" if not isinstance(exc, ValueError) else str(exc))
+            self._restore_seed()
             return
         t2 = time.perf_counter()
         self._last = (s, disp)
-        self._result = res
-        self.update_count += 1
+        self._result = got[0]
         self.timings = dict(compute=t1 - t0, draw=t2 - t1, total=t2 - t0)
         self._clear_error()
-        self._write_status(s, res, t2 - t0)
 
-    def _row_fns(self, s: Settings, res):
-        q, k, v = self.engine.head(s.layer, s.head)
-        ex = self.engine.exact(s.layer, s.head)
-        exact_fn = exact_row_fn(q, k, self.engine.scale, ex, self.engine.key_mask)
-        if s.method == "kdeformer":
-            approx_fn = lambda rows: panels.kde_rows(res.kde_trace, rows, res.matrix)  # noqa: E731
-        elif res.matrix is not None:
-            approx_fn = lambda rows: res.matrix[rows]  # noqa: E731
-        elif s.method == "exact":
-            approx_fn = exact_fn
-        else:
-            approx_fn = None
-        return ex, exact_fn, approx_fn
+    def _restore_seed(self):
+        """A refused seed text goes back to the last good value (the picture shows that one)."""
+        if self._last is not None and self.controls["seed"].value != str(self._last[0].seed):
+            try:
+                parse_seed(self.controls["seed"].value)
+            except ValueError:
+                self._suspend = True
+                try:
+                    self.controls["seed"].value = str(self._last[0].seed)
+                finally:
+                    self._suspend = False
 
-    @staticmethod
-    def _stale_panels(s: Settings, disp: dict, last_s, last_d) -> set:
-        """Which panels depend on what changed since the last drawn update (a move redraws only those)."""
-        if last_s is None:
-            return set(FIGURES) | {"readout"}
-        def key(x: Settings, fields_):
-            return tuple(getattr(x, f) for f in fields_)
+    def stamp(self, s: Settings, disp: dict) -> str:
+        """What every panel, the readout and the status show, in one string (the page test compares it)."""
+        return (f"L{s.layer}H{s.head} {s.method} B{s.bucket_size} s{s.sample_size} r{s.num_projs} {s.sampling} "
+                f"{s.bucket_order} seed{s.seed} q{disp['query']} {disp['order']} zoom{disp['zoom']} log{int(disp['log_color'])}")
 
-        hashing = ("layer", "head", "num_projs", "bucket_order", "seed", "bucket_size")
-        view = ("log_color", "order", "zoom")
-        stale = set()
-        if key(s, hashing) != key(last_s, hashing):
-            stale |= {"buckets"}
-        if key(s, hashing) != key(last_s, hashing) or [disp[k] for k in view] != [last_d[k] for k in view]:
-            stale |= {"heavy"}
-        sampling = hashing + ("sample_size", "sampling")
-        if key(s, sampling) != key(last_s, sampling):
-            stale |= {"samples"}
-        if s != last_s or [disp[k] for k in view] != [last_d[k] for k in view]:
-            stale |= {"error"}
-        if s != last_s:
-            stale |= {"readout", "inspector"}
-        if disp["query"] != last_d["query"]:
-            stale |= {"inspector"}
-        return stale
+    def _panel_updates(self, view: View, stale) -> dict:
+        return {name: PANELS[name].update(view) for name in stale}
 
-    def _draw(self, s, disp, res, summary, curve, stale: set):
-        tr = res.kde_trace
-        qt, kt = self.engine.src.tokens, key_tokens(self.engine.src)
-        ex, exact_fn, approx_fn = self._row_fns(s, res)
-        updates = {}
-        if "buckets" in stale:
-            pca = self.engine._pcas.get_or((s.layer, s.head), lambda: panels.pca_2d(tr.query.float(), tr.key.float()))
-            updates["buckets"] = panels.buckets_update(tr, qt, kt, pca=pca)
-        if "samples" in stale:
-            updates["samples"] = panels.samples_update(tr, kt)
-        if "heavy" in stale:
-            view = (disp["order"], disp["zoom"], self.max_cells)
-            key = (s.layer, s.head, s.num_projs, s.bucket_order, s.seed) + view  # what the sorted order depends on
-            pooled = self.engine._pooled.get(key)
-            updates["heavy"] = panels.heavy_update(tr, exact_fn, qt, kt, order=disp["order"], log_color=disp["log_color"],
-                                                   zoom=disp["zoom"], max_cells=self.max_cells,
-                                                   mass=self._heavy_mass(s, tr, exact_fn), exact_pooled=pooled)
-            self.engine._pooled.get_or(key, lambda: updates["heavy"].info["pooled"])
-        if "error" in stale:
-            updates["error"] = panels.error_update(tr, exact_fn, approx_fn, ex, res.out, res.log_d, qt, kt, curve,
-                                                   order=disp["order"], log_color=disp["log_color"], zoom=disp["zoom"],
-                                                   max_cells=self.error_cells)
-        label = self.engine.methods.get(s.method, s.method)
-        query = min(disp["query"], tr.query.shape[-2] - 1)
-        if "inspector" in stale:
-            updates["inspector"] = panels.inspector_update(tr, query, exact_fn, approx_fn, qt, kt, label)
-        # compute everything first, then write all figures (no half-drawn state on failure)
-        for name, upd in updates.items():
-            panels.apply(self.figures[name], upd, self._applied.setdefault(name, {}))
-        self.panel_info = {**getattr(self, "panel_info", {}), **{n: u.info for n, u in updates.items()}}
+    def _draw(self, s, disp, res, summary, curve, t0: float):
+        last_s, last_d = self._last if self._last else (None, None)
+        stale = [n for n, p in PANELS.items() if panels.needs_redraw(p, s, disp, last_s, last_d)]
+        view = View(s, disp, self.engine, res, curve, self._q_tokens, self._k_tokens, self.max_cells, self.error_cells)
+        updates = self._panel_updates(view, stale)  # compute everything first: no half-drawn state on failure
+        mass = float(self.engine.heavy_mass(s, res.kde_trace)[0].mean())
+        changed = [n for n, upd in updates.items() if apply(self.figures[n], upd, self._applied.setdefault(n, {}))]
+        self.panel_info = {**self.panel_info, **{n: u.info for n, u in updates.items()}}
         if "heavy" in updates:
             info = updates["heavy"].info
             gr, ri = info["grid_rows"], info["row_index"]
             labels = panels.trace_by_name(self.figures["heavy"], "attention").y
             self._row_labels = {lab: int(ri[gr.lo + b * gr.width]) for b, lab in enumerate(labels)}
-        if "readout" in stale:
-            mass = float(self._heavy_mass(s, tr, exact_fn).mean())
-            self.readout.value = self._readout_html(s, summary, mass)
-            self.code.value = f"<pre style='font-size:12px;user-select:all'>{html.escape(kde_call_code(s, self.engine.scale))}</pre>"
+        self.update_count += 1
+        stamp = self.stamp(s, disp)
+        self.readout.value = self._readout_html(s, summary, mass, stamp)
+        self.code.value = f"<pre style='font-size:12px;user-select:all'>{html.escape(call_code(s, self.engine.scale))}</pre>"
+        self.board.push(changed, {name: stamp for name in PANELS})  # one message: every changed panel
+        self._write_status(s, res, time.perf_counter() - t0, stamp)
 
-    def _heavy_mass(self, s: Settings, tr, exact_fn):
-        """Exact softmax mass in each query's heavy block (cached: it depends on the hashing only)."""
-        key = (s.layer, s.head, s.num_projs, s.bucket_order, s.seed, s.bucket_size)
-        return self.engine._masses.get_or(key, lambda: panels.heavy_mass(tr, exact_fn))
-
-    def _readout_html(self, s: Settings, summary, heavy_mass) -> str:
+    def _readout_html(self, s: Settings, summary, heavy_mass, stamp: str) -> str:
         m, sd = summary.mean_sd(summary.spectral)
         tm, tsd = summary.mean_sd(summary.theory)
         n = len(summary.spectral)
+        above = " — above 1: worse than outputting zeros" if m > 1 else ""
         rows = [
-            ("relative spectral error ‖Õ−O‖₂/‖O‖₂", f"{m:.4f} ± {sd:.4f}", f"mean ± sd over {n} seeds ({s.seed}…{s.seed + n - 1})"),
-            ("theory form ‖Õ−O‖₂/(‖D⁻¹A‖₂‖V‖₂)", f"{tm:.4f} ± {tsd:.4f}" if summary.theory else "n/a", "the paper's normalisation"),
+            ("relative spectral error ‖Õ−O‖₂/‖O‖₂", f"{m:.4f} ± {sd:.4f}",
+             f"mean ± sd over {n} seeds ({s.seed}…{s.seed + n - 1}){above}"),
+            ("theory form ‖Õ−O‖₂/(‖D⁻¹A‖₂‖V‖₂)", f"{tm:.4f} ± {tsd:.4f}" if summary.theory else "n/a",
+             "the paper's normalisation" if summary.theory else f"not computed above {MATERIALIZE_MAX} keys"),
             ("relative Frobenius error", f"{summary.frobenius:.4f}", f"seed {s.seed}"),
             ("normaliser error mean |D~/D − 1|", "n/a" if summary.normalizer is None else f"{summary.normalizer:.4f}", f"seed {s.seed}"),
+            ("softmax mass computed exactly", f"{heavy_mass:.1%}", "KDEformer's exact entries, exact weights"),
         ]
-        if heavy_mass is not None:
-            rows.append(("softmax mass in the heavy blocks", f"{heavy_mass:.1%}", "KDEformer blocks, exact weights"))
         body = "".join(f"<tr><td>{html.escape(a)}</td><td style='text-align:right;padding:0 12px'><b>{b}</b></td>"
                        f"<td style='color:#666'>{html.escape(c)}</td></tr>" for a, b, c in rows)
-        return f"<table style='font-size:13px'>{body}</table>"
+        return f"<table style='font-size:13px' data-stamp='{html.escape(stamp)}'>{body}</table>"
 
-    def _write_status(self, s: Settings, res, seconds: float):
+    def _cost_text(self, s: Settings, tr) -> str:
+        """Cost of the shown method as a fraction of exact attention, with what it is made of."""
+        cost = self.engine.cost(s, tr)
+        nk = tr.key.shape[-2]
+        if s.method == "exact":
+            detail = "all keys"
+        elif s.method != "kdeformer":
+            detail = f"budget {s.budget} columns per query"
+        elif tr.num_blocks <= 1:
+            detail = "one block: exact attention"
+        else:
+            eff = int(tr.key_block_len.max())
+            block = f"block of {eff} keys" + ("" if eff == s.bucket_size else
+                                              f" (bucket_size {s.bucket_size}: {tr.num_blocks} balanced blocks of ≤{eff})")
+            detail = f"{block} + {s.sample_size} samples per query, of {nk} keys"
+        more = " — <b>more than exact</b>" if cost > 1.0 + 1e-9 else ""
+        return f"cost {cost:.2f} of exact{more} ({html.escape(detail)})"
+
+    def _write_status(self, s: Settings, res, seconds: float, stamp: str):
         tr = res.kde_trace
         nq, nk = tr.query.shape[-2], tr.key.shape[-2]
-        cost = self.engine.cost_fraction(s, tr)
         label = self.engine.methods.get(s.method, s.method)
-        if s.method == "kdeformer":
-            detail = "one block: exact" if tr.num_blocks <= 1 else (
-                f"block of {int(tr.key_block_len.max())} + {s.sample_size} samples per query")
-        elif s.method == "exact":
-            detail = "all keys"
-        else:
-            detail = f"budget {s.budget} columns per query"
         n_txt = f"N = {nq}" if nq == nk else f"Nq = {nq}, Nk = {nk}"
-        self.status.value = (f"<span style='font-size:13px'>{html.escape(self.engine.src.name)} · layer {s.layer} head {s.head} · "
-                             f"{n_txt} · {html.escape(label)}: cost {cost:.2f} of exact ({detail}) · "
+        self.status.value = (f"<span style='font-size:13px' data-stamp='{html.escape(stamp)}'>"
+                             f"{html.escape(self.engine.src.name)} · layer {s.layer} head {s.head} · {n_txt} · "
+                             f"{html.escape(label)}: {self._cost_text(s, tr)} · "
                              f"updated in {seconds * 1e3:.0f} ms (#{self.update_count})</span>")
 
     # ------------------------------------------------------------------ text
@@ -450,6 +466,32 @@ class AttentionExplorer(widgets.VBox):
         if self._suspend:
             return
         self.set_text(change["new"])
+
+    def _announce_source(self):
+        meta = getattr(self.engine.src, "meta", None) or {}
+        if meta.get("truncated"):
+            self.note("text", f"the text has {meta.get('full_num_tokens', '?')} tokens: cut to the first "
+                      f"{self.engine.src.q.shape[2]} (the model's limit)")
+        else:
+            self.drop_note("text")
+
+    def _fit_controls(self):
+        """Slider ranges for the current source; bucket_size follows what the user asked for."""
+        _, _, nq, nk = self._sizes()
+        c = self.controls
+        wanted = self._wanted_bucket
+        with self.hold_trait_notifications():
+            c["bucket_size"].max = nk
+            c["bucket_size"].value = min(wanted, nk)
+            c["sample_size"].max = self._sample_max(nk)
+            c["zoom"].max = nq - 1
+            c["zoom"].value = (0, nq - 1)
+            c["query"].max = nq - 1
+        if wanted > nk:
+            self.note("bucket_size", f"bucket_size {wanted} is more than the {nk} keys of this text: using {nk} "
+                      f"(one block = exact attention); a longer text gets {wanted} back")
+        else:
+            self.drop_note("bucket_size")
 
     def set_text(self, text: str) -> bool:
         """Re-run the model on `text`; on failure show why and keep everything as it was."""
@@ -465,20 +507,15 @@ class AttentionExplorer(widgets.VBox):
             return False
         old = self.engine
         self.engine = Engine(src, seeds=old.seeds, curve_factors=old.curve_factors, curve_seeds=old.curve_seeds)
-        _, _, nq, nk = self._sizes()
-        c = self.controls
+        self._tokens()
         self._suspend = True
         try:
-            with self.hold_trait_notifications():
-                c["bucket_size"].max = nk
-                c["sample_size"].max = self._sample_max(nk)
-                c["zoom"].max = nq - 1
-                c["zoom"].value = (0, nq - 1)
-                c["query"].max = nq - 1
-                if c["text"].value != text:
-                    c["text"].value = text
+            self._fit_controls()
+            if self.controls["text"].value != text:
+                self.controls["text"].value = text
         finally:
             self._suspend = False
+        self._announce_source()
         self._last = None
         self.request_update()
         return self.last_error is None
@@ -494,10 +531,9 @@ class AttentionExplorer(widgets.VBox):
         limits = dict(layer=(0, layers - 1), head=(0, heads - 1), bucket_size=(1, None), sample_size=(1, self._sample_max(nk)),
                       num_projs=(1, MAX_PROJS), seed=(0, SEED_MAX), query=(0, nq - 1))
         choices = self._choices()
-        names = set(CONTROL_NAMES)
         for name, value in values.items():
-            if name not in names:
-                raise ValueError(f"unknown control {name!r}; controls: {sorted(names)}")
+            if name not in CONTROL_NAMES:
+                raise ValueError(f"unknown control {name!r}; controls: {sorted(CONTROL_NAMES)}")
             if name in limits:
                 lo, hi = limits[name]
                 if isinstance(value, bool) or not isinstance(value, int) or value < lo or (hi is not None and value > hi):
@@ -506,34 +542,46 @@ class AttentionExplorer(widgets.VBox):
             if name in choices and value not in choices[name]:
                 raise ValueError(f"{name} must be one of {choices[name]}, got {value!r}")
             if name == "zoom" and value is not None:
-                if not (isinstance(value, (tuple, list)) and len(value) == 2 and 0 <= value[0] <= value[1] <= nq - 1):
-                    raise ValueError(f"zoom must be a token range (lo, hi) with 0 <= lo <= hi <= {nq - 1}, got {value!r}")
-            if name in ("log_color",) and not isinstance(value, bool):
+                if not (isinstance(value, (tuple, list)) and len(value) == 2 and all(isinstance(v, int) for v in value)
+                        and 0 <= value[0] <= value[1] <= nq - 1):
+                    raise ValueError(f"zoom must be None or a token range (lo, hi) with 0 <= lo <= hi <= {nq - 1}, got {value!r}")
+            if name == "log_color" and not isinstance(value, bool):
                 raise ValueError(f"{name} must be True or False, got {value!r}")
             if name == "text" and not isinstance(value, str):
                 raise ValueError(f"text must be a str, got {type(value).__name__}")
 
+    def _control_value(self, name: str, value):
+        """The widget value for a validated setting (zoom None = everything, seed as text)."""
+        if name == "zoom":
+            return (0, self._sizes()[2] - 1) if value is None else tuple(value)
+        if name == "seed":
+            return str(value)
+        return value
+
     def set(self, **values) -> bool:
         """Set several controls at once with one redraw. Invalid values change nothing and show a message.
 
-        bucket_size above N is valid (exact attention) and is shown as N. Returns True when applied.
+        bucket_size above N is valid (exact attention): it is shown as N, with a note. Returns True when applied.
         """
         try:
             self._validate_values(values)
         except ValueError as exc:
             self._show_error(str(exc))
             return False
-        if "text" in values:
-            text = values.pop("text")
-            if not self.set_text(text):
-                return False
+        if "text" in values and not self.set_text(values.pop("text")):
+            return False
         nk = self._sizes()[3]
         if "bucket_size" in values:
-            values["bucket_size"] = min(values["bucket_size"], nk)
+            self._wanted_bucket = values["bucket_size"]
+            self.drop_note("bucket_size")
+            if values["bucket_size"] > nk:
+                self.note("bucket_size", f"bucket_size {values['bucket_size']} is more than the {nk} keys: using {nk} "
+                          "(one block = exact attention)")
+                values["bucket_size"] = nk
         self._suspend = True
         try:
             for name, value in values.items():
-                self.controls[name].value = tuple(value) if name == "zoom" else value
+                self.controls[name].value = self._control_value(name, value)
         finally:
             self._suspend = False
         self.request_update()
@@ -543,23 +591,35 @@ class AttentionExplorer(widgets.VBox):
         """Open query `query` (token index) in the row inspector."""
         self.set(query=int(query))
 
-    def _on_matrix_click(self, trace, points, state):
-        if points.ys:
-            idx = self._row_labels.get(points.ys[0])
-            if idx is None and isinstance(points.ys[0], str) and points.ys[0].startswith("q"):
-                try:
-                    idx = int(points.ys[0][1:].split()[0])
-                except ValueError:
-                    idx = None
-            if idx is not None:
-                self.inspect(idx)
+    def open_head(self, layer: int, head: int, query: int | None = None) -> bool:
+        """Show one head (e.g. from a click on a head overview); optionally inspect one query too.
+        (Not `open`: ipywidgets uses that name to open the widget's comm.)"""
+        values = dict(layer=int(layer), head=int(head))
+        if query is not None:
+            values["query"] = int(query)
+        return self.set(**values)
 
-    def _on_point_click(self, trace, points, state):
-        if points.point_inds:
-            cd = trace.customdata
-            if cd is not None:
-                row = cd[points.point_inds[0]]
-                self.inspect(int(row[0]) if np.ndim(row) else int(row))  # query index comes first
+    def _query_of_point(self, trace_name, point) -> int | None:
+        """Token index of the query a clicked point stands for (a matrix row, a query point)."""
+        if trace_name in ("attention", "heavy overlay", "approx", "exact", "error"):
+            label = point.get("y")
+            if label in self._row_labels:
+                return self._row_labels[label]
+            if isinstance(label, str) and label.startswith("q"):
+                head = label[1:].split()[0]
+                return int(head) if head.isdigit() else None
+            return None
+        if trace_name in ("queries", "per-query error", "normaliser", "exact heavy mass", "estimated heavy share"):
+            cd = point.get("customdata")
+            if cd is None:
+                return None
+            return int(cd[0]) if isinstance(cd, (list, tuple)) else int(cd)
+        return None
+
+    def _on_panel_click(self, trace_name, points):
+        idx = self._query_of_point(trace_name, points[0])
+        if idx is not None:
+            self.inspect(idx)
 
     # ------------------------------------------------------------------ tuning aids
     def pin(self):
@@ -570,37 +630,28 @@ class AttentionExplorer(widgets.VBox):
         i = len(self.pins)
         self.pins.append(curve)
         self.figures["error"].add_trace(panels.pinned_trace(curve, i))
+        self.board.push(["error"])
 
     def clear_pins(self):
         self.pins.clear()
         fig = self.figures["error"]
         fig.data = [t for t in fig.data if not (t.name or "").startswith("pin ")]
+        self.board.push(["error"])
 
     def show_code(self, visible: bool = True) -> str:
-        """Show (or hide) the kde_attention(...) call of the current setting; returns the code."""
+        """Show (or hide) the call of the current setting; returns the code."""
         self.code.layout.display = None if visible else "none"
         if self.code_button.value != visible:
             self.code_button.value = visible
-        return kde_call_code(self.settings(), self.engine.scale)
+        return self.code_text
 
     @property
     def code_text(self) -> str:
-        return kde_call_code(self.settings(), self.engine.scale)
+        return call_code(self.settings(), self.engine.scale)
 
     # ------------------------------------------------------------------ export
     def figure_dicts(self) -> dict:
         return {name: fig.to_dict() for name, fig in self.figures.items()}
-
-    def _repr_mimebundle_(self, **kwargs):
-        """Display: first refresh every panel's snapshot, then show the container.
-
-        A plotly FigureWidget hands a page that connects later (Voila, a reloaded tab) the data it held
-        when it was last displayed; inside a container it is never displayed itself, so the explorer
-        does it here and a late page shows the current panels rather than empty ones.
-        """
-        for figure in self.figures.values():
-            figure._repr_mimebundle_()
-        return super()._repr_mimebundle_(**kwargs)
 
     def save_html(self, path, *, grid: dict | None = None) -> str:
         """Write a standalone HTML page of the current figures (plotly.js embedded: no server, no CDN).
@@ -631,11 +682,11 @@ class AttentionExplorer(widgets.VBox):
             self._show_error(f"PNG export failed: {exc}")
             raise
 
-
-def exact_rows_for(explorer: AttentionExplorer, layer: int, head: int):
-    """Exact-attention row function of a head (for notebooks and tests)."""
-    q, k, v = explorer.engine.head(layer, head)
-    return exact_row_fn(q, k, explorer.engine.scale, explorer.engine.exact(layer, head), explorer.engine.key_mask)
+    def view(self, s: Settings | None = None) -> View:
+        """What the panels read for setting `s` (default: the current one), e.g. for export or tests."""
+        s = check_settings(s or self.settings(), self.engine.src, self.engine.methods)
+        return View(s, self.display_options(), self.engine, self.engine.run(s), self.engine.curve(s),
+                    self._q_tokens, self._k_tokens, self.max_cells, self.error_cells)
 
 
 __all__ = ["AttentionExplorer", "MATERIALIZE_MAX"]

@@ -11,7 +11,7 @@ import plotly.graph_objects as go
 import plotly.io as pio
 
 from . import panels
-from .state import Settings, check_settings, key_tokens
+from .state import Settings
 
 CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
 
@@ -56,17 +56,11 @@ def grid_figure(explorer, **grid) -> go.Figure:
     values = list(values)
     if not values:
         raise ValueError("grid values must be a non-empty list")
-    disp = explorer.display_options()
     frames, first = [], None
     for val in values:
-        s = check_settings(replace(base, **{param: val}), explorer.engine.src, explorer.engine.methods)
-        res = explorer.engine.run(s)
-        ex, exact_fn, approx_fn = explorer._row_fns(s, res)
-        curve = explorer.engine.curve(s)
-        q_tok = explorer.engine.src.tokens
-        upd = panels.error_update(res.kde_trace, exact_fn, approx_fn, ex, res.out, res.log_d, q_tok,
-                                  key_tokens(explorer.engine.src), curve, order=disp["order"],
-                                  log_color=disp["log_color"], zoom=disp["zoom"], max_cells=explorer.error_cells)
+        view = explorer.view(replace(base, **{param: val}))
+        upd = panels.error_update(view)
+        curve = view.curve
         err = curve.mean[curve.current]
         title = f"{param} = {val}: relative spectral error {err:.3f}"
         data = [go.Heatmap(**upd.traces["approx"]), go.Heatmap(**upd.traces["error"])]

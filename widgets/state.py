@@ -7,13 +7,14 @@ Shape legend: L layers, H heads, N tokens (Nq queries, Nk keys), D head dim, Dv 
 from __future__ import annotations
 
 import math
-import time
 from collections import OrderedDict
 from dataclasses import dataclass, replace
 
 import torch
 
 import kdeformer
+from kdeformer import metrics
+from kdeformer.defaults import AUTHORS_SAMPLING, KDE_DEFAULTS
 from kdeformer.sources import AttentionSource
 from kdeformer._checks import check_choice, check_index, check_int, check_positive_int
 from kdeformer.core import BUCKET_ORDERS, MAX_PROJS, SAMPLINGS
@@ -164,22 +165,39 @@ def key_tokens(src) -> list:
 # --------------------------------------------------------------------------- settings
 @dataclass(frozen=True)
 class Settings:
-    """Everything that changes what is computed (display options are not here)."""
+    """Everything that changes what is computed (display options are not here); defaults from
+    `kdeformer.defaults.KDE_DEFAULTS`."""
 
     layer: int = 0
     head: int = 0
     method: str = "kdeformer"
-    bucket_size: int = 64
-    sample_size: int = 128
-    num_projs: int = 7
-    sampling: str = "value_norm"
-    bucket_order: str = "gray"
+    bucket_size: int = KDE_DEFAULTS.bucket_size
+    sample_size: int = KDE_DEFAULTS.sample_size
+    num_projs: int = KDE_DEFAULTS.num_projs
+    sampling: str = KDE_DEFAULTS.sampling
+    bucket_order: str = KDE_DEFAULTS.bucket_order
     seed: int = 0
 
     @property
     def budget(self) -> int:
         """Key columns each query pays for: the block plus the samples."""
         return self.bucket_size + self.sample_size
+
+    def key(self, fields) -> tuple:
+        """The values of `fields` (a cache key for whatever depends on exactly those settings)."""
+        return tuple(getattr(self, f) for f in fields)
+
+
+# What each result depends on, said once. The hash codes, the sort orders and the blocks depend on
+# BLOCK_KEYS; the KDEformer trace (blocks, samples, heavy columns) on KDE_KEYS; the shown method's output
+# on every field.
+BLOCK_KEYS = ("layer", "head", "num_projs", "bucket_order", "seed", "bucket_size")
+KDE_KEYS = BLOCK_KEYS + ("sample_size", "sampling")
+SAMPLING_LABELS = {
+    "column_norm": "column_norm (best: the paper's theory)",
+    AUTHORS_SAMPLING: f"{AUTHORS_SAMPLING} (the authors' choice)",
+    "uniform": "uniform",
+}
 
 
 def check_settings(s: Settings, src, methods) -> Settings:
@@ -196,7 +214,7 @@ def check_settings(s: Settings, src, methods) -> Settings:
     return s
 
 
-def kde_call_code(s: Settings, scale: float | None = None) -> str:
+def call_code(s: Settings, scale: float | None = None) -> str:
     """The call that reproduces the current setting (for "copy as code"): `kde_attention(...)` for
     KDEformer, `exact_attention(...)` or `approximate(method, ..., budget=...)` for the others."""
     scale_txt = "" if scale is None else f"    scale={scale!r},\n"
@@ -301,22 +319,26 @@ class LRU(OrderedDict):
         return value
 
 
-def spectral_norm_power(matrix: torch.Tensor, iters: int = 60) -> float:
-    """Largest singular value by power iteration on M^T M (fast for the N x N softmax matrix)."""
-    m = matrix.to(torch.float64)
-    x = torch.ones(m.shape[1], dtype=torch.float64) / math.sqrt(m.shape[1])
-    sigma = 0.0
-    for _ in range(iters):
-        y = m.mT @ (m @ x)
-        norm = float(y.norm())
-        if norm == 0.0:
-            return 0.0
-        x = y / norm
-        new = math.sqrt(norm)
-        if abs(new - sigma) <= 1e-10 * new:
-            return new
-        sigma = new
-    return sigma
+def chunk_rows(rows: torch.Tensor, nk: int, multiple: int = 1):
+    """Split `rows` into chunks of about CHUNK_ENTRIES entries of Nk columns (a multiple of `multiple` rows)."""
+    step = max(multiple, (max(1, CHUNK_ENTRIES // max(1, nk)) // multiple) * multiple)
+    for start in range(0, len(rows), step):
+        yield rows[start : start + step]
+
+
+def pca_2d(q: torch.Tensor, k: torch.Tensor):
+    """2-D PCA of the row-normalised queries and keys together.
+
+    Returns coords (Nq + Nk, 2), mean (D,), components (D, 2).
+    """
+    x = torch.cat([q, k], 0).double()  # (Nq + Nk, D)
+    x = x / x.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    mean = x.mean(0)  # (D,)
+    _, _, vh = torch.linalg.svd(x - mean, full_matrices=False)
+    comps = vh[:2].mT  # (D, 2)
+    if comps.shape[1] < 2:
+        comps = torch.cat([comps, torch.zeros_like(comps)], 1)
+    return (x - mean) @ comps, mean, comps
 
 
 class Engine:
@@ -324,6 +346,7 @@ class Engine:
 
     seeds: how many seeds the error readout averages; curve_factors: scalings of (bucket, samples)
     at which the error-versus-budget curve is drawn; curve_seeds: seeds averaged per curve point.
+    Public: head, exact, exact_rows, run, output, errors, summary, curve, pca, heavy_mass, memo, cost.
     """
 
     def __init__(self, src, *, seeds: int = 3, curve_factors=(0.25, 0.5, 1.0, 2.0, 4.0), curve_seeds: int = 1):
@@ -332,15 +355,9 @@ class Engine:
         self.curve_seeds = check_positive_int("curve_seeds", curve_seeds)
         self.curve_factors = tuple(curve_factors)
         self.methods = available_methods()
-        self._heads = LRU(8)
-        self._exact = LRU(4)
-        self._runs = LRU(6)
-        self._errors = LRU(2048)
-        self._summaries = LRU(64)
-        self._curves = LRU(64)
-        self._masses = LRU(16)
-        self._pcas = LRU(8)
-        self._pooled = LRU(8)
+        self._heads, self._exact, self._runs = LRU(8), LRU(8), LRU(6)
+        self._errors, self._summaries, self._curves = LRU(2048), LRU(64), LRU(64)
+        self._memo = LRU(64)
 
     # ---------------------------------------------------------------- data
     @property
@@ -351,6 +368,14 @@ class Engine:
     def scale(self) -> float:
         return float(self.src.scale)
 
+    @property
+    def is_causal(self) -> bool:
+        return bool(getattr(self.src, "is_causal", False))
+
+    def memo(self, kind: str, key, make):
+        """A bounded cache for derived data (pooled matrices, projections): make() runs once per key."""
+        return self._memo.get_or((kind, key), make)
+
     def head(self, layer: int, head: int):
         """(q, k, v) of one head, each (N, D), float32, contiguous."""
         def make():
@@ -359,23 +384,47 @@ class Engine:
         return self._heads.get_or((layer, head), make)
 
     def exact(self, layer: int, head: int) -> ExactResult:
+        """Exact attention of one head, with ||D^-1 A||_2 (small N) and ||V||_2 (cached per head)."""
         def make():
             q, k, v = self.head(layer, head)
-            out, tr = kdeformer.exact_attention(q, k, v, scale=self.scale, key_mask=self.key_mask, return_trace=True)
+            out, tr = kdeformer.exact_attention(q, k, v, scale=self.scale, key_mask=self.key_mask,
+                                                return_trace=True, **self._causal())
             matrix = tr.attention_matrix() if k.shape[0] <= MATERIALIZE_MAX else None  # (Nq, Nk)
-            att_norm = spectral_norm_power(matrix) if matrix is not None else None
-            return ExactResult(out, tr.log_normalizer, matrix, att_norm, float(torch.linalg.matrix_norm(v.double(), ord=2)))
+            att_norm = float(metrics.spectral_norm(matrix)) if matrix is not None else None
+            return ExactResult(out, tr.log_normalizer, matrix, att_norm, float(metrics.spectral_norm(v)))
 
         return self._exact.get_or((layer, head), make)
 
+    def exact_rows(self, layer: int, head: int, rows: torch.Tensor) -> torch.Tensor:
+        """Rows of the exact softmax matrix D^-1 A.  # (R, Nk); streamed from q, k when N is large."""
+        ex = self.exact(layer, head)
+        if ex.matrix is not None:
+            return ex.matrix[rows]
+        q, k, _ = self.head(layer, head)
+        logits = self.scale * (q[rows] @ k.mT)  # (R, Nk)
+        if self.key_mask is not None:
+            logits = logits.masked_fill(~self.key_mask, float("-inf"))
+        if self.is_causal:
+            nq, nk = q.shape[0], k.shape[0]
+            logits = logits.masked_fill(torch.arange(nk) > (nk - nq + rows).unsqueeze(-1), float("-inf"))
+        return torch.exp(logits - ex.log_d[rows].unsqueeze(-1))
+
+    def pca(self, layer: int, head: int):
+        """2-D PCA of the head's normalised queries and keys (see pca_2d), cached per head."""
+        q, k, _ = self.head(layer, head)
+        return self.memo("pca", (layer, head), lambda: pca_2d(q, k))
+
     # ---------------------------------------------------------------- runs
+    def _causal(self) -> dict:
+        return {"is_causal": True} if self.is_causal else {}
+
     def _kde(self, s: Settings, trace: bool):
         q, k, v = self.head(s.layer, s.head)
         gen = torch.Generator().manual_seed(s.seed)
         return kdeformer.kde_attention(
             q, k, v, bucket_size=s.bucket_size, sample_size=s.sample_size, num_projs=s.num_projs,
             scale=self.scale, key_mask=self.key_mask, sampling=s.sampling, bucket_order=s.bucket_order,
-            generator=gen, return_trace=trace,
+            generator=gen, return_trace=trace, **self._causal(),
         )
 
     def _peer(self, s: Settings, trace: bool):
@@ -385,7 +434,7 @@ class Engine:
         gen = torch.Generator().manual_seed(s.seed)
         return approximate(
             s.method, q, k, v, budget=s.budget, scale=self.scale, key_mask=self.key_mask, generator=gen,
-            return_trace=trace,
+            return_trace=trace, **self._causal(),
         )
 
     def output(self, s: Settings) -> torch.Tensor:
@@ -396,41 +445,44 @@ class Engine:
             return self._kde(s, False)
         return self._peer(s, False)
 
+    def _peer_result(self, s: Settings, kde_trace) -> ApproxResult:
+        out, peer_trace = self._peer(s, True)
+        matrix = None
+        if hasattr(peer_trace, "attention_matrix") and kde_trace.key.shape[-2] <= MATERIALIZE_MAX:
+            try:
+                matrix = peer_trace.attention_matrix()
+            except Exception:  # a method without a matrix view: the error panel says so
+                matrix = None
+        return ApproxResult(s, out, kde_trace, getattr(peer_trace, "log_normalizer", None), matrix)
+
     def run(self, s: Settings) -> ApproxResult:
         """The setting's method with everything the figures need (cached per setting)."""
         def make():
-            kde_settings = replace(s, method="kdeformer")
-            kde_out, kde_trace = self._kde(kde_settings, True)
+            kde_out, kde_trace = self._kde(replace(s, method="kdeformer"), True)
             if s.method == "kdeformer":
-                small = kde_trace.key.shape[-2] <= MATERIALIZE_MAX
-                matrix = kde_trace.attention_matrix() if small else None
-                return ApproxResult(s, kde_out, kde_trace, kde_trace.log_normalizer, matrix)
+                return ApproxResult(s, kde_out, kde_trace, kde_trace.log_normalizer, None)
             if s.method == "exact":
                 ex = self.exact(s.layer, s.head)
                 return ApproxResult(s, ex.out, kde_trace, ex.log_d, ex.matrix)
-            out, peer_trace = self._peer(s, True)
-            log_d = getattr(peer_trace, "log_normalizer", None)
-            matrix = None
-            if hasattr(peer_trace, "attention_matrix") and kde_trace.key.shape[-2] <= MATERIALIZE_MAX:
-                try:
-                    matrix = peer_trace.attention_matrix()
-                except Exception:  # a method without a matrix view: the error panel says so
-                    matrix = None
-            return ApproxResult(s, out, kde_trace, log_d, matrix)
+            return self._peer_result(s, kde_trace)
 
         return self._runs.get_or(s, make)
 
     # ---------------------------------------------------------------- errors
     def errors(self, s: Settings) -> tuple[float, float | None]:
-        """(relative spectral error, theory-normalised spectral error) of one setting (cached)."""
+        """(relative spectral error, theory-normalised spectral error) of one setting (cached).
+
+        Both from kdeformer.metrics: theory = ||O~ - O||_2 / (||D^-1 A||_2 ||V||_2), with the two norms of
+        the head computed once (ExactResult) instead of per call.
+        """
         def make():
             ex = self.exact(s.layer, s.head)
-            out = self.run(s).out if s in self._runs else self.output(s)
-            diff = torch.linalg.matrix_norm((out.double() - ex.out.double()), ord=2)
-            plain = float(diff / torch.linalg.matrix_norm(ex.out.double(), ord=2).clamp_min(1e-300))
+            out = self._runs[s].out if s in self._runs else self.output(s)
+            plain = metrics.relative_spectral_error(out, ex.out)
             theory = None
             if ex.attention_norm is not None:
-                theory = float(diff) / max(ex.attention_norm * ex.value_norm, 1e-300)
+                out_norm = float(metrics.spectral_norm(ex.out))
+                theory = plain * out_norm / max(ex.attention_norm * ex.value_norm, 1e-300)
             return plain, theory
 
         return self._errors.get_or(s, make)
@@ -438,12 +490,9 @@ class Engine:
     def summary(self, s: Settings) -> ErrorSummary:
         def make():
             runs = [self.errors(replace(s, seed=s.seed + i)) for i in range(self.seeds)]
-            res = self.run(s)
-            ex = self.exact(s.layer, s.head)
-            frob = kdeformer.relative_frobenius_error(res.out, ex.out)
-            norm = None
-            if res.log_d is not None:
-                norm = kdeformer.normalizer_relative_error(res.log_d, ex.log_d)
+            res, ex = self.run(s), self.exact(s.layer, s.head)
+            frob = metrics.relative_frobenius_error(res.out, ex.out)
+            norm = None if res.log_d is None else metrics.normalizer_relative_error(res.log_d, ex.log_d)
             return ErrorSummary([r[0] for r in runs], [r[1] for r in runs if r[1] is not None], frob, norm)
 
         return self._summaries.get_or(s, make)
@@ -471,35 +520,30 @@ class Engine:
 
         return self._curves.get_or(s, make)
 
+    def heavy_mass(self, s: Settings, trace) -> tuple:
+        """Per query: the exact softmax mass of the entries the trace computes exactly, and how many
+        entries those are (cached per KDEformer setting).  # (Nq,), (Nq,)"""
+        def make():
+            nq, nk = trace.query.shape[-2], trace.key.shape[-2]
+            mass, count = [], []
+            for rows in chunk_rows(torch.arange(nq), nk):
+                exact = trace.exact_mask_rows(rows)  # (R, Nk) bool
+                mass.append((self.exact_rows(s.layer, s.head, rows).double() * exact).sum(-1))
+                count.append(exact.sum(-1))
+            return torch.cat(mass).numpy(), torch.cat(count).numpy()
+
+        return self.memo("heavy mass", s.key(KDE_KEYS), make)
+
     # ---------------------------------------------------------------- cost
-    def cost_fraction(self, s: Settings, trace) -> float:
-        """Key columns each query pays for, as a fraction of exact attention's Nk (hashing not counted)."""
+    def cost(self, s: Settings, trace) -> float:
+        """Key columns each query pays for, as a fraction of exact attention's Nk (hashing and the
+        column-norm estimation rows not counted); above 1 when block + samples exceed Nk."""
         nk = trace.key.shape[-2]
-        if s.method == "exact":
+        if s.method == "exact" or (s.method == "kdeformer" and trace.num_blocks <= 1):
             return 1.0
         if s.method == "kdeformer":
-            if trace.num_blocks <= 1:
-                return 1.0
-            return min(1.0, (float(trace.key_block_len.max()) + s.sample_size) / nk)
-        return min(1.0, s.budget / nk)
+            return (float(trace.key_block_len.max()) + s.sample_size) / nk
+        return s.budget / nk
 
 
-def timed(fn, *args, **kwargs):
-    t0 = time.perf_counter()
-    out = fn(*args, **kwargs)
-    return out, time.perf_counter() - t0
-
-
-def exact_row_fn(q: torch.Tensor, k: torch.Tensor, scale: float, ex: ExactResult, key_mask=None):
-    """f(rows) -> rows of the exact softmax matrix D^-1 A  # (len(rows), Nk); streamed when N is large."""
-
-    def rows_of(rows: torch.Tensor) -> torch.Tensor:
-        if ex.matrix is not None:
-            return ex.matrix[rows]
-        logits = scale * (q[rows].float() @ k.float().mT)  # (c, Nk); shifted by log D before exp
-        p = logits.sub_(ex.log_d[rows].float().unsqueeze(-1)).exp_()
-        if key_mask is not None:
-            p = p * key_mask
-        return p
-
-    return rows_of
+kde_call_code = call_code  # the old name (it writes exact and peer calls too)

@@ -1,0 +1,162 @@
+"""PlotBoard: several plotly figures in ONE widget model, drawn by the plotly.js that ships with plotly.py.
+
+Why not one `plotly.graph_objects.FigureWidget` per panel: each FigureWidget is an anywidget model whose
+front-end module is the whole plotly.js bundle (~5 MB), so five panels meant five 5 MB modules parsed at
+once, and anywidget gives each model 2 s to load its module. On a busy page some models missed that
+deadline ("[anywidget] Failed to initialize model."): they kept their first picture and ignored every
+later update — the stale panels of issue 13. Here the front-end module is a few kB (it always meets the
+deadline); plotly.js travels once per board as a binary buffer and is loaded once per page, outside the
+deadline, when the board is first rendered.
+
+Each panel is one synced trait (`fig_<name>`: the figure as JSON); the kernel changes several under
+`hold_sync()`, so one move is ONE message, and the page redraws every changed panel in the same
+animation frame. `stamps` (panel -> text) is written on each panel's container after it is drawn
+(`data-stamp`), so a test can tell a stale panel from a current one. Clicks on any point come back as
+messages (`on_click(panel, callback)`). Figures use the output's full width and follow it.
+"""
+from __future__ import annotations
+
+import functools
+import json
+from pathlib import Path
+
+import anywidget
+import traitlets
+
+from .figures import wire
+
+ESM = r"""
+const CONFIG = {responsive: true, displaylogo: false, modeBarButtonsToRemove: ["lasso2d", "select2d"]};
+
+function loadPlotly(model) {
+  if (globalThis.Plotly && globalThis.Plotly.react) return Promise.resolve(globalThis.Plotly);
+  if (!globalThis.__kdePlotly) {
+    const url = URL.createObjectURL(new Blob([model.get("_plotly_js")], {type: "text/javascript"}));
+    globalThis.__kdePlotly = import(url).then(() => { URL.revokeObjectURL(url); return globalThis.Plotly; });
+  }
+  return globalThis.__kdePlotly;
+}
+
+function clickMessage(name, gd, ev) {
+  const points = ev.points.map((p) => ({
+    trace: (gd.data[p.curveNumber] || {}).name || null, curve: p.curveNumber,
+    index: p.pointIndex !== undefined ? p.pointIndex : p.pointNumber,
+    x: p.x, y: p.y, customdata: p.customdata === undefined ? null : p.customdata,
+  }));
+  return {event: "click", panel: name, points: points};
+}
+
+function render({model, el}) {
+  el.classList.add("kde-board");
+  const divs = {};
+  const drawn = {};
+  let frame = null;
+  let alive = true;
+  for (const name of model.get("panels")) {
+    const div = document.createElement("div");
+    div.className = "kde-figure kde-figure-" + name;
+    div.style.width = "100%";
+    el.appendChild(div);
+    divs[name] = div;
+  }
+  async function redraw() {
+    frame = null;
+    const Plotly = await loadPlotly(model);
+    if (!alive) return;
+    const stamps = model.get("stamps");
+    const jobs = [];
+    for (const [name, div] of Object.entries(divs)) {
+      const fig = model.get("fig_" + name);
+      if (!fig || !fig.data || drawn[name] === fig.rev) continue;
+      const first = drawn[name] === undefined;
+      drawn[name] = fig.rev;
+      jobs.push(Plotly.react(div, fig.data, fig.layout, CONFIG).then(() => {
+        if (first) div.on("plotly_click", (ev) => model.send(clickMessage(name, div, ev)));
+      }));
+    }
+    await Promise.all(jobs);
+    for (const [name, div] of Object.entries(divs)) {
+      if (drawn[name] !== undefined) div.dataset.stamp = stamps[name] || "";
+    }
+    el.dataset.revision = String(model.get("revision"));
+  }
+  const schedule = () => { if (frame === null) frame = requestAnimationFrame(() => redraw()); };
+  model.on("change", schedule);
+  const resized = new ResizeObserver(() => {
+    if (!globalThis.Plotly) return;
+    for (const [name, div] of Object.entries(divs)) if (drawn[name] !== undefined) globalThis.Plotly.Plots.resize(div);
+  });
+  resized.observe(el);
+  schedule();
+  return () => {
+    alive = false;
+    model.off("change", schedule);
+    resized.disconnect();
+    if (globalThis.Plotly) for (const div of Object.values(divs)) globalThis.Plotly.purge(div);
+  };
+}
+
+export default { render };
+"""
+
+CSS = """
+.kde-board { width: 100%; min-width: 0; }
+.kde-board .kde-figure { width: 100%; min-width: 0; }
+"""
+
+
+@functools.lru_cache(maxsize=1)
+def plotly_js() -> bytes:
+    """The plotly.js bundle that plotly.py ships (the same file its offline HTML export embeds)."""
+    import plotly
+
+    return (Path(plotly.__file__).parent / "package_data" / "plotly.min.js").read_bytes()
+
+
+class PlotBoard(anywidget.AnyWidget):
+    """Plotly figures kept in Python (`figures`: name -> plotly Figure) and drawn in the page.
+
+    Change figures in Python, then call `push(names, stamps)` to send the changed ones in one message.
+    """
+
+    _esm = ESM
+    _css = CSS
+    _plotly_js = traitlets.Bytes().tag(sync=True)
+    panels = traitlets.List(traitlets.Unicode()).tag(sync=True)
+    stamps = traitlets.Dict().tag(sync=True)
+    revision = traitlets.Int(0).tag(sync=True)
+
+    def __init__(self, figures: dict, **kwargs):
+        super().__init__(_plotly_js=plotly_js(), panels=list(figures), **kwargs)
+        self.figures = dict(figures)
+        self._click_handlers: dict = {}
+        self.add_traits(**{f"fig_{name}": traitlets.Dict().tag(sync=True) for name in figures})
+        self.on_msg(self._on_message)
+        self.push(list(figures))
+
+    def push(self, names, stamps: dict | None = None) -> None:
+        """Send the named figures (and new stamps) to the page as one message."""
+        with self.hold_sync():
+            for name in names:
+                body = wire(self.figures[name].to_plotly_json())
+                body["rev"] = self.revision + 1
+                setattr(self, f"fig_{name}", body)
+            if stamps is not None:
+                self.stamps = {**self.stamps, **stamps}
+            self.revision += 1
+
+    def payload_bytes(self, name: str) -> int:
+        """Size of one panel's figure as the page receives it (JSON)."""
+        return len(json.dumps(getattr(self, f"fig_{name}"), separators=(",", ":")))
+
+    def on_click(self, panel: str, callback) -> None:
+        """callback(trace_name, points) for clicks on `panel`; points: dicts with index, x, y, customdata."""
+        self._click_handlers[panel] = callback
+
+    def _on_message(self, _widget, content, _buffers):
+        if not isinstance(content, dict) or content.get("event") != "click":
+            return
+        handler = self._click_handlers.get(content.get("panel"))
+        points = content.get("points") or []
+        if handler is not None and points:
+            handler(points[0].get("trace"), points)
