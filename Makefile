@@ -6,7 +6,7 @@ STAMP   := .venv/.setup-stamp
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: start setup lab app test test-fast bench clean
+.PHONY: start setup lab app test test-fast bench gpu-check clean
 
 ## start: set up (once) and open JupyterLab on the walkthrough notebook with the bundled model
 start: setup lab
@@ -36,6 +36,10 @@ test: setup
 
 bench: setup
 	$(PY) -m benchmarks.speed
+
+## gpu-check: the core's checks and its speed against SDPA on a CUDA GPU (under 5 minutes; needs a CUDA torch)
+gpu-check:
+	$(PY) -m benchmarks.gpu_check
 
 clean:
 	rm -rf .venv build *.egg-info
