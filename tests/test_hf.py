@@ -471,6 +471,27 @@ def test_decode_steps_reproduce_the_full_sequence_only_at_exact_settings(decoder
     assert (decoded - logits(approx, {"input_ids": ids})[:, -3:]).abs().max() > 1e-3
 
 
+# --------------------------------------------------------------------------- gradients (finding 4)
+def test_gradients_flow_through_an_encoder(tokenizer, kde_model):
+    enc = encode(tokenizer, TEXTS)
+    hf.configure(kde_model, bucket_size=8, sample_size=16)
+    hidden = kde_model(**enc).last_hidden_state  # grad enabled
+    hidden[enc["attention_mask"].bool()].square().mean().backward()
+    grad = kde_model.encoder.layer[0].attention.self.query.weight.grad
+    assert grad is not None and torch.isfinite(grad).all() and grad.abs().max() > 0
+
+
+def test_gradients_flow_through_a_decoder(decoder):
+    folder, tok, _ = decoder
+    enc = tok(DECODER_TEXTS, padding=True, return_tensors="pt")
+    model = kde_decoder(folder, bucket_size=4, sample_size=8)
+    labels = enc["input_ids"].masked_fill(~enc["attention_mask"].bool(), -100)
+    model(**enc, labels=labels).loss.backward()
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    assert grads and all(torch.isfinite(g).all() for g in grads)
+    assert max(float(g.abs().max()) for g in grads) > 0
+
+
 # --------------------------------------------------------------------------- the fidelity benchmark's helpers
 def test_fidelity_documents_and_metrics(tokenizer):
     from benchmarks import fidelity
