@@ -46,5 +46,4 @@ OPTIONS = core_options()
 
 def multiply_adds(n_queries: int, n_keys: int, dim: int, dim_v: int, *, is_causal: bool = False, **params) -> int:
     """The core's own count (kdeformer.core.kde_multiply_adds: blocks, samples, heavy columns, estimation rows)."""
-    params.pop("bucket_fraction", None)
     return int(core.kde_multiply_adds(n_queries, n_keys, dim, dim_v, is_causal=is_causal, **params))
