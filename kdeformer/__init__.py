@@ -6,6 +6,7 @@ from .core import SAMPLINGS, check_kde_options, kde_attention
 from .defaults import KDE_DEFAULTS
 from .exact import exact_attention
 from .methods import METHODS, approximate, split_budget
+from .costs import multiply_adds
 from . import sources
 from .sources import AttentionSource
 from .metrics import (
@@ -27,6 +28,7 @@ __all__ = [
     "exact_attention",
     "approximate",
     "METHODS",
+    "multiply_adds",
     "split_budget",
     "sources",
     "AttentionSource",
