@@ -53,6 +53,10 @@ class Blocks:
     head: balanced, never empty (with fewer keys than blocks, neighbouring blocks share one key).  Both
     sides are cut by the same rule, so in self-attention (Nq = n) query block t holds exactly the tokens
     of key block t, and every query meets its own key.
+    Why this is not the core's rule (kdeformer.core.plan_blocks, full blocks of ceil(Nk / nb) and a short last
+    one, on keys with the masked ones removed first): the peers keep their papers' layout — masked keys
+    sorted last inside the same tensors — and Reformer's chunks and ScatterBrain's support need query block t
+    to hold exactly the tokens of key block t, which only one shared floor cut of both sides guarantees.
     """
 
     num_blocks: int  # nb
