@@ -227,6 +227,18 @@ def test_models_without_the_attention_interface_are_refused():
                                                    intermediate_size=64, vocab_size=100))
     with pytest.raises(ValueError, match="AttentionInterface"):
         hf.use_kdeformer(deberta)
+    with pytest.raises(ValueError, match="AttentionInterface"):
+        hf.configure(deberta, bucket_size=8)  # refused where it is configured, not at forward time
+
+
+def test_use_kdeformer_switches_a_decoder_and_bad_settings_change_nothing(decoder):
+    folder, _, _ = decoder
+    model = tf.AutoModelForCausalLM.from_pretrained(folder, local_files_only=True, attn_implementation="eager")
+    with pytest.raises(ValueError, match="estimate_rows"):
+        hf.use_kdeformer(model, estimate_rows=0)
+    assert model.config._attn_implementation == "eager"  # checked before switching
+    hf.use_kdeformer(model, bucket_size=16)
+    assert model.config._attn_implementation == "kdeformer" and model.config.kdeformer == {"bucket_size": 16}
 
 
 BAD_KERNEL_SETTINGS = [
