@@ -23,6 +23,7 @@ import torch
 
 from . import baselines, data
 from .variants import Scheme, run_plan
+from .winner import best_attention
 
 HERE = Path(__file__).resolve().parent
 BUDGETS = (32, 64, 128, 256)
@@ -60,11 +61,19 @@ SCHEMES = {
 }
 TODAY = ("today-column_norm", "today-column_norm-honest", "today-value_norm", "today-uniform")
 PEERS = tuple(f"peer-{m}" for m in baselines.PEERS)
-ALL = tuple(SCHEMES) + TODAY + PEERS
+BEST = {  # the port-ready scheme (benchmarks/estimators/best.py via winner.py), and its tuning neighbours
+    "best": {},
+    "best-bq16": {"q_block": 16}, "best-bq64": {"q_block": 64},
+    "best-w2": {"window": 2}, "best-w4": {"window": 4}, "best-w6": {"window": 6}, "best-w0": {"window": 0},
+    "best-share16": {"share": 1 / 16}, "best-share4": {"share": 1 / 4},
+}
+ALL = ("best",) + tuple(SCHEMES) + TODAY + PEERS + tuple(n for n in BEST if n != "best")
 
 
 def run(name: str, heads, budget: int, seed: int):
     """-> (output (G, Nq, Dv), multiply-adds per query)."""
+    if name in BEST:
+        return best_attention(heads.q, heads.k, heads.v, heads.scale, budget, seed, **BEST[name])
     if name in SCHEMES:
         return run_plan(SCHEMES[name], heads.q, heads.k, heads.v, heads.scale, budget, seed)
     if name.startswith("today-"):
@@ -83,11 +92,13 @@ def measure(name: str, heads, budget: int, seeds: int) -> dict:
 
 
 def largest_budget_within(name: str, heads, limit: float) -> int:
-    """The largest budget whose multiply-adds per query stay <= limit (a budget >= Nk is exact)."""
+    """The largest budget whose multiply-adds per query stay <= limit.  Column methods stop at Nk (their
+    budget >= Nk is exact attention); feature methods may go up to 8 Nk."""
     n_k = heads.k.shape[1]
-    lo, hi = 1, n_k
-    if run_cost(name, heads, n_k) <= limit:
-        return n_k
+    hi = 8 * n_k if name in ("peer-performer", "peer-scatterbrain") else n_k
+    lo = 1
+    if run_cost(name, heads, hi) <= limit:
+        return hi
     while hi - lo > 1:  # the cost grows with the budget
         mid = (lo + hi) // 2
         lo, hi = (mid, hi) if run_cost(name, heads, mid) <= limit else (lo, mid)
@@ -121,8 +132,8 @@ def parse(argv):
     ap.add_argument("--budgets", default=",".join(map(str, BUDGETS)))
     ap.add_argument("--seeds", type=int, default=2)
     ap.add_argument("--glove", default="sharp,medium,uniform", help="GloVe scalings ('' for none)")
-    ap.add_argument("--glove-variants", default="pps-norm-w2,today-column_norm,today-column_norm-honest,peer-performer,peer-nystrom")
-    ap.add_argument("--nystrom-variants", default="pps-norm-w2,today-column_norm-honest,peer-performer,peer-hyperattention,peer-uniform,peer-scatterbrain")
+    ap.add_argument("--glove-variants", default="best,best-w0,today-column_norm,today-column_norm-honest,peer-performer,peer-nystrom")
+    ap.add_argument("--nystrom-variants", default="best,today-column_norm-honest,peer-performer,peer-hyperattention,peer-uniform,peer-scatterbrain")
     ap.add_argument("--out", default=str(HERE / "results.json"))
     ap.add_argument("--no-write", action="store_true")
     args = ap.parse_args(argv)

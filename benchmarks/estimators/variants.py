@@ -43,6 +43,8 @@ class Scheme:
     num_projs: int = 7
     estimate_share: float | None = None  # None: one estimate per block; else at most this share of the budget
     shared_draws: bool = False  # one sample per estimate group (True) or one per block (False)
+    segments: int = 1  # queries sorted by (token segment, LSH rank): S contiguous segments, LSH within each
+    auto_order: bool = False  # per head: token order or LSH order, whichever leaves less query spread in blocks
 
     def but(self, **changes) -> "Scheme":
         return replace(self, **changes)
@@ -57,6 +59,27 @@ def sort_queries_and_keys(q, k, num_projs: int, generator):
     proj = draw_projections(groups, dim, num_projs, dtype=q.dtype, device=q.device, generator=generator)
     ranks = bucket_ranks(num_projs, "gray", q.device)
     return sort_by_bucket(hash_codes(q, proj), ranks, None), sort_by_bucket(hash_codes(k, proj), ranks, None)
+
+
+def segment_major(q_order: torch.Tensor, segments: int) -> torch.Tensor:
+    """Re-sort an LSH order by token segment first (S contiguous segments), LSH rank within each."""
+    n_q = q_order.shape[1]
+    rank = torch.empty_like(q_order).scatter_(1, q_order, torch.arange(n_q).expand_as(q_order))  # (G, Nq)
+    segment = torch.arange(n_q) * segments // n_q  # (Nq,) segment of each token
+    return torch.sort(segment * n_q + rank, dim=1).indices
+
+
+def block_spread(q: torch.Tensor, order: torch.Tensor, q_block: int) -> torch.Tensor:
+    """Sum over blocks of sum_i ||q_i - block mean||^2 for blocks cut from `order`.  -> (G,)."""
+    rows = block_rows(order, q_block)  # (G, nqb, Bq)
+    blocks = gather_rows(q, rows)  # (G, nqb, Bq, D)
+    return (blocks - blocks.mean(2, keepdim=True)).square().sum((1, 2, 3))
+
+
+def tighter_order(q, order_a, order_b, q_block: int) -> torch.Tensor:
+    """Per head, the order whose blocks spread less (the centroid then stands for its block better)."""
+    pick_b = block_spread(q, order_b, q_block) < block_spread(q, order_a, q_block)  # (G,)
+    return torch.where(pick_b.unsqueeze(-1), order_b, order_a)
 
 
 def block_rows(q_order: torch.Tensor, q_block: int) -> torch.Tensor:
@@ -191,6 +214,10 @@ def run_plan(scheme: Scheme, q, k, v, scale: float, budget: int, seed: int):
     groups, n_q, dim = q.shape
     n_k, dim_v = k.shape[1], v.shape[-1]
     q_order, k_order = sort_queries_and_keys(q, k, scheme.num_projs, generator)
+    if scheme.segments > 1:
+        q_order = segment_major(q_order, scheme.segments)
+    if scheme.auto_order:
+        q_order = tighter_order(q, q_order, torch.arange(n_q).expand(groups, -1), scheme.q_block)
     rows = block_rows(q_order, scheme.q_block)  # (G, nqb, Bq)
     nqb, bq = rows.shape[1:]
     allowed = torch.ones(groups, nqb, n_k, dtype=torch.bool)
