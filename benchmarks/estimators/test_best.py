@@ -94,16 +94,16 @@ def test_normaliser_and_numerator_are_unbiased():
     q, k, v, scale = small_case(n_q=48, n_k=64, heads=2)
     p = winner.plan(q * scale, k, v, 12, torch.Generator().manual_seed(5), q_block=8)  # fixes order and pi
     a = torch.exp((q * scale) @ k.mT)  # (G, Nq, Nk) unshifted: logits are small here
-    gen, runs, count = torch.Generator().manual_seed(6), 3000, p.cols.shape[-1]
-    sums = []
-    for _ in range(runs):
-        u = torch.rand(2, p.rows.shape[1], generator=gen)
-        cols, weights, _ = best.systematic_sample(p.pi, count, u, p.block_group)
-        factor = winner.plan_factor(winner.Plan(p.rows, cols, weights, p.exact, p.window, p.block_group, p.pi), 48, 64)
-        sums.append(torch.cat([((a * factor) @ v), (a * factor).sum(-1, keepdim=True)], -1))  # (G, Nq, Dv+1)
-    sums = torch.stack(sums)  # (runs, G, Nq, Dv+1)
-    truth = torch.cat([a @ v, a.sum(-1, keepdim=True)], -1)
-    z = (sums.mean(0) - truth) / (sums.std(0) / math.sqrt(runs)).clamp_min(1e-6)
+    runs, nqb, count = 3000, p.rows.shape[1], p.cols.shape[-1]
+    u = torch.rand(2, runs * nqb, generator=torch.Generator().manual_seed(6))  # every run's blocks at once
+    cols, weights, _ = best.systematic_sample(p.pi, count, u, p.block_group.repeat(runs))
+    factor = dense.block_factor(64, cols, weights).view(2 * runs, nqb, 64)  # (G*runs, nqb, Nk)
+    rows = p.rows.repeat_interleave(runs, 0)  # (G*runs, nqb, Bq)
+    factor = dense.with_window(dense.query_factor(factor, rows, 48), p.window).view(2, runs, 48, 64)
+    weighted = a.unsqueeze(1) * factor  # (G, runs, Nq, Nk)
+    sums = torch.cat([weighted @ v.unsqueeze(1), weighted.sum(-1, keepdim=True)], -1)  # (G, runs, Nq, Dv+1)
+    truth = torch.cat([a @ v, a.sum(-1, keepdim=True)], -1).unsqueeze(1)
+    z = (sums.mean(1, keepdim=True) - truth) / (sums.std(1, keepdim=True) / math.sqrt(runs)).clamp_min(1e-6)
     assert float(z.abs().max()) < 5.0  # 5 standard errors over 2 x 48 x 7 sums (two-sided, ~6e-7 each)
 
 
