@@ -100,9 +100,10 @@ def column_importance(centroids: torch.Tensor, key: torch.Tensor, value: torch.T
     return torch.exp(logits - shift) * value_norm.unsqueeze(1)
 
 
-def with_floor(weight: torch.Tensor, key_valid: torch.Tensor | None = None, floor: float = FLOOR) -> torch.Tensor:
-    """(1 - floor) w / sum w + floor / n on the n unmasked keys; uniform where w has no mass.  (G, ng, Nk)"""
-    allowed = torch.ones_like(weight) if key_valid is None else key_valid.float().unsqueeze(1).expand_as(weight)
+def with_floor(weight: torch.Tensor, allowed: torch.Tensor | None = None, floor: float = FLOOR) -> torch.Tensor:
+    """(1 - floor) w / sum w + floor / n on the n allowed keys; uniform where w has no mass.
+    weight (G, ng, Nk), allowed bool broadcastable to it (e.g. key_valid.unsqueeze(1)) -> (G, ng, Nk)."""
+    allowed = torch.ones_like(weight) if allowed is None else allowed.float().expand_as(weight)
     uniform = allowed / allowed.sum(-1, keepdim=True).clamp_min(1.0)
     total = weight.sum(-1, keepdim=True)
     shaped = torch.where(total > 0, weight / total.clamp_min(1e-30), uniform)

@@ -57,6 +57,10 @@ SCHEMES = {
         BASE.but(name="pps-norm-w3-share16", value="norm", window=3, estimate_share=1 / 16),
         BASE.but(name="pps-norm-w3-share16-shared", value="norm", window=3, estimate_share=1 / 16, shared_draws=True),
         BASE.but(name="pps-norm-w0-share8", value="norm", estimate_share=1 / 8),
+        BASE.but(name="pps-norm-w3-share8-seg4", value="norm", window=3, estimate_share=1 / 8, segments=4),
+        BASE.but(name="pps-norm-w3-share8-seg8", value="norm", window=3, estimate_share=1 / 8, segments=8),
+        BASE.but(name="pps-norm-w3-share8-token", value="norm", window=3, estimate_share=1 / 8, num_projs=0),
+        BASE.but(name="pps-norm-w3-share8-auto", value="norm", window=3, estimate_share=1 / 8, auto_order=True),
     ]
 }
 TODAY = ("today-column_norm", "today-column_norm-honest", "today-value_norm", "today-uniform")

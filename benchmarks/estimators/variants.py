@@ -100,6 +100,23 @@ def key_blocks(k_order: torch.Tensor, nqb: int, key_block: int) -> torch.Tensor:
 
 
 # --------------------------------------------------------------------------- estimators
+def centroid_importance(centroids, key, value, allowed, value_factor: str = "norm", temperature: float = 1.0):
+    """best.column_importance with a choice of value factor and a per-block `allowed` (G, nqb, Nk):
+    "norm" ||[v_j, 1]|| (the winner's), "centered" ||v_j - o_b|| (o_b the centroid's softmax output,
+    2 Nk Dv more multiply-adds per block), "meancentered" ||[v_j - mean v, 1]||, "none" 1."""
+    logits = (torch.bmm(centroids, key.mT) * temperature).masked_fill(~allowed, float("-inf"))  # (G, nqb, Nk)
+    weight = torch.exp(logits - logits.amax(-1, keepdim=True).clamp_min(-3e38))
+    if value_factor == "centered":
+        out = torch.bmm(weight / weight.sum(-1, keepdim=True).clamp_min(1e-30), value)  # (G, nqb, Dv)
+        sq = value.square().sum(-1).unsqueeze(1) - 2 * torch.bmm(out, value.mT) + out.square().sum(-1, keepdim=True)
+        return weight * sq.clamp_min(0).sqrt()
+    if value_factor == "none":
+        return weight
+    if value_factor == "meancentered":
+        value = value - value.mean(1, keepdim=True)
+    return weight * (value.square().sum(-1) + 1).sqrt().unsqueeze(1)
+
+
 def estimation_cost(scheme: Scheme, nqb: int, n_k: int, dim: int, dim_v: int) -> int:
     """Multiply-adds of the importance estimate per head (the oracle is charged like one row)."""
     centered = 2 * n_k * dim_v if scheme.value == "centered" else 0
@@ -142,20 +159,20 @@ def diag_importance(q_blocks, centroids, k, v, scheme, allowed):
     """Centroid importance with log w_j += sum_d var_d k_jd^2 (the block's query spread)."""
     var = q_blocks.var(2, unbiased=False)  # (G, nqb, D)
     spread = torch.bmm(var, k.square().mT)  # (G, nqb, Nk)
-    base = best.centroid_importance(centroids, k, v, allowed, "none", scheme.temperature)
+    base = centroid_importance(centroids, k, v, allowed, "none", scheme.temperature)
     logw = torch.log(base.clamp_min(1e-38)) + spread
     logw = logw.masked_fill(~allowed, float("-inf"))
     w = torch.exp(logw - logw.amax(-1, keepdim=True))
     if scheme.value == "none":
         return w
-    factor = best.centroid_importance(centroids, k, v, allowed, scheme.value, scheme.temperature) / base.clamp_min(1e-38)
+    factor = centroid_importance(centroids, k, v, allowed, scheme.value, scheme.temperature) / base.clamp_min(1e-38)
     return w * factor * allowed
 
 
 def importance(scheme, q_blocks, k, v, allowed, generator):
     centroids = best.block_centroids(q_blocks)  # (G, nqb, D)
     if scheme.estimator == "centroid":
-        return best.centroid_importance(centroids, k, v, allowed, scheme.value, scheme.temperature)
+        return centroid_importance(centroids, k, v, allowed, scheme.value, scheme.temperature)
     if scheme.estimator == "centroid_diag":
         return diag_importance(q_blocks, centroids, k, v, scheme, allowed)
     if scheme.estimator.startswith("rows:"):

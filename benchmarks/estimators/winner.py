@@ -56,7 +56,8 @@ def plan(q_scaled, key, value, budget: int, generator, *, key_valid=None, q_bloc
     num_groups = best.plan_estimates(nqb, n_q, n_k, dim, dim_v, budget, share)
     block_group = best.group_of_blocks(nqb, num_groups, q_scaled.device)
     centroids = best.group_centroids(gather_rows(q_scaled, rows), block_group, num_groups)  # (G, ng, D)
-    probs = best.with_floor(best.column_importance(centroids, key, value, key_valid, temperature), key_valid)
+    importance = best.column_importance(centroids, key, value, key_valid, temperature)  # (G, ng, Nk)
+    probs = best.with_floor(importance, None if key_valid is None else key_valid.unsqueeze(1))
     count = best.columns_for_budget(n_q, n_k, dim, dim_v, budget, q_block=q_block, window=window, share=share)
     pi = best.inclusion_probabilities(probs, count)  # (G, ng, Nk)
     uniform = torch.rand(groups, nqb, generator=generator, device=q_scaled.device)  # one per block
