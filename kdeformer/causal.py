@@ -88,11 +88,16 @@ def resolve_heavy_columns(sampling: str, sample_size: int, heavy_columns: int | 
 
 
 def plan_causal(limits: torch.Tensor, n_keys: int, *, bucket_size, sample_size, local_window, sampling,
-                heavy_columns, estimate_rows) -> CausalPlan:
-    """Chunk length, local slots and column counts from the limits (G, Nq) and the settings."""
+                heavy_columns, estimate_rows, chunk_len=None, bucket=None) -> CausalPlan:
+    """Chunk length, local slots and column counts from the limits (G, Nq) and the settings.
+
+    chunk_len (default bucket_size) and bucket (keys in each query's bucket, default bucket_size) can be
+    set apart for design measurements; bucket=0 turns the bucket part off.
+    """
     n_queries = limits.shape[-1]
     window = default_local_window(bucket_size) if local_window is None else max(1, local_window)
-    chunk_len = bucket_size
+    chunk_len = bucket_size if chunk_len is None else chunk_len
+    bucket = bucket_size if bucket is None else bucket
     num_chunks = math.ceil(n_queries / chunk_len)
     starts = pool_starts(padded_limits(limits, num_chunks * chunk_len), chunk_len, window)  # (G, nc)
     last = padded_limits(limits, num_chunks * chunk_len)[:, chunk_len - 1 :: chunk_len]  # (G, nc)
@@ -102,7 +107,7 @@ def plan_causal(limits: torch.Tensor, n_keys: int, *, bucket_size, sample_size, 
     rows = 0
     if sampling == "column_norm":
         rows = estimate_rows or colnorm.default_estimate_rows(sample_size, n_queries, n_keys)
-    return CausalPlan(chunk_len, num_chunks, window, local_slots, min(bucket_size, n_keys), heavy, draws, rows)
+    return CausalPlan(chunk_len, num_chunks, window, local_slots, min(bucket, n_keys), heavy, draws, rows)
 
 
 def padded_limits(limits: torch.Tensor, length: int) -> torch.Tensor:
@@ -355,7 +360,8 @@ def attend_chunk(q_chunk, k, v, cols: ChunkColumns):
     k_bucket, v_bucket = gather_rows(k, cols.bucket), gather_rows(v, cols.bucket)  # (gb, nb, L, B, D / Dv)
     l_shared = masked_logits(q_chunk @ k_shared.mT, cols.shared_weight)  # (gb, nb, L, Cs)
     l_bucket = masked_logits((q_chunk.unsqueeze(-2) @ k_bucket.mT).squeeze(-2), cols.bucket_weight)  # (gb, nb, L, B)
-    shift = torch.maximum(l_shared.amax(-1), l_bucket.amax(-1)).detach()  # (gb, nb, L)
+    shift = l_shared.amax(-1) if l_bucket.shape[-1] == 0 else torch.maximum(l_shared.amax(-1), l_bucket.amax(-1))
+    shift = shift.detach()  # (gb, nb, L)
     t_shared = torch.exp(l_shared - shift.unsqueeze(-1)) * cols.shared_weight
     t_bucket = torch.exp(l_bucket - shift.unsqueeze(-1)) * cols.bucket_weight
     numerator = t_shared @ v_shared + (t_bucket.unsqueeze(-2) @ v_bucket).squeeze(-2)  # (gb, nb, L, Dv)
