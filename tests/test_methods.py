@@ -642,3 +642,24 @@ def test_thinformer_halving_balances_pairs():
     kept = halve_buckets(kernel, torch.full((1, 1, 2), 0.5, dtype=torch.float64), torch.zeros(1, 1, dtype=torch.bool),
                          log_mult=1.0)
     assert kept.shape == (1, 1, 2) and kept[0, 0, 0] == 0 and int(kept[0, 0, 1]) in (2, 3)
+
+
+def test_causal_reformer_matches_its_definition(gen, qkv):
+    """Per round, query i attends to the last 2 chunk_size visible keys of its own bucket and to its own key;
+    the rounds merge as one softmax over the multiset union (written out here by brute force)."""
+    q, k, v = qkv(1, n_q=30, n_k=37, d=8, seed=2)
+    out, trace = approximate("reformer", q, k, v, budget=8, num_buckets=4, generator=gen(1), is_causal=True,
+                             return_trace=True)  # chunk_size 2: windows of 4
+    logits = q[0] @ k[0].T / math.sqrt(8)  # (Nq, Nk)
+    want = torch.empty(30, 8, dtype=torch.float64)
+    for i in range(30):
+        limit = i + 7
+        counts = torch.zeros(37, dtype=torch.float64)
+        for r in range(2):
+            qb, kb = trace.q_buckets[0, r, i], trace.k_buckets[0, r]
+            same = [j for j in range(limit + 1) if kb[j] == qb][-4:]
+            for j in same + ([limit] if kb[limit] != qb else []):
+                counts[j] += 1
+        w = counts * torch.exp(logits[i] - logits[i].max())
+        want[i] = w @ v[0] / w.sum()
+    torch.testing.assert_close(out[0], want, rtol=1e-10, atol=1e-12)
