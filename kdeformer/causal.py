@@ -44,7 +44,7 @@ from .defaults import KDE_DEFAULTS
 from .random import Draws, inverse_cdf
 
 # One batch of work (heads x chunks) holds about this many entries in its largest temporary.
-BATCH_ENTRIES = 1 << 22
+BATCH_ENTRIES = 1 << 23
 
 
 def default_local_window(bucket_size: int) -> int:
@@ -127,10 +127,13 @@ class HeadState:
     """What a batch of heads computes once for all its chunks."""
 
     k_order: torch.Tensor  # (gb, Nk) keys sorted by (bucket rank, position)
-    sorted_rank: torch.Tensor  # (gb, Nk) bucket rank of each sorted key
+    k_rank: torch.Tensor  # (gb, Nk) bucket rank of each key
+    rank_start: torch.Tensor  # (gb, 2^r + 1) where each rank's run starts in the sorted order
     sorted_pos: torch.Tensor  # (gb, Nk) place of each key (token order) in the sorted order
+    entry_chunk: torch.Tensor  # (gb, Nk) first chunk whose pool holds the key (nc: none)
     q_rank: torch.Tensor  # (gb, nc*L) bucket rank of each (padded) query
     value_norm: torch.Tensor  # (gb, Nk) float64 of float32 ||[v_j, 1]||
+    norm_prefix: torch.Tensor  # (gb, 2, Nk+1) float64 prefix sums of ||v~_j|| and ||v~_j||^2 by position
     row_prefix: torch.Tensor | None  # (gb, R+1, Nk) float64 prefix sums of estimation rows' P^2
     rows_before: torch.Tensor | None  # (gb, nc) estimation rows at or before each chunk's first query
     rows: torch.Tensor | None  # (gb, R) token index of the estimation rows
@@ -141,11 +144,15 @@ def hash_ranks(x: torch.Tensor, projections: torch.Tensor, ranks: torch.Tensor) 
     return ranks[hash_codes(x.float(), projections)]
 
 
-def sort_keys(k_rank: torch.Tensor):
-    """Sort keys by (rank, position).  -> order, sorted ranks, sorted place of each key; all (gb, Nk)."""
-    sorted_rank, order = torch.sort(k_rank, dim=-1, stable=True)
+def sort_keys(k_rank: torch.Tensor, n_ranks: int):
+    """Sort keys by (rank, position).  -> order (gb, Nk), start of each rank's run (gb, 2^r + 1), sorted
+    place of each key (gb, Nk)."""
+    order = torch.sort(k_rank, dim=-1, stable=True).indices
+    counts = torch.zeros(k_rank.shape[0], n_ranks, dtype=torch.int64, device=k_rank.device)
+    counts.scatter_add_(1, k_rank, torch.ones_like(k_rank))
+    start = torch.nn.functional.pad(counts.cumsum(-1), (1, 0))  # (gb, 2^r + 1)
     place = torch.empty_like(order).scatter_(-1, order, torch.arange(order.shape[-1], device=order.device).expand_as(order))
-    return order, sorted_rank, place
+    return order, start, place
 
 
 def estimation_rows(draws: Draws, n_rows: int, n_queries: int) -> torch.Tensor:
@@ -171,64 +178,83 @@ def estimation_prefix(q, k, rows, limits, scale):
     return torch.cat([torch.zeros_like(prefix[:, :1]), prefix], 1)
 
 
-def head_state(q, k, v, limits, projections, ranks, draws: Draws, plan: CausalPlan, scale) -> HeadState:
-    """Hash and sort the keys, rank the queries, and (column_norm) prepare the estimation rows."""
+def head_state(q, k, v, limits, starts, projections, ranks, draws: Draws, plan: CausalPlan, scale) -> HeadState:
+    """Hash and sort the keys, rank the queries, and (column_norm) prepare the estimation rows.
+
+    starts (gb, nc) = p_c, the pool size of each chunk.
+    """
     q_rank = hash_ranks(q if scale >= 0 else -q, projections, ranks)  # (gb, Nq)
     q_rank = padded_limits(q_rank, plan.num_chunks * plan.chunk_len)  # (gb, nc*L): pads repeat the last
-    k_order, sorted_rank, sorted_pos = sort_keys(hash_ranks(k, projections, ranks))
+    k_rank = hash_ranks(k, projections, ranks)  # (gb, Nk)
+    k_order, rank_start, sorted_pos = sort_keys(k_rank, ranks.numel())
+    positions = torch.arange(k.shape[1], device=k.device).expand_as(k_rank).contiguous()
+    entry_chunk = torch.searchsorted(starts, positions, right=True)  # (gb, Nk): chunks with p_c <= j
     norms = colnorm.value_row_norms(v.float()).to(torch.float64)  # (gb, Nk)
+    norm_prefix = torch.nn.functional.pad(torch.stack([norms, norms.square()], 1).cumsum(-1), (1, 0))
     row_prefix = rows_before = rows = None
     if plan.estimate_rows:
         rows = estimation_rows(draws, plan.estimate_rows, q.shape[1])  # (gb, R)
         row_prefix = estimation_prefix(q, k, rows, limits, scale)
-        starts = torch.arange(plan.num_chunks, device=q.device) * plan.chunk_len  # (nc,)
-        rows_before = torch.searchsorted(rows, starts.expand(rows.shape[0], -1).contiguous(), right=True)
-    return HeadState(k_order, sorted_rank, sorted_pos, q_rank, norms, row_prefix, rows_before, rows)
+        first = torch.arange(plan.num_chunks, device=q.device) * plan.chunk_len  # (nc,)
+        rows_before = torch.searchsorted(rows, first.expand(rows.shape[0], -1).contiguous(), right=True)
+    return HeadState(k_order, k_rank, rank_start, sorted_pos, entry_chunk, q_rank, norms, norm_prefix,
+                     row_prefix, rows_before, rows)
 
 
 # --------------------------------------------------------------------------- per batch of chunks
-@dataclass
-class PoolIndex:
-    """Chunk pools seen through the sorted key order."""
+def pool_rank_counts(state: HeadState, chunks: slice) -> torch.Tensor:
+    """Pool keys of each chunk with a bucket rank below rho, for every rho.  -> (gb, nb, 2^r + 1)
 
-    count: torch.Tensor  # (gb, nb, Nk+1) pool keys among the first j sorted keys (count[..., 0] = 0)
-    keys: torch.Tensor  # (gb, nb, Nk+1) token index of the m-th pool key in sorted order (slots >= p_c: junk)
-
-
-def pool_index(state: HeadState, starts: torch.Tensor) -> PoolIndex:
-    """Prefix counts of each chunk's pool over the sorted keys.  starts (gb, nb) = p_c."""
-    n_keys = state.k_order.shape[-1]
-    in_pool = state.k_order.unsqueeze(1) < starts.unsqueeze(-1)  # (gb, nb, Nk) in sorted order
-    count = in_pool.cumsum(-1)  # (gb, nb, Nk)
-    slot = torch.where(in_pool, count - 1, n_keys)  # non-pool keys go to a junk slot
-    keys = torch.zeros(*in_pool.shape[:-1], n_keys + 1, dtype=torch.int64, device=starts.device)
-    keys.scatter_(-1, slot, state.k_order.unsqueeze(1).expand_as(slot))
-    return PoolIndex(torch.nn.functional.pad(count, (1, 0)), keys)
+    Counted from each key's entry chunk (a histogram per chunk, summed over the chunks), so nothing of
+    size chunks x Nk is built; the last column is the pool size p_c.
+    """
+    gb, nb = state.k_rank.shape[0], chunks.stop - chunks.start
+    n_ranks = state.rank_start.shape[-1] - 1
+    row = (state.entry_chunk - chunks.start).clamp_min(0)  # (gb, Nk) keys already in at c0 count from row 0
+    row = torch.where(state.entry_chunk < chunks.stop, row, nb)  # later keys go to a junk row
+    hist = torch.zeros(gb, (nb + 1) * n_ranks, dtype=torch.int64, device=row.device)
+    hist.scatter_add_(1, row * n_ranks + state.k_rank, torch.ones_like(row))
+    counts = hist.view(gb, nb + 1, n_ranks)[:, :nb].cumsum(1)  # (gb, nb, 2^r) pool keys of each rank
+    return torch.nn.functional.pad(counts.cumsum(-1), (1, 0))
 
 
-def bucket_windows(state: HeadState, pool: PoolIndex, q_rank: torch.Tensor, starts: torch.Tensor, size: int):
+def pool_keys(state: HeadState, below: torch.Tensor, pool_rank: torch.Tensor) -> torch.Tensor:
+    """Token index of the key at each rank within its chunk's pool (sorted by (bucket, position)).
+
+    below (gb, nb, 2^r + 1) from `pool_rank_counts`, pool_rank (gb, nb, X) in [0, p_c) -> (gb, nb, X)
+    """
+    gb, nb, width = pool_rank.shape
+    rho = torch.searchsorted(below, pool_rank, right=True) - 1  # (gb, nb, X) bucket rank of that key
+    rho = rho.clamp(0, below.shape[-1] - 2)
+    within = pool_rank - torch.gather(below, -1, rho)  # its place among the pool keys of its bucket
+    place = torch.gather(state.rank_start, 1, rho.view(gb, -1)).view_as(rho) + within  # (gb, nb, X)
+    place = place.clamp(0, state.k_order.shape[-1] - 1)
+    return torch.gather(state.k_order, 1, place.view(gb, -1)).view(gb, nb, width)
+
+
+def bucket_windows(state: HeadState, below: torch.Tensor, q_rank: torch.Tensor, starts: torch.Tensor, size: int):
     """Each query's B pool keys around its bucket.  q_rank (gb, nb, L), starts (gb, nb).
 
     Returns the first pool rank of the window (gb, nb, L), its keys (gb, nb, L, B) (0 where unused)
     and which slots hold a pool key (gb, nb, L, B) bool.
     """
     gb, nb, length = q_rank.shape
-    flat = q_rank.reshape(gb, nb * length)  # (gb, nb*L)
-    lo = torch.searchsorted(state.sorted_rank, flat, right=False).view(gb, nb, length)
-    hi = torch.searchsorted(state.sorted_rank, flat, right=True).view(gb, nb, length)
-    centre = (torch.gather(pool.count, -1, lo) + torch.gather(pool.count, -1, hi)) // 2  # (gb, nb, L)
+    centre = (torch.gather(below, -1, q_rank) + torch.gather(below, -1, q_rank + 1)) // 2  # (gb, nb, L)
     last_start = (starts - size).clamp_min(0).unsqueeze(-1)  # (gb, nb, 1)
     first = torch.minimum((centre - size // 2).clamp_min(0), last_start)  # (gb, nb, L)
     rank = first.unsqueeze(-1) + torch.arange(size, device=first.device)  # (gb, nb, L, B)
     valid = rank < starts.view(gb, nb, 1, 1)
-    keys = torch.gather(pool.keys, -1, rank.clamp_max(pool.keys.shape[-1] - 1).view(gb, nb, -1)).view_as(rank)
+    keys = pool_keys(state, below, rank.view(gb, nb, length * size)).view_as(rank)
     return first, torch.where(valid, keys, 0), valid
 
 
-def pool_rank(state: HeadState, pool: PoolIndex, keys: torch.Tensor) -> torch.Tensor:
-    """Rank among its chunk's pool (in sorted order) of each pool key.  keys (gb, nb, X) -> (gb, nb, X)"""
-    place = torch.gather(state.sorted_pos, 1, keys.flatten(1)).view_as(keys)
-    return torch.gather(pool.count, -1, place + 1) - 1
+def pool_rank_of(state: HeadState, below: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+    """Rank within its chunk's pool of each pool key.  keys (gb, nb, X) -> (gb, nb, X)"""
+    gb = keys.shape[0]
+    rho = torch.gather(state.k_rank, 1, keys.view(gb, -1)).view_as(keys)
+    place = torch.gather(state.sorted_pos, 1, keys.view(gb, -1)).view_as(keys)
+    run_start = torch.gather(state.rank_start, 1, rho.view(gb, -1)).view_as(keys)
+    return torch.gather(below, -1, rho) + place - run_start
 
 
 def in_window(rank: torch.Tensor, first: torch.Tensor, size: int) -> torch.Tensor:
@@ -245,12 +271,42 @@ def pool_mask(starts: torch.Tensor, n_keys: int) -> torch.Tensor:
     return torch.arange(n_keys, device=starts.device) < starts.unsqueeze(-1)
 
 
-def value_norm_probabilities(norms: torch.Tensor, pool: torch.Tensor) -> torch.Tensor:
-    """The authors' p_j ~ ||v~_j|| / sum ||v~||^2 + 1/n over each pool.  norms (gb, Nk), pool (gb, nb, Nk)."""
-    norms = norms.unsqueeze(1)  # (gb, 1, Nk)
-    size = pool.sum(-1, keepdim=True).clamp_min(1)  # (gb, nb, 1)
-    square = torch.where(pool, norms.square(), 0.0).sum(-1, keepdim=True).clamp_min(1e-300)
-    return torch.where(pool, norms / square + 1.0 / size, 0.0)
+def value_norm_mass(state: HeadState, starts: torch.Tensor):
+    """Sums over each pool of ||v~_j|| and ||v~_j||^2.  starts (gb, nb) -> two (gb, nb) float64"""
+    gb = starts.shape[0]
+    sums = torch.gather(state.norm_prefix, 2, starts.view(gb, 1, -1).expand(gb, 2, starts.shape[1]))  # (gb, 2, nb)
+    return sums[:, 0], sums[:, 1].clamp_min(1e-300)
+
+
+def closed_form_probability(state: HeadState, starts, keys, sampling: str) -> torch.Tensor:
+    """p of each key under its chunk's "uniform" or "value_norm" distribution (the authors'
+    ||v~_j|| / sum ||v~||^2 + 1 / n over the pool, normalised).  keys (gb, nb, X) -> (gb, nb, X) float64"""
+    size = starts.clamp_min(1).to(torch.float64).unsqueeze(-1)  # (gb, nb, 1)
+    if sampling == "uniform":
+        return (1.0 / size).expand(keys.shape)
+    norm_sum, square_sum = (x.unsqueeze(-1) for x in value_norm_mass(state, starts))
+    norms = torch.gather(state.value_norm, 1, keys.flatten(1)).view_as(keys)
+    return (norms / square_sum + 1.0 / size) / (norm_sum / square_sum + 1.0)
+
+
+def draw_closed_form(state: HeadState, starts, uniforms, sampling: str) -> torch.Tensor:
+    """Draw from each pool without a chunks x Nk table: "uniform" by scaling, "value_norm" as a mixture
+    of its norm part (inverse CDF on the shared prefix sums) and its uniform part, one uniform each.
+
+    starts (gb, nb), uniforms (gb, nb, s') -> keys (gb, nb, s') in [0, p_c) (0 for an empty pool)
+    """
+    gb, nb, draws = uniforms.shape
+    size = starts.to(torch.float64).unsqueeze(-1)  # (gb, nb, 1)
+    last = (starts - 1).clamp_min(0).unsqueeze(-1)
+    if sampling == "uniform":
+        return torch.minimum((uniforms * size).long(), last)
+    norm_sum, square_sum = (x.unsqueeze(-1) for x in value_norm_mass(state, starts))
+    norm_share = (norm_sum / square_sum) / (norm_sum / square_sum + 1.0)  # (gb, nb, 1) mass of the norm part
+    from_norm = uniforms < norm_share
+    target = uniforms / norm_share.clamp_min(1e-300) * norm_sum  # (gb, nb, s') a point on the prefix sums
+    by_norm = torch.searchsorted(state.norm_prefix[:, 0, 1:].contiguous(), target.view(gb, -1), right=True).view_as(target)
+    by_count = ((uniforms - norm_share) / (1 - norm_share) * size).long()
+    return torch.minimum(torch.where(from_norm, by_norm, by_count), last)
 
 
 def column_norm_importance(state: HeadState, chunks: slice, pool: torch.Tensor) -> torch.Tensor:
@@ -264,37 +320,47 @@ def column_norm_importance(state: HeadState, chunks: slice, pool: torch.Tensor) 
     return torch.where(pool, mean_sq.clamp_min(0).sqrt() * state.value_norm.unsqueeze(1), 0.0)
 
 
-def chunk_probabilities(state: HeadState, chunks: slice, starts: torch.Tensor, sampling: str, heavy: int):
-    """Each chunk's draw probabilities over its pool, and (column_norm) its heavy columns.
+def column_norm_probabilities(state: HeadState, chunks: slice, starts: torch.Tensor, heavy: int):
+    """Each chunk's column_norm probabilities over its pool, after its h heavy columns are taken out.
 
-    -> probs (gb, nb, Nk) float64 (rows sum to 1, or to 0 when nothing is left to draw),
+    -> probs (gb, nb, Nk) float64 (rows sum to 1, or are all 0 when nothing is left to draw),
        heavy columns (gb, nb, h) int64 and their validity (gb, nb, h) bool.
     """
     pool = pool_mask(starts, state.k_order.shape[-1])  # (gb, nb, Nk)
-    empty = torch.zeros(*starts.shape, 0, dtype=torch.int64, device=starts.device)
-    cols, cols_valid = empty, empty.bool()
-    if sampling == "uniform":
-        weight = pool.to(torch.float64)
-    elif sampling == "value_norm":
-        weight = value_norm_probabilities(state.value_norm, pool)
-    else:
-        importance = column_norm_importance(state, chunks, pool)
-        if heavy:
-            cols, cols_valid = colnorm.pick_heavy_columns(importance, pool, heavy)
-            pool = pool.scatter(-1, cols, False)
-        weight = colnorm.mix_with_floor(importance * pool, pool)
+    importance = column_norm_importance(state, chunks, pool)
+    cols = torch.zeros(*starts.shape, 0, dtype=torch.int64, device=starts.device)
+    cols_valid = cols.bool()
+    if heavy:
+        cols, cols_valid = colnorm.pick_heavy_columns(importance, pool, heavy)
+        pool = pool.scatter(-1, cols, False)
+    weight = colnorm.mix_with_floor(importance * pool, pool)
     total = weight.sum(-1, keepdim=True)
     return torch.where(total > 0, weight / total.clamp_min(1e-300), 0.0), cols, cols_valid
 
 
-def draw_columns(probs: torch.Tensor, uniforms: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Draw each chunk's columns by inverse CDF; weight 1 / (s' p), 0 for a chunk with nothing to draw.
+def probability_table(state: HeadState, starts: torch.Tensor, sampling: str) -> torch.Tensor:
+    """The full (gb, nb, Nk) table of a closed-form scheme, for the trace only (small N)."""
+    n_keys = state.k_order.shape[-1]
+    keys = torch.arange(n_keys, device=starts.device).expand(*starts.shape, n_keys)
+    return torch.where(pool_mask(starts, n_keys), closed_form_probability(state, starts, keys, sampling), 0.0)
 
-    probs (gb, nb, Nk), uniforms (gb, nb, s') -> columns (gb, nb, s') int64, weights (gb, nb, s') float64
-    """
-    cols = inverse_cdf(probs, uniforms)
-    p = torch.gather(probs, -1, cols)
-    return cols, torch.where(p > 0, 1.0 / (uniforms.shape[-1] * p.clamp_min(1e-300)), 0.0)
+
+def draw_chunk(state: HeadState, chunks: slice, starts, uniforms, sampling: str, heavy: int, want_table: bool):
+    """Each chunk's draws, their weights 1 / (s' p) (0 for a chunk with nothing to draw), its heavy
+    columns and validity, and its probability table (column_norm, or when `want_table`; else None)."""
+    n_draws = uniforms.shape[-1]
+    if sampling == "column_norm":
+        table, cols, cols_valid = column_norm_probabilities(state, chunks, starts, heavy)
+        keys = inverse_cdf(table, uniforms)
+        p = torch.gather(table, -1, keys)
+    else:
+        table = probability_table(state, starts, sampling) if want_table else None
+        cols = torch.zeros(*starts.shape, 0, dtype=torch.int64, device=starts.device)
+        cols_valid = cols.bool()
+        keys = draw_closed_form(state, starts, uniforms, sampling)
+        p = torch.where(starts.unsqueeze(-1) > 0, closed_form_probability(state, starts, keys, sampling), 0.0)
+    weight = torch.where(p > 0, 1.0 / (n_draws * p.clamp_min(1e-300)), 0.0)
+    return keys, weight, cols, cols_valid, table
 
 
 @dataclass
@@ -305,7 +371,7 @@ class ChunkColumns:
     shared_weight: torch.Tensor  # (gb, nb, L, W + h + s') 1 exact, 1/(s' p) sampled, 0 unused / not visible
     bucket: torch.Tensor  # (gb, nb, L, B) token index of each query's bucket keys
     bucket_weight: torch.Tensor  # (gb, nb, L, B) 1 for a pool key, 0 for an unused slot
-    probs: torch.Tensor  # (gb, nb, Nk) each chunk's draw probabilities
+    probs: torch.Tensor | None  # (gb, nb, Nk) each chunk's draw probabilities (None: closed form, no trace)
     draws: torch.Tensor  # (gb, nb, s') drawn key columns
     draw_weight: torch.Tensor  # (gb, nb, s') 1 / (s' p) of each draw (before the per-query exclusion)
     heavy_valid: torch.Tensor  # (gb, nb, h) bool: heavy slots that hold a pool key
@@ -320,25 +386,25 @@ def local_columns(starts: torch.Tensor, limit: torch.Tensor, slots: int, n_keys:
     return pos.clamp_max(n_keys - 1), pos.unsqueeze(-2) < limit.unsqueeze(-1)
 
 
-def chunk_columns(state: HeadState, plan: CausalPlan, chunks: slice, starts, limit, uniforms, sampling, dtype):
+def chunk_columns(state: HeadState, plan: CausalPlan, chunks: slice, starts, limit, uniforms, sampling, dtype,
+                  want_table: bool = False):
     """Every column of a batch of chunks: local, bucket, heavy and sampled, with per-query weights.
 
     starts (gb, nb), limit (gb, nb, L), uniforms (gb, nb, s').
     """
     gb, nb = starts.shape
-    pool = pool_index(state, starts)
+    below = pool_rank_counts(state, chunks)  # (gb, nb, 2^r + 1)
     q_rank = state.q_rank[:, chunks.start * plan.chunk_len : chunks.stop * plan.chunk_len].view(gb, nb, -1)
-    first, bucket, bucket_valid = bucket_windows(state, pool, q_rank, starts, plan.bucket)
+    first, bucket, bucket_valid = bucket_windows(state, below, q_rank, starts, plan.bucket)
     local, local_visible = local_columns(starts, limit, plan.local_slots, state.k_order.shape[-1])
-    probs, heavy, heavy_valid = chunk_probabilities(state, chunks, starts, sampling, plan.heavy)
-    draws, draw_weight = draw_columns(probs, uniforms)
-    heavy_weight = heavy_valid.unsqueeze(-2) & ~in_window(pool_rank(state, pool, heavy), first, plan.bucket)
-    kept = ~in_window(pool_rank(state, pool, draws), first, plan.bucket)  # (gb, nb, L, s')
+    draws, draw_weight, heavy, heavy_valid, table = draw_chunk(state, chunks, starts, uniforms, sampling, plan.heavy, want_table)
+    heavy_weight = heavy_valid.unsqueeze(-2) & ~in_window(pool_rank_of(state, below, heavy), first, plan.bucket)
+    kept = ~in_window(pool_rank_of(state, below, draws), first, plan.bucket)  # (gb, nb, L, s')
     shared_weight = torch.cat(
         [local_visible.to(dtype), heavy_weight.to(dtype), (draw_weight.unsqueeze(-2) * kept).to(dtype)], -1
     )  # (gb, nb, L, W + h + s')
     return ChunkColumns(
-        torch.cat([local, heavy, draws], -1), shared_weight, bucket, bucket_valid.to(dtype), probs, draws, draw_weight,
+        torch.cat([local, heavy, draws], -1), shared_weight, bucket, bucket_valid.to(dtype), table, draws, draw_weight,
         heavy_valid,
     )
 
@@ -370,11 +436,15 @@ def attend_chunk(q_chunk, k, v, cols: ChunkColumns):
 
 
 # --------------------------------------------------------------------------- the entry point
-def batch_sizes(groups: int, plan: CausalPlan, n_keys: int, width: int) -> tuple[int, int]:
-    """Heads per batch and chunks per batch, so one batch's temporaries stay near BATCH_ENTRIES."""
-    per_chunk = plan.chunk_len * (plan.bucket + plan.shared_cols) * width + 4 * (n_keys + 1)
+def batch_sizes(groups: int, plan: CausalPlan, n_keys: int, width: int, tables: bool) -> tuple[int, int]:
+    """Heads per batch and chunks per batch, so one batch's temporaries stay near BATCH_ENTRIES.
+
+    width = D + Dv; `tables`: the batch builds chunks x Nk probability tables (column_norm, or a trace).
+    """
+    per_chunk = (plan.chunk_len * plan.bucket + plan.shared_cols) * width + 3 * plan.chunk_len * plan.n_cols
+    per_chunk += 6 * n_keys if tables else 0
     chunks = max(1, min(plan.num_chunks, BATCH_ENTRIES // per_chunk))
-    per_head = max(chunks * per_chunk, (2 * plan.estimate_rows + 4) * n_keys)
+    per_head = max(chunks * per_chunk, (2 * plan.estimate_rows + 8) * n_keys)
     heads = max(1, min(groups, BATCH_ENTRIES // per_head)) if chunks == plan.num_chunks else 1
     return heads, chunks
 
@@ -424,13 +494,14 @@ def causal_kde(q, k, v, *, limits, scale, bucket_size, sample_size, num_projs, s
     limit = padded_limits(limits, n_chunks * length)  # (G, nc*L)
     starts = pool_starts(limit, length, plan.window)  # (G, nc)
     q_pad = q[:, torch.arange(n_chunks * length, device=q.device).clamp_max(n_q - 1)]  # (G, nc*L, D)
-    heads_per_batch, chunks_per_batch = batch_sizes(groups, plan, n_k, max(dim, dim_v))
+    tables = return_trace or sampling == "column_norm"
+    heads_per_batch, chunks_per_batch = batch_sizes(groups, plan, n_k, dim + dim_v, tables)
     outs, pieces, states = [], [], []
     for g0 in range(0, groups, heads_per_batch):
         g1 = min(groups, g0 + heads_per_batch)
         sub = draws.subset(torch.arange(g0, g1, device=q.device))
         state = head_state(q[g0:g1].detach(), k[g0:g1].detach(), v[g0:g1].detach(), limits[g0:g1],
-                           projections[g0:g1], ranks, sub, plan, scale)
+                           starts[g0:g1], projections[g0:g1], ranks, sub, plan, scale)
         uniforms = sub.uniform("samples", (n_chunks, plan.draws))  # (gb, nc, s')
         head_outs, head_pieces = [], []
         for c0 in range(0, n_chunks, chunks_per_batch):
@@ -438,7 +509,7 @@ def causal_kde(q, k, v, *, limits, scale, bucket_size, sample_size, num_projs, s
             rows = slice(chunks.start * length, chunks.stop * length)
             gb, nb = g1 - g0, chunks.stop - chunks.start
             cols = chunk_columns(state, plan, chunks, starts[g0:g1, chunks], limit[g0:g1, rows].view(gb, nb, length),
-                                 uniforms[:, chunks], sampling, dtype)
+                                 uniforms[:, chunks], sampling, dtype, return_trace)
             q_chunk = q_pad[g0:g1, rows].reshape(gb, nb, length, dim) * scale  # (gb, nb, L, D)
             shift, t_shared, t_bucket, numerator, normaliser, v_shared = attend_chunk(q_chunk, k[g0:g1], v[g0:g1], cols)
             head_outs.append((numerator / normaliser.unsqueeze(-1)).flatten(1, 2))  # (gb, nb*L, Dv)
