@@ -43,9 +43,14 @@ def cut_blocks(order: torch.Tensor, q_block: int) -> torch.Tensor:
     return order[:, pos].view(order.shape[0], nqb, bq)
 
 
+@torch.no_grad()
 def plan(q_scaled, key, value, budget: int, generator, *, key_valid=None, q_block=best.Q_BLOCK,
          window=best.WINDOW, share=best.ESTIMATE_SHARE, num_projs: int = 7, temperature: float = 1.0) -> Plan:
-    """Column plan of the scheme for (G, Nq, D) scaled queries, (G, Nk, D) keys, (G, Nk, Dv) values."""
+    """Column plan of the scheme for (G, Nq, D) scaled queries, (G, Nk, D) keys, (G, Nk, Dv) values.
+
+    The plan is the sampling design: it is made without autograd (its probabilities are constants of the
+    draw, so the Horvitz-Thompson weights 1/pi carry no gradient); `attend` is differentiable in q, k, v.
+    """
     groups, n_q, dim = q_scaled.shape
     n_k, dim_v = key.shape[1], value.shape[-1]
     token = torch.arange(n_q, device=q_scaled.device).expand(groups, -1)  # (G, Nq)
