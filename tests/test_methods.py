@@ -429,37 +429,45 @@ def test_inference_results_do_not_depend_on_grad_mode(name, gen, qkv):
 
 
 # --------------------------------------------------------------------------- stability at extreme logits
-def extreme_inputs(logit: float, dtype):
-    """q, k whose logits scale <q_i, k_j> reach about +-|logit| (keys on both sides of the queries)."""
+def extreme_inputs(logit: float, dtype, kind: str):
+    """q, k, v with logits scale <q_i, k_j> of size about |logit|.  kind "mixed": unit vectors, half of the keys
+    pointing away from some query (logits in [-|logit|, |logit|]); "aligned": every query near -u and every key
+    near +u (all logits near -|logit| when logit > 0, near +|logit| when logit < 0)."""
     g = torch.Generator().manual_seed(3)
     d = 16
-    q = torch.nn.functional.normalize(torch.randn(2, 24, d, generator=g, dtype=torch.float64), dim=-1)
-    k = torch.nn.functional.normalize(torch.randn(2, 32, d, generator=g, dtype=torch.float64), dim=-1)
-    k[:, ::2] = -q[:, :16]  # half of the keys point away from some query: logits near -|logit|
-    v = torch.randn(2, 32, 8, generator=g, dtype=torch.float64)
-    scale = abs(logit)  # unit vectors: logits in [-|logit|, |logit|]
-    return q.to(dtype), k.to(dtype), v.to(dtype), scale
+    if kind == "mixed":
+        q = torch.nn.functional.normalize(torch.randn(2, 24, d, generator=g, dtype=torch.float64), dim=-1)
+        k = torch.nn.functional.normalize(torch.randn(2, 32, d, generator=g, dtype=torch.float64), dim=-1)
+        k[:, ::2] = -q[:, :16]
+        q = q * (1.0 if logit > 0 else -1.0)
+    else:
+        u = torch.nn.functional.normalize(torch.randn(d, generator=g, dtype=torch.float64), dim=0)  # (D,)
+        q = -u + 0.05 * torch.randn(2, 24, d, generator=g, dtype=torch.float64)  # (2, 24, D)
+        k = u + 0.05 * torch.randn(2, 32, d, generator=g, dtype=torch.float64)  # (2, 32, D)
+        q = q * (1.0 if logit > 0 else -1.0)
+    v = torch.randn(2, 32, 8, generator=g, dtype=torch.float64)  # (2, 32, Dv)
+    return q.to(dtype), k.to(dtype), v.to(dtype), abs(logit)
 
 
 @pytest.mark.parametrize("name", ["performer", "scatterbrain"])
-@pytest.mark.parametrize("logit", [1e3, 1e4])
-def test_feature_maps_stable_at_extreme_logits(name, logit, gen):
-    """Finite in float32 and as accurate as the float64 run with the same draws, at logits in +-1e3, +-1e4,
-    for queries and for negated queries (all logits near -|logit| then dominate)."""
-    for sign in (1.0, -1.0):
-        q, k, v, scale = extreme_inputs(logit, torch.float64)
-        q = sign * q
-        ref = approximate(name, q, k, v, budget=16, scale=scale, generator=gen(4))
-        out = approximate(name, q.float(), k.float(), v.float(), budget=16, scale=scale, generator=gen(4))
-        assert bool(torch.isfinite(out).all()) and bool(torch.isfinite(ref).all())
-        assert float(out.abs().max()) > 0.05  # not collapsed to zeros
-        assert rel_err(out, ref) < 2e-2, (name, logit, sign, rel_err(out, ref))
+@pytest.mark.parametrize("logit", [1e3, -1e3, 1e4, -1e4])
+@pytest.mark.parametrize("kind", ["mixed", "aligned"])
+def test_feature_maps_stable_at_extreme_logits(name, logit, kind, gen):
+    """Finite in float32 and as accurate as the float64 run with the same draws, at logits of +-1e3 and +-1e4.
+    (Before the per-feature shift: at logits near -1000 Performer returned 71 % zero rows and ScatterBrain 17 %
+    NaN; near -1e4, 100 % zero rows and 69 % NaN.)"""
+    q, k, v, scale = extreme_inputs(logit, torch.float64, kind)
+    ref = approximate(name, q, k, v, budget=16, scale=scale, generator=gen(4))
+    out = approximate(name, q.float(), k.float(), v.float(), budget=16, scale=scale, generator=gen(4))
+    assert bool(torch.isfinite(out).all()) and bool(torch.isfinite(ref).all())
+    assert float(out.abs().amax(-1).min()) > 0  # no row collapsed to zeros
+    assert rel_err(out, ref) < 1e-4, (name, logit, kind, rel_err(out, ref))
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_feature_maps_finite_in_half_precision_at_extreme_logits(dtype, gen):
     for name in ("performer", "scatterbrain"):
-        q, k, v, scale = extreme_inputs(1e3, dtype)
+        q, k, v, scale = extreme_inputs(-1e3, dtype, "aligned")
         out = approximate(name, q, k, v, budget=16, scale=scale, generator=gen(4))
         assert out.dtype == dtype and bool(torch.isfinite(out).all()), name
 
