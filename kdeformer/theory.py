@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .metrics import spectral_norm
+from .metrics import normalizer_relative_error, relative_spectral_error, theory_spectral_error
 from .sampling import value_row_norms
 from .trace import KDETrace
 
@@ -64,17 +64,14 @@ def theory_view(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, out
         query, key, value, scale=trace.scale, key_mask=trace.key_mask, return_trace=True
     )
     attention = exact_trace.attention_matrix()  # (..., Nq, Nk)
-    diff = spectral_norm(output.to(torch.float64) - exact.to(torch.float64))
     oracle = oracle_group_probabilities(attention, value, trace)
     return TheoryView(
         log_normalizer=trace.log_normalizer,
         exact_log_normalizer=exact_trace.log_normalizer,
         group_probs=trace.group_probs,
         oracle_group_probs=oracle,
-        relative_error=diff / spectral_norm(exact).clamp_min(1e-300),
-        theory_error=diff / (spectral_norm(attention) * spectral_norm(value)).clamp_min(1e-300),
-        normalizer_error=torch.expm1(
-            trace.log_normalizer.to(torch.float64) - exact_trace.log_normalizer.to(torch.float64)
-        ).abs().mean(-1),
+        relative_error=relative_spectral_error(output, exact, reduction="none"),
+        theory_error=theory_spectral_error(output, exact, attention, value, reduction="none"),
+        normalizer_error=normalizer_relative_error(trace.log_normalizer, exact_trace.log_normalizer, reduction="none"),
         total_variation=0.5 * (trace.group_probs.to(torch.float64) - oracle).abs().sum(-1).mean(-1),
     )
