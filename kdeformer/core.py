@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
+from . import pps
 from . import sampling as schemes
 from ._checks import check_choice, check_flag, check_int, check_positive_int
 from ._inputs import prepare, working_dtype  # working_dtype re-exported: the methods import it from here
@@ -74,6 +75,7 @@ def check_kde_options(
     check_choice("sampling", sampling, SAMPLINGS)
     check_choice("bucket_order", bucket_order, BUCKET_ORDERS)
     check_flag("is_causal", is_causal)
+    sampling = schemes.resolve_sampling(sampling, is_causal)
     heavy_columns, estimate_rows = schemes.check_scheme_options(sampling, sample_size, heavy_columns, estimate_rows)
     if local_window is not None:
         if not is_causal:
@@ -366,10 +368,134 @@ def attend_columns(q, k, v, scale: float, q_rows: torch.Tensor, cols: Columns, w
                  "sampled_output": full[..., dim_v + 2:], "heavy_output": out - full[..., dim_v + 2:]}
 
 
+# --------------------------------------------------------------------------- the pps pass (sampling="pps")
+class RowWriter:
+    """Per-chunk results carried back to token rows: written straight into preallocated buffers when
+    autograd is not recording, else collected and joined once (autograd-safe, padded slots dropped)."""
+
+    def __init__(self, rows: int, widths: tuple[int, ...], like: torch.Tensor, inplace: bool):
+        self.rows, self.widths, self.like, self.inplace = rows, widths, like, inplace
+        self.buffers = [like.new_zeros(rows, w) for w in widths] if inplace else None
+        self.pieces: list = []
+
+    def write(self, rows: torch.Tensor, values: list, real: torch.Tensor | None):
+        """rows (n,) token rows of G * Nq, values [(n, width), ...]; real (n,) False on a padded slot."""
+        if self.inplace:  # a padded slot repeats a real row of its block: writing it twice is harmless
+            for buffer, x in zip(self.buffers, values):
+                buffer.index_copy_(0, rows, x)
+            return
+        if real is not None and not bool(real.all()):
+            rows, values = rows[real], [x[real] for x in values]
+        self.pieces.append((rows, values))
+
+    def result(self) -> list:
+        if self.inplace:
+            return self.buffers
+        rows = torch.cat([r for r, _ in self.pieces])
+        return [self.like.new_zeros(self.rows, w).index_copy(0, rows, torch.cat([v[i] for _, v in self.pieces]))
+                for i, w in enumerate(self.widths)]
+
+
+def exclude_window(logits, cols, centre, window: int, n_keys: int, inplace: bool):
+    """-inf at the block columns that lie in a query's window (the window computes them).
+    logits (m, Bq, C), cols (m, C) non-decreasing, centre (m, Bq) -> logits."""
+    pos, hit = pps.window_positions(cols, centre, window, n_keys)  # (m, Bq, W)
+    minus = torch.where(hit, float("-inf"), 0.0).to(logits.dtype)
+    return logits.scatter_add_(-1, pos, minus) if inplace else logits.scatter_add(-1, pos, minus)
+
+
+def weigh_drawn_block(logits, v_cols, weight, exact, row_max, *, want_parts: bool, inplace: bool):
+    """The sums of a chunk of m query blocks over their drawn columns.  logits (m, Bq, C) (window columns
+    already -inf), v_cols (m, C, Dv), weight (m, C), exact (m, C) bool, row_max (m, Bq) the shift.
+    -> numerator (m, Bq, Dv), normaliser (m, Bq) and, with want_parts, the exact part of the normaliser
+    (m, Bq) and the sampled part of the numerator (m, Bq, Dv)."""
+    if inplace:
+        terms = logits.sub_(row_max.unsqueeze(-1)).exp_().mul_(weight.unsqueeze(-2))
+    else:
+        terms = torch.exp(logits - row_max.unsqueeze(-1)) * weight.unsqueeze(-2)
+    numerator, normaliser = torch.bmm(terms, v_cols), terms.sum(-1)
+    if not want_parts:
+        return numerator, normaliser, None, None
+    exact_f = exact.to(terms.dtype).unsqueeze(-2)  # (m, 1, C)
+    return numerator, normaliser, (terms * exact_f).sum(-1), torch.bmm(terms * (1 - exact_f), v_cols)
+
+
+def attend_pps(q, k, v, scale: float, plan, want_parts: bool):
+    """Every query block against its drawn columns, plus each query's exact window, merged under one
+    per-query shift.  q (G, Nq, D), k (G, Nk, D), v (G, Nk, Dv) unscaled -> out (G, Nq, Dv), parts or None."""
+    groups, n_q, dim = q.shape
+    n_k, dim_v, layout = k.shape[1], v.shape[-1], plan.layout
+    n_blocks, q_len, n_cols, window = layout.num_q_blocks, layout.q_block_len, layout.columns, layout.window
+    inplace = not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad))
+    q_flat, k_flat, v_flat = q.reshape(-1, dim), k.reshape(-1, dim), v.reshape(-1, dim_v)
+    win = pps.window_logits(q, k, scale, window) if layout.window_len else None  # (G, Nq, W)
+    win_max = None if win is None else win.detach().amax(-1).flatten()  # (G*Nq,)
+    slot_real = torch.arange(n_blocks * q_len, device=q.device).view(n_blocks, q_len) < n_q  # (nqb, Bq)
+    widths = (dim_v, 2) + ((1, dim_v) if want_parts else ())
+    writer = RowWriter(groups * n_q, widths, q, inplace)
+    for g0, g1, b0, b1 in chunk_ranges(groups, n_blocks, q_len):
+        m = (g1 - g0) * (b1 - b0)
+        rows = flat_index(plan.rows[g0:g1, b0:b1], g0, n_q)  # (m*Bq,)
+        index = flat_index(plan.cols[g0:g1, b0:b1], g0, n_k)  # (m*C,)
+        q_chunk = q_flat.index_select(0, rows).view(m, q_len, dim) * scale
+        logits = torch.bmm(q_chunk, k_flat.index_select(0, index).view(m, n_cols, dim).mT)  # (m, Bq, C)
+        if win is not None:
+            centre = plan.rows[g0:g1, b0:b1].reshape(m, q_len) + (n_k - n_q)
+            logits = exclude_window(logits, plan.cols[g0:g1, b0:b1].reshape(m, n_cols), centre, window, n_k, inplace)
+        row_max = logits.detach().amax(-1)  # (m, Bq); an unused slot repeats a used column
+        if win_max is not None:
+            row_max = torch.maximum(row_max, win_max.index_select(0, rows).view(m, q_len))
+        parts = weigh_drawn_block(logits, v_flat.index_select(0, index).view(m, n_cols, dim_v),
+                                   plan.weights[g0:g1, b0:b1].reshape(m, n_cols).to(q.dtype),
+                                   plan.exact[g0:g1, b0:b1].reshape(m, n_cols), row_max,
+                                   want_parts=want_parts, inplace=inplace)
+        values = [parts[0], torch.stack([row_max, parts[1]], -1)] + ([parts[2].unsqueeze(-1), parts[3]] if want_parts else [])
+        real = None if b1 < n_blocks else slot_real[b0:b1].expand(g1 - g0, -1, -1).flatten()
+        writer.write(rows, [x.reshape(m * q_len, -1) for x in values], real)
+    return finish_pps(writer.result(), win, v, window, (groups, n_q, dim_v), inplace, want_parts)
+
+
+def finish_pps(buffers: list, win, v, window: int, shape: tuple, inplace: bool, want_parts: bool):
+    """Add each query's window to the block sums and divide: out (G, Nq, Dv) and the trace's parts."""
+    numerator, stats = buffers[0].view(shape), buffers[1].view(*shape[:2], 2)
+    shift, normaliser = stats[..., 0], stats[..., 1]  # (G, Nq)
+    if win is not None:
+        terms = torch.exp(win - shift.unsqueeze(-1))  # (G, Nq, W), 0 outside the keys
+        window_sum = terms.sum(-1)
+        normaliser = normaliser + window_sum
+        numerator = pps.add_window_values(numerator, terms, v, window, inplace)
+    out = numerator.div_(normaliser.unsqueeze(-1)) if inplace else numerator / normaliser.unsqueeze(-1)
+    if not want_parts:
+        return out, None
+    exact_sum = buffers[2].view(shape[:2]) + (window_sum if win is not None else 0)
+    sampled = buffers[3].view(shape) / normaliser.unsqueeze(-1)
+    return out, {"log_normalizer": shift + normaliser.log(), "heavy_fraction": exact_sum / normaliser,
+                 "sampled_output": sampled, "heavy_output": out - sampled}
+
+
+def kde_pps(q, k, v, *, scale: float, opts: KDEOptions, draws: Draws, return_trace: bool):
+    """sampling="pps" on heads without masks (see kdeformer.pps): hash the queries, plan, attend."""
+    projections = hyperplanes(draws, q.shape[-1], opts.num_projs)  # (G, D, r)
+    q32 = q.detach().float()
+    q_codes = hash_codes(q32 if scale >= 0 else -q32, projections)  # (G, Nq)
+    ranks = bucket_ranks(opts.num_projs, opts.bucket_order, q.device)  # (2^r,)
+    plan = pps.plan_pps(q, k, v, scale=scale, budget=opts.bucket_size + opts.sample_size, q_codes=q_codes,
+                        lsh_order=sort_by_bucket(q_codes, ranks), draws=draws, keep_pi=return_trace)
+    out, parts = attend_pps(q, k, v, scale, plan, return_trace)
+    if not return_trace:
+        return out, None
+    k_codes = hash_codes(k.detach().float(), projections)  # for the trace's pictures only
+    parts.update(pps.trace_parts(plan, q.dtype, k.shape[1]), projections=projections.to(q.dtype),
+                 k_buckets=k_codes, k_order=sort_by_bucket(k_codes, ranks))
+    return out, parts
+
+
 # --------------------------------------------------------------------------- the algorithm
 def kde_unmasked(q, k, v, *, scale: float, opts: KDEOptions, draws: Draws, return_trace: bool):
     """KDEformer on heads without masks.  q (G, Nq, D), k (G, Nk, D), v (G, Nk, Dv) in the working
     dtype, unscaled -> out (G, Nq, Dv) and the trace's parts (G-leading tensors) or None."""
+    if opts.sampling in schemes.OWN_PASS:  # "pps": no key blocks, its own pass
+        return kde_pps(q, k, v, scale=scale, opts=opts, draws=draws, return_trace=return_trace)
     groups, n_q, n_k = q.shape[0], q.shape[1], k.shape[1]
     hashed = hash_and_sort(q, k, scale, opts, draws)
     plan = plan_blocks(n_q, n_k, opts.bucket_size, q.device)
@@ -513,6 +639,11 @@ def kde_multiply_adds(n_queries: int, n_keys: int, dim: int, dim_v: int, *, incl
                                      sample_size=opts.sample_size, local_window=opts.local_window,
                                      num_projs=opts.num_projs, sampling=opts.sampling,
                                      heavy_columns=opts.heavy_columns, estimate_rows=opts.estimate_rows)
+    elif opts.sampling in schemes.OWN_PASS:  # pps: estimates, block GEMMs, window, spreads; only queries hashed
+        total = pps.pps_multiply_adds(n_queries, n_keys, dim, dim_v, opts.bucket_size + opts.sample_size)
+        if include_hashing:
+            total += n_queries * dim * opts.num_projs
+        return int(total)
     else:
         plan = plan_blocks(n_queries, n_keys, opts.bucket_size)
         columns = plan.key_slots + opts.sample_size

@@ -18,13 +18,13 @@ from .core import gather_rows, kde_unmasked
 
 # How each trace field is carried from compacted positions back to token positions (fill for masked).
 QUERY_VALUES = {"row_block": -1, "q_buckets": -1, "q_blocks": -1, "q_groups": -1, "log_normalizer": 0,
-                "heavy_fraction": 0, "heavy_output": 0, "sampled_output": 0}
+                "heavy_fraction": 0, "heavy_output": 0, "sampled_output": 0, "query_cols": 0, "query_weights": 0}
 KEY_VALUES = {"k_buckets": -1, "k_blocks": -1}
-KEY_AXIS = ("probs", "group_probs", "group_column_norms")  # last dim indexes keys
-KEY_INDICES = ("block_cols", "sampled", "heavy_columns")  # values are key indices
+KEY_AXIS = ("probs", "group_probs", "group_column_norms", "inclusion_probs")  # last dim indexes keys
+KEY_INDICES = ("block_cols", "sampled", "heavy_columns", "query_cols")  # values are key indices
 QUERY_INDICES = ("estimate_rows",)  # values are query indices
 ORDERS = ("q_order", "k_order")  # permutations: real tokens sorted, then the masked ones
-SCALARS = ("num_blocks", "num_groups", "chunk_len", "local_window")
+SCALARS = ("num_blocks", "num_groups", "chunk_len", "local_window", "window")
 PAD_FILL = {"sample_group": -1}  # fill of padding slots when classes of different sizes are merged
 
 
@@ -119,6 +119,8 @@ def to_token_positions(parts: dict, q_perm, k_perm, nq: int, nk: int) -> dict:
     n_q, n_k = q_perm.shape[1], k_perm.shape[1]
     out = {}
     for name, x in parts.items():
+        if name in KEY_INDICES and name in QUERY_VALUES:  # query_cols: key indices on a query axis
+            x = torch.gather(k_pos, 1, x.flatten(1)).view_as(x)
         if name in QUERY_VALUES or name in KEY_VALUES:
             pos, n, fill = (q_pos, n_q, QUERY_VALUES[name]) if name in QUERY_VALUES else (k_pos, n_k, KEY_VALUES[name])
             index = pos.view(*pos.shape, *([1] * (x.dim() - 2))).expand(*pos.shape, *x.shape[2:])

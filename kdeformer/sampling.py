@@ -27,8 +27,15 @@ Default R = ceil(sample_size * Nq / (2 Nk)): the estimation costs at most half t
 multiply-adds (R * Nk * D versus Nq * s * D), at any N.
 
 "value_norm" is the authors' choice (value-row norms mixed with uniform, ignoring A); "uniform" is 1/n.
-To add a scheme: write its `plan_<name>` below, register it in SCHEMES, and give its options' check in
-`check_scheme_options`.
+
+"pps" (kdeformer.pps: block-centroid PPS sampling without replacement) plans its own query blocks and
+has no key blocks, so it is registered in OWN_PASS and `kdeformer.core.kde_unmasked` runs its own
+attention pass (`kdeformer.core.kde_pps`); its knobs are the budget bucket_size + sample_size only.
+Causal attention has no pps form yet: with is_causal=True, sampling="pps" runs the causal kernel's
+"column_norm" (`resolve_sampling`; the trace records the scheme that ran).
+
+To add a scheme: write its `plan_<name>` below, register it in SCHEMES (or OWN_PASS when it needs its
+own attention pass), and give its options' check in `check_scheme_options`.
 """
 from __future__ import annotations
 
@@ -37,10 +44,12 @@ from dataclasses import dataclass
 
 import torch
 
+from . import pps
 from ._checks import check_int
 from .random import Draws, inverse_cdf
 
-SAMPLINGS = ("column_norm", "value_norm", "uniform")
+SAMPLINGS = ("column_norm", "value_norm", "uniform", "pps")
+OWN_PASS = {"pps": pps.plan_pps}  # schemes that plan their own blocks and attention pass
 GLOBAL_MIX = 0.3  # weight of the all-rows estimate in each group's column norms
 UNIFORM_FLOOR = 0.1  # probability mass spread uniformly over the allowed columns
 MIN_ROWS = 2  # fewest estimation rows a group is given (2 measured best on MiniLM at 32/64)
@@ -86,6 +95,11 @@ class SamplePlan:
 
 
 # --------------------------------------------------------------------------- options
+def resolve_sampling(sampling: str, is_causal: bool) -> str:
+    """The scheme that runs: causal attention has no "pps" form yet and runs "column_norm" instead."""
+    return "column_norm" if is_causal and sampling in OWN_PASS else sampling
+
+
 def check_scheme_options(sampling: str, sample_size: int, heavy_columns, estimate_rows) -> tuple[int, int | None]:
     """heavy_columns and estimate_rows resolved for the scheme (they belong to "column_norm" only)."""
     if sampling == "column_norm":

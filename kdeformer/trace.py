@@ -23,8 +23,12 @@ class KDETrace:
                                      1 / (draws * p) sampled, 0 unused (padding slot, a drawn key that
                                      the block already computes exactly, a key not visible to the query)
         block_exact    (..., nb, C)  bool, computed exactly (block keys, heavy columns, causal window)
+        query_cols     (..., Nq, W)  key index of each query's own exact columns ("pps": its +-w token
+                                     window; W = 0 otherwise). A block column that is also one of the
+                                     query's own columns has weight 0 for that query (it counts once)
+        query_weights  (..., Nq, W)  1 for a real own column, 0 for an unused slot (outside the keys)
       Query i's estimate is sum_c w_c exp(scale <q_i, k_c> - log D~_i) [v_c] over the columns c of its
-      block; `row_columns`, `attention_rows`, `exact_mask_rows` and `weight_rows` read these, and
+      block and its own columns; `row_columns`, `attention_rows`, `exact_mask_rows` and `weight_rows` read these, and
       `attention_matrix()`, `heavy_mask()` are them for every row. (Causal traces give every query its
       own block.)
     Hashing and blocks
@@ -92,6 +96,8 @@ class KDETrace:
     extras: dict = field(default_factory=dict)
     query_mask: torch.Tensor | None = None  # (..., Nq) bool, True = real query
     is_causal: bool = False
+    query_cols: torch.Tensor | None = None  # (..., Nq, W) each query's own exact columns (pps: its window)
+    query_weights: torch.Tensor | None = None  # (..., Nq, W) 1 real, 0 unused
 
     def __post_init__(self):
         if self.q_groups is None:
@@ -129,7 +135,20 @@ class KDETrace:
         index = block.clamp_min(0).unsqueeze(-1).expand(*block.shape, self.block_cols.shape[-1])  # (..., R, C)
         cols = torch.gather(self.block_cols, -2, index)
         weights = torch.gather(self.block_weights, -2, index) * real
+        if self.query_cols is not None and self.query_cols.shape[-1]:
+            return self._with_own_columns(rows, cols, weights, torch.gather(self.block_exact, -2, index), real)
         exact = torch.gather(self.block_exact, -2, index) & (weights > 0)
+        return cols, weights, exact
+
+    def _with_own_columns(self, rows, cols, weights, exact, real):
+        """Block columns (..., R, C) joined with the queries' own columns (..., R, W); a block column
+        that is one of the query's own gets weight 0 there (the query computes it once, exactly)."""
+        own = self.query_cols[..., rows, :]  # (..., R, W)
+        own_weights = self.query_weights[..., rows, :] * real
+        in_own = ((cols.unsqueeze(-1) == own.unsqueeze(-2)) & (own_weights > 0).unsqueeze(-2)).any(-1)  # (..., R, C)
+        weights = torch.cat([weights.masked_fill(in_own, 0), own_weights], -1)
+        cols = torch.cat([cols, own], -1)
+        exact = torch.cat([exact, torch.ones_like(own, dtype=torch.bool)], -1) & (weights > 0)
         return cols, weights, exact
 
     def _row_terms(self, rows, cols, weights) -> torch.Tensor:
@@ -243,7 +262,8 @@ class ExactTrace:
         return torch.exp(logits - self.log_normalizer.unsqueeze(-1))
 
 
-EXTRA_FIELDS = ("heavy_columns", "heavy_columns_valid", "estimate_rows", "estimate_log_normalizer", "group_column_norms")
+EXTRA_FIELDS = ("heavy_columns", "heavy_columns_valid", "estimate_rows", "estimate_log_normalizer", "group_column_norms",
+                "inclusion_probs", "token_order")
 
 
 def pack_trace(p, query: torch.Tensor, key: torch.Tensor, opts, parts: dict) -> KDETrace:

@@ -41,7 +41,7 @@ def test_best_estimator_is_the_default_and_the_authors_is_one_argument_away():
     _, t = K.kde_attention(q, k, v, bucket_size=8, sample_size=16, sampling="value_norm", generator=gen(),
                            return_trace=True)
     assert t.sampling == "value_norm" and t.num_groups == 1
-    assert set(K.SAMPLINGS) == {"column_norm", "value_norm", "uniform"} == set(SAMPLINGS)
+    assert set(K.SAMPLINGS) == {"column_norm", "value_norm", "uniform", "pps"} == set(SAMPLINGS)
     assert {"exact", "kdeformer", "performer", "nystrom"} <= set(K.METHODS)
 
 

@@ -1,0 +1,364 @@
+"""sampling="pps": block-centroid PPS sampling without replacement, with an exact token window.
+
+The estimator the search of issue 12 found most accurate at honest cost (benchmarks/estimators/best.py
+is its prototype; this is the core's version, with addressed draws and the trace's representation).
+Per head (every step batched over the G heads):
+
+1. `query_order`: the queries are cut into blocks of Bq in token order or in LSH (Gray) order of their
+   angular hash, whichever leaves the smaller spread sum_i ||q_i - mean of its block||^2 (positional
+   heads prefer token order, content heads and unordered sets the LSH order);
+2. `group_centroids`: runs of consecutive blocks form ng groups, as many as ESTIMATE_SHARE of the budget
+   pays for; each group's centroid is the mean of its scaled queries;
+3. `column_importance`: one GEMM, centroids x keys: w_j = exp(<centroid, k_j> - max) ||[v_j, 1]|| (a
+   proxy of the group's column norm of D^-1 A times the value-row norm, as approximate matrix
+   multiplication asks), mixed with FLOOR of uniform so that every key keeps a chance;
+4. `inclusion_probabilities`: capped PPS, pi_j = min(1, c w_j) with sum_j pi_j = C: the columns whose pi
+   reaches 1 are computed exactly (attention sinks, as many as each group needs);
+5. `systematic_sample`: every block draws C distinct columns from its group's pi with ONE addressed
+   uniform u (the columns whose cumulative-pi interval holds u, u + 1, ..., u + C - 1): column j is in
+   the sample with probability exactly pi_j, so weight 1/pi_j makes every sum unbiased (Horvitz-Thompson);
+6. the window: each query also computes its +-w token neighbours (keys i + Nk - Nq + o, |o| <= w)
+   exactly; a drawn column inside a query's window has weight 0 for that query (it counts once).
+The output is numerator / normaliser of these sums: a ratio of two unbiased estimates (consistent; the
+ratio has the small bias every self-normalised estimator has).
+
+Knobs: the budget per query is b = bucket_size + sample_size key columns (what
+`approximate("kdeformer", budget=b)` passes), spent honestly: the estimates, block GEMMs, window and
+order spreads together cost at most b (D + Dv + 1) multiply-adds per query (`pps_multiply_adds`; hashing
+the queries, Nq D r, is on top). b >= Nk computes every key exactly. Probabilities are computed in
+float32 (pi and its cumulative sums in float64) from inputs cast to float32, detached from autograd, so
+one seed draws the same columns in every dtype.
+
+Shape legend: G heads, Nq / Nk queries / keys, D / Dv head / value dims, nqb query blocks of Bq slots,
+ng estimate groups, C columns per block, W = 2 w + 1 window offsets.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+Q_BLOCK = 32  # queries per block
+WINDOW = 3  # exact +-w token neighbours of every query (narrower at budgets below 8 (2 w + 1))
+ESTIMATE_SHARE = 1 / 8  # largest share of the budget the centroid estimates may take
+FLOOR = 0.05  # share of each group's probability spread uniformly over the keys
+PLAN_ELEMENTS = 1 << 21  # heads are planned in chunks of at most this many (ng x Nk) entries
+
+
+# --------------------------------------------------------------------------- layout and cost
+@dataclass(frozen=True)
+class PPSLayout:
+    """Sizes of the scheme for one head, from the shapes and the budget alone."""
+
+    q_block_len: int  # Bq
+    num_q_blocks: int  # nqb = ceil(Nq / Bq)
+    window: int  # w: offsets -w..w computed exactly; -1 for no window
+    num_groups: int  # ng centroid estimates (0: value-row norms only)
+    columns: int  # C columns per block
+    exact: bool  # b >= Nk: every block holds every key
+
+    @property
+    def window_len(self) -> int:
+        """W = 2 w + 1 (0 without a window)."""
+        return 2 * self.window + 1 if self.window >= 0 else 0
+
+
+def pps_layout(n_queries: int, n_keys: int, dim: int, dim_v: int, budget: int) -> PPSLayout:
+    """The sizes that keep `pps_multiply_adds` within budget * (D + Dv + 1) per query (C at least 1)."""
+    num_q_blocks = math.ceil(n_queries / Q_BLOCK)
+    q_block_len = math.ceil(n_queries / num_q_blocks)
+    if budget >= n_keys:
+        return PPSLayout(q_block_len, num_q_blocks, -1, 0, n_keys, True)
+    window = min(WINDOW, (budget // 4 - 1) // 2)  # W <= b / 4
+    per_col = dim + dim_v + 1
+    total = n_queries * budget * per_col
+    num_groups = min(num_q_blocks, int(ESTIMATE_SHARE * total) // (n_keys * dim))
+    layout = PPSLayout(q_block_len, num_q_blocks, window, num_groups, 1, False)
+    free = total - fixed_multiply_adds(layout, n_queries, n_keys, dim, dim_v)
+    columns = max(1, min(n_keys, free // (num_q_blocks * q_block_len * per_col)))
+    return PPSLayout(q_block_len, num_q_blocks, window, num_groups, columns, False)
+
+
+def fixed_multiply_adds(layout: PPSLayout, n_queries: int, n_keys: int, dim: int, dim_v: int) -> int:
+    """Everything but the block GEMMs: centroid logits ng Nk D, value-row norms Nk Dv, the window
+    Nq W (D + Dv + 1) and the two orders' block spreads 2 Nq D."""
+    if layout.exact:
+        return 0
+    return (layout.num_groups * n_keys * dim + n_keys * dim_v + n_queries * layout.window_len * (dim + dim_v + 1)
+            + 2 * n_queries * dim)
+
+
+def pps_multiply_adds(n_queries: int, n_keys: int, dim: int, dim_v: int, budget: int) -> int:
+    """Multiply-adds one head of the scheme performs: the fixed part plus nqb Bq C (D + Dv + 1)."""
+    layout = pps_layout(n_queries, n_keys, dim, dim_v, budget)
+    blocks = layout.num_q_blocks * layout.q_block_len * layout.columns * (dim + dim_v + 1)
+    return fixed_multiply_adds(layout, n_queries, n_keys, dim, dim_v) + blocks
+
+
+# --------------------------------------------------------------------------- 1. query blocks
+def block_rows(order: torch.Tensor, layout: PPSLayout) -> torch.Tensor:
+    """Token index of every block slot; the last block repeats its last query.  (G, Nq) -> (G, nqb, Bq)."""
+    n_q = order.shape[-1]
+    pos = torch.arange(layout.num_q_blocks * layout.q_block_len, device=order.device).clamp_max(n_q - 1)
+    return order[:, pos].view(order.shape[0], layout.num_q_blocks, layout.q_block_len)
+
+
+def segment_sums(x: torch.Tensor, segment: torch.Tensor, num_segments: int) -> torch.Tensor:
+    """Sum of the rows of each segment.  x (G, N, D), segment (G, N) in [0, S) -> (G, S, D)."""
+    groups, _, dim = x.shape
+    flat = (segment + torch.arange(groups, device=x.device).unsqueeze(-1) * num_segments).flatten()
+    out = x.new_zeros(groups * num_segments, dim)
+    return out.index_add_(0, flat, x.reshape(-1, dim)).view(groups, num_segments, dim)
+
+
+def block_of_tokens(order: torch.Tensor, q_block_len: int) -> torch.Tensor:
+    """Block of each query (token order) when `order` is cut into blocks of Bq.  (G, Nq) -> (G, Nq)."""
+    position = torch.arange(order.shape[-1], device=order.device).expand_as(order)
+    return torch.empty_like(order).scatter_(1, order, position) // q_block_len
+
+
+def block_fit(q32: torch.Tensor, block: torch.Tensor, layout: PPSLayout) -> torch.Tensor:
+    """sum_b ||sum of block b||^2 / n_b: the spread sum_i ||q_i - block mean||^2 is sum_i ||q_i||^2
+    minus this, so the order with the larger fit has the smaller spread.  q32 (G, Nq, D) -> (G,)."""
+    sums = segment_sums(q32, block, layout.num_q_blocks)  # (G, nqb, D)
+    counts = torch.bincount(block[0], minlength=layout.num_q_blocks).clamp_min(1)  # (nqb,) same for every head
+    return (sums.square().sum(-1) / counts).sum(-1)
+
+
+def query_order(q32: torch.Tensor, lsh_order: torch.Tensor, layout: PPSLayout) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per head the order (token or LSH) whose blocks have the smaller spread.
+
+    q32 (G, Nq, D), lsh_order (G, Nq) -> order (G, Nq), token_order (G,) bool.
+    """
+    token = torch.arange(q32.shape[1], device=q32.device).expand_as(lsh_order)
+    fit_token = block_fit(q32, block_of_tokens(token, layout.q_block_len), layout)
+    fit_lsh = block_fit(q32, block_of_tokens(lsh_order, layout.q_block_len), layout)
+    use_token = fit_token >= fit_lsh  # (G,)
+    return torch.where(use_token.unsqueeze(-1), token, lsh_order), use_token
+
+
+# --------------------------------------------------------------------------- 2-3. estimates
+def group_of_blocks(num_q_blocks: int, num_groups: int, device=None) -> torch.Tensor:
+    """Estimate group of each block: consecutive runs whose sizes differ by at most one.  # (nqb,)"""
+    return torch.arange(num_q_blocks, device=device) * max(1, num_groups) // num_q_blocks
+
+
+def group_centroids(q_scaled: torch.Tensor, token_group: torch.Tensor, num_groups: int) -> torch.Tensor:
+    """Mean scaled query of each group.  q_scaled (G, Nq, D) float32, token_group (G, Nq) -> (G, ng, D)."""
+    sums = segment_sums(q_scaled, token_group, num_groups)  # (G, ng, D)
+    counts = torch.bincount(token_group[0], minlength=num_groups).clamp_min(1)  # (ng,)
+    return sums / counts.unsqueeze(-1)
+
+
+def column_importance(centroids: torch.Tensor | None, k32: torch.Tensor, value_norm: torch.Tensor) -> torch.Tensor:
+    """Sampling weights with the floor: (1 - FLOOR) w / sum w + FLOOR / Nk, w_j = exp(<c, k_j> - max) ||v~_j||.
+
+    centroids (G, ng, D) scaled (None: no estimate, w = ||v~||), k32 (G, Nk, D), value_norm (G, Nk)
+    -> (G, ng or 1, Nk) float32, every entry > 0.
+    """
+    if centroids is None:
+        weight = value_norm.unsqueeze(1).clone()  # (G, 1, Nk)
+    else:
+        weight = torch.bmm(centroids, k32.mT)  # (G, ng, Nk)
+        weight = weight.sub_(weight.amax(-1, keepdim=True)).exp_().mul_(value_norm.unsqueeze(1))
+    weight = weight.div_(weight.sum(-1, keepdim=True)).mul_(1 - FLOOR)
+    return weight.add_(FLOOR / weight.shape[-1])
+
+
+# --------------------------------------------------------------------------- 4-5. sampling
+def inclusion_probabilities(weight: torch.Tensor, count: int) -> torch.Tensor:
+    """Capped PPS: pi = min(1, c w) with sum pi = min(count, Nk), in float64.  (..., Nk) > 0 -> (..., Nk).
+
+    With w_(0) >= w_(1) >= ..., the smallest k for which (count - k) w_(k) <= sum_{j >= k} w_(j) leaves
+    the k largest at pi = 1 and scales the rest by c = (count - k) / sum_{j >= k} w_(j).
+    """
+    weight = weight.to(torch.float64)
+    n = min(count, weight.shape[-1])
+    if n == weight.shape[-1]:
+        return torch.ones_like(weight)
+    top = weight.topk(n, dim=-1).values  # (..., n) descending
+    rest = weight.sum(-1, keepdim=True) - (top.cumsum(-1) - top)  # (..., n): sum of w_(k), w_(k+1), ...
+    scale = (n - torch.arange(n, device=weight.device, dtype=weight.dtype)) / rest  # (..., n)
+    first = (scale * top <= 1 + 1e-9).to(torch.int8).argmax(-1, keepdim=True)  # k = n - 1 always fits
+    return weight.mul_(torch.gather(scale, -1, first)).clamp_max_(1.0)
+
+
+def systematic_sample(pi: torch.Tensor, count: int, uniform: torch.Tensor, block_group: torch.Tensor):
+    """`count` distinct columns per block from its group's pi with one uniform per block.
+
+    pi (G, ng, Nk) float64, uniform (G, nqb) in (0, 1), block_group (nqb,) consecutive runs.
+    Returns cols (G, nqb, C) int64, non-decreasing along C (an unused slot repeats the last used column),
+    weights (G, nqb, C) float64 = 1/pi (0 for an unused slot) and exact (G, nqb, C) bool (pi = 1).
+    The cumulative pi of all groups are searched as one increasing row (group g offset by g (C + 1)).
+    """
+    groups, num_groups, n_keys = pi.shape
+    offset = torch.arange(num_groups, device=pi.device, dtype=pi.dtype) * (count + 1)  # (ng,)
+    cum = pi.cumsum(-1)  # (G, ng, Nk)
+    total = cum[..., -1][:, block_group]  # (G, nqb) sum of pi of each block's group
+    cum = cum.add_(offset.unsqueeze(-1)).view(groups, -1)  # (G, ng*Nk) increasing
+    target = uniform.unsqueeze(-1) + torch.arange(count, device=pi.device, dtype=pi.dtype)  # (G, nqb, C)
+    used = target < total.unsqueeze(-1)
+    used[..., 0] = True  # u < 1 <= C: the first slot always holds a column (whatever the rounding of the total)
+    found = torch.searchsorted(cum, (target + offset[block_group].view(1, -1, 1)).flatten(1), right=True)
+    cols = (found.view_as(target) - (block_group * n_keys).view(1, -1, 1)).clamp_(0, n_keys - 1)
+    used[..., 1:] &= cols[..., 1:] != cols[..., :-1]  # rounding can land twice in one pi = 1 interval
+    last = cols.masked_fill(~used, -1).amax(-1, keepdim=True)  # (G, nqb, 1) slot 0 is always used
+    cols = torch.where(used, cols, last)
+    p = torch.gather(pi.view(groups, -1), 1, (cols + (block_group * n_keys).view(1, -1, 1)).flatten(1)).view_as(cols)
+    return cols, torch.where(used, 1.0 / p, 0.0), used & (p >= 1.0)
+
+
+# --------------------------------------------------------------------------- the plan
+@dataclass
+class PPSPlan:
+    """What the scheme decided for G heads (see `plan_pps`)."""
+
+    layout: PPSLayout
+    rows: torch.Tensor  # (G, nqb, Bq) token index of each block slot
+    cols: torch.Tensor  # (G, nqb, C) key index of each block column, non-decreasing
+    weights: torch.Tensor  # (G, nqb, C) float64: 1 exact, 1/pi sampled, 0 unused
+    exact: torch.Tensor  # (G, nqb, C) bool: pi = 1
+    order: torch.Tensor  # (G, Nq) the order the blocks were cut from
+    token_order: torch.Tensor  # (G,) bool, blocks cut in token order
+    q_codes: torch.Tensor  # (G, Nq) hash codes of the queries
+    block_group: torch.Tensor  # (nqb,) estimate group of each block
+    pi: torch.Tensor | None  # (G, ng, Nk) float64 inclusion probabilities (kept for the trace only)
+
+
+def exact_plan(rows: torch.Tensor, n_keys: int, layout: PPSLayout) -> tuple:
+    """b >= Nk: every block's columns are all keys, weight 1."""
+    groups, nqb = rows.shape[:2]
+    cols = torch.arange(n_keys, device=rows.device).expand(groups, nqb, n_keys)
+    ones = torch.ones(groups, nqb, n_keys, dtype=torch.float64, device=rows.device)
+    return cols, ones, ones.bool(), torch.ones(groups, 1, n_keys, dtype=torch.float64, device=rows.device)
+
+
+def draw_block_columns(q_scaled, k32, value_norm, order, layout: PPSLayout, uniform, keep_pi: bool) -> tuple:
+    """Steps 2-5 for a chunk of heads: centroids, importance, pi, systematic draws.
+
+    q_scaled (g, Nq, D) float32, k32 (g, Nk, D), value_norm (g, Nk), order (g, Nq), uniform (g, nqb).
+    """
+    block_group = group_of_blocks(layout.num_q_blocks, layout.num_groups, q_scaled.device)  # (nqb,)
+    centroids = None
+    if layout.num_groups:
+        token_group = block_group[block_of_tokens(order, layout.q_block_len)]  # (g, Nq)
+        centroids = group_centroids(q_scaled, token_group, layout.num_groups)  # (g, ng, D)
+    pi = inclusion_probabilities(column_importance(centroids, k32, value_norm), layout.columns)  # (g, ng, Nk)
+    if not layout.num_groups:
+        block_group = torch.zeros_like(block_group)
+    cols, weights, exact = systematic_sample(pi, layout.columns, uniform, block_group)
+    return cols, weights, exact, pi if keep_pi else None
+
+
+def plan_pps(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float, budget: int, q_codes, lsh_order,
+             draws, keep_pi: bool = False) -> PPSPlan:
+    """The scheme's column plan.  q (G, Nq, D), k (G, Nk, D), v (G, Nk, Dv) unscaled, any dtype;
+    q_codes / lsh_order (G, Nq) the queries' hash codes and their Gray-order sort (`kdeformer.core`)."""
+    groups, n_q, dim = q.shape
+    n_k, dim_v = k.shape[1], v.shape[-1]
+    layout = pps_layout(n_q, n_k, dim, dim_v, budget)
+    q32, k32 = q.detach().float(), k.detach().float()
+    order, token_order = query_order(q32, lsh_order, layout)
+    rows = block_rows(order, layout)  # (G, nqb, Bq)
+    block_group = group_of_blocks(layout.num_q_blocks, layout.num_groups, q.device)
+    if layout.exact:
+        cols, weights, exact, pi = exact_plan(rows, n_k, layout)
+        return PPSPlan(layout, rows, cols, weights, exact, order, token_order, q_codes, block_group, pi)
+    value_norm = torch.linalg.vector_norm(v.detach().float(), dim=-1).square_().add_(1.0).sqrt_()  # (G, Nk)
+    uniform = draws.uniform("systematic", (layout.num_q_blocks,))  # (G, nqb) one per block
+    step = max(1, PLAN_ELEMENTS // (max(1, layout.num_groups) * n_k))
+    pieces = [draw_block_columns(q32[g0:g0 + step] * scale, k32[g0:g0 + step], value_norm[g0:g0 + step],
+                                 order[g0:g0 + step], layout, uniform[g0:g0 + step], keep_pi)
+              for g0 in range(0, groups, step)]
+    cols, weights, exact = (torch.cat([p[i] for p in pieces]) if len(pieces) > 1 else pieces[0][i] for i in range(3))
+    pi = torch.cat([p[3] for p in pieces]) if keep_pi else None
+    if not layout.num_groups:
+        block_group = torch.zeros_like(block_group)
+    return PPSPlan(layout, rows, cols, weights, exact, order, token_order, q_codes, block_group, pi)
+
+
+# --------------------------------------------------------------------------- 6. the window
+def window_keys(n_queries: int, n_keys: int, window: int, device=None) -> torch.Tensor:
+    """Key of each query's window offset, bottom-right aligned (query i ~ key i + Nk - Nq), -1 outside.
+    -> (Nq, W) int64."""
+    centre = torch.arange(n_queries, device=device).unsqueeze(-1) + (n_keys - n_queries)
+    index = centre + torch.arange(-window, window + 1, device=device)  # (Nq, W)
+    return torch.where((index >= 0) & (index < n_keys), index, -1)
+
+
+def offset_span(offset: int, n_queries: int, n_keys: int) -> tuple[int, int, int]:
+    """(i0, i1, j0): queries i0..i1-1 have key i + Nk - Nq + offset in range, starting at key j0."""
+    shift = n_keys - n_queries + offset
+    i0, i1 = max(0, -shift), min(n_queries, n_keys - shift)
+    return i0, max(i0, i1), i0 + shift
+
+
+def window_logits(q: torch.Tensor, k: torch.Tensor, scale: float, window: int) -> torch.Tensor:
+    """Logits of every query's window, -inf outside the keys: one shifted element-wise product per
+    offset, in token order (no gather).  q (G, Nq, D) unscaled, k (G, Nk, D) -> (G, Nq, W)."""
+    n_q, n_k = q.shape[1], k.shape[1]
+    columns = []
+    for offset in range(-window, window + 1):
+        i0, i1, j0 = offset_span(offset, n_q, n_k)
+        dots = torch.linalg.vecdot(q[:, i0:i1], k[:, j0:j0 + i1 - i0]) * scale  # (G, i1 - i0)
+        columns.append(torch.nn.functional.pad(dots, (i0, n_q - i1), value=float("-inf")))
+    return torch.stack(columns, -1)
+
+
+def add_window_values(numerator: torch.Tensor, terms: torch.Tensor, v: torch.Tensor, window: int,
+                      inplace: bool) -> torch.Tensor:
+    """numerator (G, Nq, Dv) + sum_o terms[:, i, o] v[:, i + Nk - Nq + o]; terms (G, Nq, W) (0 outside)."""
+    n_q, n_k = numerator.shape[1], v.shape[1]
+    for slot, offset in enumerate(range(-window, window + 1)):
+        i0, i1, j0 = offset_span(offset, n_q, n_k)
+        if i1 == i0:
+            continue
+        part = terms[:, i0:i1, slot: slot + 1]  # (G, i1 - i0, 1)
+        if inplace:
+            numerator[:, i0:i1].addcmul_(part, v[:, j0:j0 + i1 - i0])
+        else:
+            numerator = numerator + torch.nn.functional.pad(part * v[:, j0:j0 + i1 - i0], (0, 0, i0, n_q - i1))
+    return numerator
+
+
+def window_positions(cols: torch.Tensor, centre: torch.Tensor, window: int, n_keys: int) -> tuple:
+    """Where each query's window keys sit among its block's (non-decreasing) columns.
+
+    cols (m, C), centre (m, Bq) key index i + Nk - Nq of each query -> positions (m, Bq, W) into C and
+    hit (m, Bq, W) bool: the window key is one of the block's columns (its first occurrence).
+    """
+    keys = centre.unsqueeze(-1) + torch.arange(-window, window + 1, device=cols.device)  # (m, Bq, W)
+    pos = torch.searchsorted(cols, keys.flatten(1)).view_as(keys).clamp_max_(cols.shape[-1] - 1)
+    hit = (torch.gather(cols, 1, pos.flatten(1)).view_as(keys) == keys) & (keys >= 0) & (keys < n_keys)
+    return pos, hit
+
+
+# --------------------------------------------------------------------------- the trace
+def trace_parts(plan: PPSPlan, dtype, n_keys: int) -> dict:
+    """The trace's fields (G-leading) in its unified representation: block columns with their weights
+    and exact flags, and each query's own exact columns (its window) in query_cols / query_weights."""
+    layout, rows = plan.layout, plan.rows
+    groups, nqb, n_cols = plan.cols.shape
+    n_q = plan.order.shape[-1]
+    device = rows.device
+    row_block = block_of_tokens(plan.order, layout.q_block_len)  # (G, Nq)
+    keys = window_keys(n_q, n_keys, layout.window, device) if layout.window_len else \
+        torch.zeros(n_q, 0, dtype=torch.int64, device=device)  # (Nq, W)
+    sampled = plan.weights > 0
+    drawn = sampled & ~plan.exact  # slots holding a random draw (pi < 1)
+    slot_group = plan.block_group.view(1, -1, 1).expand(groups, nqb, n_cols)
+    pi = plan.pi  # (G, ng, Nk)
+    return {
+        "row_block": row_block, "q_blocks": row_block, "q_groups": plan.block_group[row_block],
+        "q_buckets": plan.q_codes, "q_order": plan.order,
+        "k_blocks": torch.full((groups, n_keys), -1, dtype=torch.int64, device=device),
+        "key_block_len": torch.full((groups,), n_cols, device=device),
+        "num_blocks": 1 if layout.exact else nqb, "num_groups": pi.shape[1],
+        "block_cols": plan.cols, "block_weights": plan.weights.to(dtype), "block_exact": plan.exact & sampled,
+        "query_cols": keys.clamp_min(0).expand(groups, -1, -1), "query_weights": (keys >= 0).to(dtype).expand(groups, -1, -1),
+        "sampled": plan.cols.flatten(1), "weights": plan.weights.flatten(1).to(dtype),
+        "sample_group": torch.where(drawn, slot_group, -1).flatten(1),
+        "group_probs": (pi / pi.sum(-1, keepdim=True)).to(dtype), "probs": (pi / pi.sum(-1, keepdim=True)).mean(1).to(dtype),
+        "inclusion_probs": pi.to(dtype), "token_order": plan.token_order, "window": layout.window,
+    }
