@@ -31,17 +31,31 @@ class CausalExactTrace(ExactTrace):
         return torch.where(visible, super().attention_matrix(), 0.0).nan_to_num(0.0)  # rows seeing no key: 0
 
 
-def exact_chunk(q, k, v, invalid, *, in_place: bool):
-    """Softmax attention of one chunk of queries.  q (G, c, D) scaled, invalid (G or 1, c or 1, Nk) bool or
-    None.  -> out (G, c, Dv) (0 for a query that sees no key), log D (G, c) (-inf there)."""
-    logits = q @ k.mT  # (G, c, Nk)
-    if invalid is not None:
-        logits = logits.masked_fill_(invalid, float("-inf")) if in_place else logits.masked_fill(invalid, float("-inf"))
-    shift = logits.amax(-1, keepdim=True).detach()  # (G, c, 1)
+def grad_free(*tensors: torch.Tensor) -> bool:
+    """True when autograd records nothing for these tensors, so in-place ops on them are safe."""
+    return not torch.is_grad_enabled() or not any(t.requires_grad for t in tensors)
+
+
+def masked_softmax_parts(logits: torch.Tensor, allowed: torch.Tensor | None, values: torch.Tensor,
+                         log_weight: torch.Tensor | None = None):
+    """One attention part over a set of keys, kept as (output, log-sum-exp) so parts merge stably.
+
+    logits (..., R, K) already scaled (a fresh tensor: overwritten when autograd is not recording),
+    allowed (..., R or 1, K) bool or None, values (..., K, Dv), log_weight (..., 1, K) optional log
+    importance weight of each key.
+    Returns out (..., R, Dv) = sum_j w_j e^{l_j} v_j / sum_j w_j e^{l_j}  (0 where no key is allowed) and
+    lse (..., R) = log sum_j w_j e^{l_j}  (-inf where no key is allowed).
+    """
+    in_place = grad_free(logits)
+    if log_weight is not None:
+        logits = logits.add_(log_weight) if in_place else logits + log_weight
+    if allowed is not None:
+        logits = logits.masked_fill_(~allowed, float("-inf")) if in_place else logits.masked_fill(~allowed, float("-inf"))
+    shift = logits.amax(-1, keepdim=True).detach()  # (..., R, 1); any shift is exact, so it needs no gradient
     shift = torch.where(torch.isfinite(shift), shift, torch.zeros_like(shift))
-    weights = logits.sub_(shift).exp_() if in_place else torch.exp(logits - shift)
-    den = weights.sum(-1, keepdim=True)  # (G, c, 1)
-    out = (weights @ v) / den.clamp_min(torch.finfo(den.dtype).tiny)
+    weights = logits.sub_(shift).exp_() if in_place else torch.exp(logits - shift)  # 0 on masked entries
+    den = weights.sum(-1, keepdim=True)  # (..., R, 1)
+    out = (weights @ values) / den.clamp_min(torch.finfo(den.dtype).tiny)
     return out, (shift + den.log()).squeeze(-1)
 
 
@@ -73,7 +87,6 @@ def exact_attention(
                 return_trace=return_trace)
     check_flag("is_causal", is_causal)
     q = p.q * p.scale  # (G, Nq, D)
-    in_place = not torch.is_grad_enabled() or not (q.requires_grad or p.k.requires_grad)
     invalid = None if p.valid is None else ~p.valid.unsqueeze(1)  # (G, 1, Nk)
     chunk = max(1, CHUNK_ENTRIES // max(1, p.groups * p.n_k))
     outs, log_ds = [], []
@@ -83,7 +96,7 @@ def exact_attention(
         if is_causal:
             future = ~causal_visible(p.n_q, p.n_k, start, stop, p.device).unsqueeze(0)  # (1, c, Nk)
             bad = future if bad is None else bad | future
-        out, log_d = exact_chunk(q[:, start:stop], p.k, p.v, bad, in_place=in_place)
+        out, log_d = masked_softmax_parts(q[:, start:stop] @ p.k.mT, None if bad is None else ~bad, p.v)
         outs.append(out)
         log_ds.append(log_d)
     out, log_d = torch.cat(outs, 1), torch.cat(log_ds, 1)  # (G, Nq, Dv), (G, Nq)

@@ -16,6 +16,7 @@ import torch
 
 from .._checks import check_flag, check_int
 from .._inputs import Prepared, prepare  # one input step for the core, exact attention and the peers
+from ..exact import grad_free, masked_softmax_parts  # the one stable softmax over a set of keys
 from ..core import gather_rows  # gather_rows: one implementation for the core and the peers
 
 # Entries of one chunk of per-query gathered keys (G x queries x keys x D): bounded memory.
@@ -46,34 +47,6 @@ def split_block_and_samples(budget: int, block: int | None, samples: int | None,
     if samples is None:
         samples = max(1, budget - block)
     return part(block_name, block), part("sample_size", samples)
-
-
-def grad_free(*tensors: torch.Tensor) -> bool:
-    """True when autograd records nothing for these tensors, so in-place ops on them are safe."""
-    return not torch.is_grad_enabled() or not any(t.requires_grad for t in tensors)
-
-
-def masked_softmax_parts(logits: torch.Tensor, allowed: torch.Tensor | None, values: torch.Tensor,
-                         log_weight: torch.Tensor | None = None):
-    """One attention part over a set of keys, kept as (output, log-sum-exp) so parts merge stably.
-
-    logits (..., R, K) already scaled (a fresh tensor: overwritten when autograd is not recording),
-    allowed (..., R or 1, K) bool or None, values (..., K, Dv), log_weight (..., 1, K) optional log
-    importance weight of each key.
-    Returns out (..., R, Dv) = sum_j w_j e^{l_j} v_j / sum_j w_j e^{l_j}  (0 where no key is allowed) and
-    lse (..., R) = log sum_j w_j e^{l_j}  (-inf where no key is allowed).
-    """
-    in_place = grad_free(logits)
-    if log_weight is not None:
-        logits = logits.add_(log_weight) if in_place else logits + log_weight
-    if allowed is not None:
-        logits = logits.masked_fill_(~allowed, float("-inf")) if in_place else logits.masked_fill(~allowed, float("-inf"))
-    shift = logits.amax(-1, keepdim=True).detach()  # (..., R, 1); any shift is exact, so it needs no gradient
-    shift = torch.where(torch.isfinite(shift), shift, torch.zeros_like(shift))
-    weights = logits.sub_(shift).exp_() if in_place else torch.exp(logits - shift)  # 0 on masked entries
-    den = weights.sum(-1, keepdim=True)  # (..., R, 1)
-    out = (weights @ values) / den.clamp_min(torch.finfo(den.dtype).tiny)
-    return out, (shift + den.log()).squeeze(-1)
 
 
 def merge_parts(parts):
@@ -154,7 +127,8 @@ class MethodTrace:
     q_blocks              (..., [rounds,] Nq) block (chunk) of each query
     sampled         (..., s) sampled key columns (sampling methods)
     landmarks       (q_landmarks (..., m, D), k_landmarks (..., m, D)) (Nystromformer)
-    features        (phi(Q) (..., Nq, m), phi(K) (..., Nk, m)), each up to a positive per-row factor
+    features        (phi(Q) (..., Nq, m), phi(K) (..., Nk, m)): phi(Q) phi(K)^T is the estimate of A up to a
+                    positive factor per query
     extras          anything else the method wants to show
     attention_matrix()  (..., Nq, Nk) the approximate softmax matrix (output = matrix @ value); small N only.
     """
