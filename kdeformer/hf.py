@@ -38,8 +38,9 @@ no attention weights are returned (``output_attentions=True`` yields an empty tu
 
 Supported: models whose transformers implementation routes attention through ``AttentionInterface``
 (``model._supports_attention_backend``): in transformers 5.x BERT, RoBERTa, DistilBERT, ELECTRA, ALBERT,
-XLM-R and ViT among encoders, GPT-2, Llama, Qwen2/3, Mistral and Gemma among decoders; DeBERTa and
-MPNet, for example, do not and are refused by ``use_kdeformer``.
+XLM-R and ViT among encoders, GPT-2, Llama, Qwen2/3, Mistral and Gemma (1) among decoders; DeBERTa and
+MPNet, for example, do not and are refused by ``use_kdeformer``. Layers whose softmax is changed, by logit
+soft-capping (Gemma 2) or attention sinks (gpt-oss), are refused at forward time with a ValueError.
 """
 from __future__ import annotations
 
@@ -362,6 +363,17 @@ def _warn_dropout_once(dropout) -> None:
         _warned_dropout = True
 
 
+# Attention-call options that change the softmax itself, which KDEformer does not model.
+_UNSUPPORTED_CALL_OPTIONS = {"softcap": "logit soft-capping (Gemma 2 style)", "s_aux": "attention sinks (gpt-oss style)"}
+
+
+def _refuse_unsupported(module, kwargs: dict) -> None:
+    for name, what in _UNSUPPORTED_CALL_OPTIONS.items():
+        if kwargs.get(name) is not None:
+            raise ValueError(f"{type(module).__name__} uses {what} ({name}={kwargs[name]!r}); KDEformer estimates "
+                             "plain softmax attention and does not support it")
+
+
 def _runs_exact(params: dict, layer: int, masks: KernelMasks, query, key, value, options: dict) -> bool:
     """Excluded layers, and decode steps where exact attention is cheaper (exact_decode)."""
     if params["layers"] is not None and layer not in params["layers"]:
@@ -374,6 +386,7 @@ def _runs_exact(params: dict, layer: int, masks: KernelMasks, query, key, value,
 def kdeformer_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     """transformers attention function: q (B, H, Nq, D), k/v (B, Hkv, Nk, .) -> ((B, Nq, H, Dv) contiguous, None)."""
     _warn_dropout_once(dropout)
+    _refuse_unsupported(module, kwargs)
     key, value = match_kv_heads(query, key, value)  # (B, H, Nk, D), (B, H, Nk, Dv)
     causal = module_is_causal(module, kwargs)
     self_attention = not getattr(module, "is_cross_attention", False) and (causal or query.shape[2] == key.shape[2])

@@ -432,6 +432,42 @@ def test_decoder_greedy_generate_matches_eager_at_exact_settings(decoder, exact_
     assert decode == ({"CausalExactTrace", "ExactTrace"} & decode if exact_decode else {"KDETrace"}) and decode
 
 
+def tiny_family(name: str, **extra):
+    """A 2-layer in-memory decoder of another family (grouped key/value heads), random weights."""
+    torch.manual_seed(0)
+    config = getattr(tf, name + "Config")(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                          num_key_value_heads=2, intermediate_size=64, max_position_embeddings=64,
+                                          **extra)
+    return getattr(tf, name + "ForCausalLM")(config).eval()
+
+
+@pytest.mark.parametrize("family", ["Qwen2", "Mistral"])
+def test_other_decoder_families_match_eager_at_exact_settings(family):
+    model = tiny_family(family)
+    ids = torch.randint(3, 100, (2, 20), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[0, :5] = 0  # left padding
+    ref = logits(model, {"input_ids": ids, "attention_mask": mask})
+    hf.use_kdeformer(model, bucket_size=32)
+    got = logits(model, {"input_ids": ids, "attention_mask": mask})
+    torch.testing.assert_close(got[mask.bool()], ref[mask.bool()], atol=1e-5, rtol=1e-5)
+
+
+def test_a_sliding_window_shorter_than_the_text_is_refused():
+    model = hf.use_kdeformer(tiny_family("Mistral", sliding_window=8), bucket_size=32)
+    with pytest.raises(ValueError, match="sliding window"):
+        logits(model, {"input_ids": torch.randint(3, 100, (1, 20)), "attention_mask": torch.ones(1, 20, dtype=torch.long)})
+
+
+def test_logit_softcapping_is_refused():
+    torch.manual_seed(0)
+    config = tf.Gemma2Config(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                             num_key_value_heads=2, head_dim=8, intermediate_size=64, max_position_embeddings=64)
+    model = hf.use_kdeformer(tf.Gemma2ForCausalLM(config).eval())
+    with pytest.raises(ValueError, match="soft-capping"):
+        logits(model, {"input_ids": torch.randint(3, 100, (1, 12))})
+
+
 def test_decode_steps_fall_back_to_exact_only_when_cheaper():
     opts = {"bucket_size": 64, "sample_size": 128}
     assert hf.decode_runs_exact(1, 4096, 64, 64, opts)  # one new token against the cache
