@@ -1,11 +1,15 @@
 """The explorer in a real browser: JupyterLab and the Voila app, driven by Playwright on Debian's Chromium.
 
 Each test starts its own server on 127.0.0.1 (free port, isolated Jupyter dirs), opens
-`notebooks/explorer_app.ipynb` (the explorer on real MiniLM attention; KDE_FAST=1 keeps it small),
-waits until all four panels are drawn, then moves the sample-size and bucket-size sliders by keyboard and
-picks the next head and checks that the right figures were redrawn and the error readout
-changed (and came back when the setting came back: the explorer is deterministic for a seed).
-Every request that is not to loopback is aborted and recorded; the tests assert none was needed.
+`notebooks/explorer_app.ipynb` (the explorer on real MiniLM attention, N = 512) with anywidget's DEFAULT
+model-loading deadline (nothing in the page is stretched), and checks what a student sees:
+  * every panel drawn, and after every move of every control every panel, the readout and the status
+    describe the same settings (each panel's container carries the stamp of the update it drew);
+  * no title or axis label leaves its figure and no two overlap, at 1600 and at 1000 px, and the figures
+    fill the output width;
+  * a click on a row of a matrix opens that query in the row inspector;
+  * Voila: every panel drawn within 10 s of the page request (preheated kernel), and no request leaves
+    127.0.0.1, no console error, anywhere.
 
 Screenshots go to $LABSHOTS (default: <tmp>/labshots). With KDE_UPDATE_SCREENSHOT=1 the Voila test
 also writes the README's picture, docs/explorer.png.
@@ -39,13 +43,11 @@ CHROMIUM_ARGS = [
 TOKEN = "kde-test-token-7f3a9c"
 SHOTS = Path(os.environ.get("LABSHOTS", Path(tempfile.gettempdir()) / "labshots"))
 BIN = Path(sys.executable).parent  # jupyter-lab / voila of the running venv
-PANELS = ("buckets", "heavy", "samples", "error")
+PANELS = ("buckets", "heavy", "samples", "error", "inspector")
 FAILURE_TEXT = re.compile(
     r"Error displaying widget|Loading widget|model not found|Traceback|There was an error when executing"
 )
-# Voila's page template links Font Awesome's style sheets from a CDN (icons only: the explorer's button
-# icons are missing offline, their labels stay); nothing else may leave loopback.
-ALLOWED_BLOCKED = re.compile(r"^https://cdn\.jsdelivr\.net/npm/@fortawesome/fontawesome-free@[^/]+/css/[\w.-]+\.css$")
+VOILA_LOAD_S = 10.0  # issue 13: all panels drawn within this long of the page request
 
 
 # ------------------------------------------------------------------------------------------- servers
@@ -101,6 +103,7 @@ def jupyter_env(home: Path, fast: bool = True) -> dict:
         env[var] = str(home / sub)
     env.update(JUPYTER_PLATFORM_DIRS="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
     env["KDE_FAST"] = "1" if fast else "0"
+    env["JUPYTER_PATH"] = os.pathsep.join(p for p in (str(VOILA_TEMPLATES), env.get("JUPYTER_PATH", "")) if p)
     # no "get notified about Jupyter news?" toast over the notebook
     settings = home / "config" / "lab" / "user-settings" / "@jupyterlab" / "apputils-extension"
     settings.mkdir(parents=True, exist_ok=True)
@@ -115,9 +118,41 @@ def lab_command(port: int, root: Path) -> list[str]:
             "--LabApp.extension_manager=readonly"]
 
 
+VOILA_TEMPLATES = REPO / "widgets" / "share" / "jupyter"  # the kde-offline template (no CDN links)
+
+
 def voila_command(port: int, notebook: str) -> list[str]:
-    # the same flags as `make app`
-    return [str(BIN / "voila"), notebook, "--no-browser", "--Voila.ip=127.0.0.1", f"--port={port}"]
+    # the same flags as `make app` (whose JUPYTER_PATH points at VOILA_TEMPLATES too): the template without
+    # CDN links, and a kernel that has run the notebook before the first page asks for it
+    return [str(BIN / "voila"), notebook, "--no-browser", "--Voila.ip=127.0.0.1", f"--port={port}",
+            "--template=kde-offline", "--preheat_kernel=True", "--VoilaKernelManager.fill_delay=30"]
+
+
+def wait_quiet(proc: subprocess.Popen, timeout: float = 240, quiet_cpu_s: float = 0.15) -> float:
+    """Seconds until the server and its kernels use less than `quiet_cpu_s` CPU seconds in one second
+    (a preheated kernel has run the notebook)."""
+    import psutil
+
+    t0 = time.monotonic()
+    root = psutil.Process(proc.pid)
+
+    def cpu() -> float:
+        total = 0.0
+        for p in [root, *root.children(recursive=True)]:
+            try:
+                total += sum(p.cpu_times()[:2])
+            except psutil.Error:
+                pass
+        return total
+
+    last = cpu()
+    while time.monotonic() - t0 < timeout:
+        time.sleep(1.0)
+        now = cpu()
+        if now - last < quiet_cpu_s and time.monotonic() - t0 > 3:
+            return time.monotonic() - t0
+        last = now
+    raise TimeoutError("the Voila server never went quiet")
 
 
 # ------------------------------------------------------------------------------------------ fixtures
@@ -150,6 +185,7 @@ def voila_url(nb_root, server_env, tmp_path_factory):
     log = tmp_path_factory.getbasetemp() / "voila.log"
     proc = start(voila_command(port, APP_NOTEBOOK.name), nb_root, server_env,
                  f"http://127.0.0.1:{port}/voila/static/", log)
+    wait_quiet(proc)  # the preheated kernel has run the app notebook
     yield f"http://127.0.0.1:{port}"
     stop(proc)
 
@@ -168,17 +204,6 @@ def browser():
         b.close()
 
 
-# anywidget 0.11 gives each widget model 2 s (AbortSignal.timeout(2000)) to load its ES module; plotly's
-# FigureWidget ships a ~5 MB module per figure, and on a CPU-starved page (other processes busy on a 2-core
-# box) that deadline passes: the figure keeps its first drawing and never redraws. The tests stretch only
-# that deadline, to 30 s, so they measure the explorer and not the machine's load; a module that never
-# loads still fails them (see assert_models_alive). On an idle machine the 2 s deadline is met.
-STRETCH_ANYWIDGET_DEADLINE = """(() => {
-  const timeout = AbortSignal.timeout.bind(AbortSignal);
-  AbortSignal.timeout = (ms) => timeout(ms === 2000 ? 30000 : ms);
-})();"""
-
-
 class Page:
     """A Playwright page plus what it tried to fetch outside loopback, and its console errors."""
 
@@ -188,10 +213,14 @@ class Page:
         self.errors: list[str] = []
 
 
+# Console errors that are not ours and not the page's fault: none so far. (Voila's "Unsatisfied version"
+# messages are warnings, not errors.)
+IGNORED_CONSOLE = re.compile(r"^$")
+
+
 @pytest.fixture
 def page(browser, request):
-    ctx = browser.new_context(viewport={"width": 1500, "height": 1300})
-    ctx.add_init_script(STRETCH_ANYWIDGET_DEADLINE)
+    ctx = browser.new_context(viewport={"width": 1600, "height": 1000})  # no init script: default deadlines
     pg = Page(ctx.new_page())
 
     def block(route):
@@ -199,7 +228,8 @@ def page(browser, request):
         route.abort()
 
     ctx.route(re.compile(r"^(?!https?://(127\.0\.0\.1|localhost)[:/])[a-z][a-z0-9+.-]*://"), block)
-    pg.page.on("pageerror", lambda exc: pg.errors.append(str(exc)))
+    pg.page.on("pageerror", lambda exc: pg.errors.append(f"pageerror: {exc}"))
+    pg.page.on("console", lambda m: pg.errors.append(f"console: {m.text}") if m.type == "error" else None)
     pg.page.set_default_timeout(120_000)
     yield pg
     SHOTS.mkdir(parents=True, exist_ok=True)
@@ -208,127 +238,179 @@ def page(browser, request):
 
 
 # ------------------------------------------------------------------------------------------- helpers
-SIGNATURE_JS = """(sel) => {
-  const el = document.querySelector(sel);
-  if (!el) return null;
-  const s = el.innerHTML;
-  let h = 0;
-  for (let i = 0; i < s.length; i++) h = (Math.imul(h, 31) + s.charCodeAt(i)) | 0;
-  return s.length + ':' + h;
+def plot_selector(name: str) -> str:
+    return f".kde-explorer .kde-figure-{name}"  # PlotBoard's container of that panel's plotly div
+
+
+STATE_JS = """() => {
+  const st = document.querySelector('.kde-explorer .kde-status [data-stamp]');
+  const ro = document.querySelector('.kde-explorer .kde-readout [data-stamp]');
+  const panels = {};
+  for (const el of document.querySelectorAll('.kde-explorer .kde-figure')) {
+    const name = [...el.classList].find(c => c.startsWith('kde-figure-')).slice(11);
+    const title = el.querySelector('.gtitle');
+    const caption = el.querySelector('.kde-caption');
+    panels[name] = {stamp: el.dataset.stamp || null, title: title ? title.textContent : null,
+                    caption: caption ? caption.textContent : null};
+  }
+  return {status: st ? st.dataset.stamp : null, readout: ro ? ro.dataset.stamp : null,
+          text: st ? st.textContent : '', panels};
 }"""
 
 
-def plot_selector(name: str) -> str:
-    return f".kde-explorer .kde-figure-{name}"  # the class sits on plotly's own .js-plotly-plot div
+def state(page) -> dict:
+    return page.evaluate(STATE_JS)
 
 
-def signatures(page) -> dict[str, str]:
-    """A hash of each panel's drawn SVG (heatmap images are data: URLs, so any redraw changes it)."""
-    sig = {name: page.evaluate(SIGNATURE_JS, plot_selector(name)) for name in PANELS}
-    sig["readout"] = page.locator(".kde-explorer .kde-readout").inner_text()
-    return sig
+def stale_parts(st: dict) -> list[str]:
+    """Parts of the page that do not show the settings of the status line."""
+    bad = [] if st["readout"] == st["status"] else ["readout"]
+    bad += [n for n in PANELS if st["panels"].get(n, {}).get("stamp") != st["status"]]
+    return bad
 
 
-def wait_settled(page, quiet_s: float = 1.5, timeout_s: float = 120) -> dict[str, str]:
-    """Wait until no panel or the readout has changed for `quiet_s` seconds; return their signatures."""
+def wait_consistent(page, old_status: str | None = None, timeout_s: float = 30) -> dict:
+    """Wait for a new status (when old_status is given) and for every panel and the readout to show it."""
     t0 = time.monotonic()
-    last, since = signatures(page), time.monotonic()
-    while time.monotonic() - t0 < timeout_s:
-        page.wait_for_timeout(250)
-        now = signatures(page)
-        if now != last:
-            last, since = now, time.monotonic()
-        elif time.monotonic() - since >= quiet_s:
-            return now
-    raise TimeoutError(f"explorer never settled; last signatures {last}")
+    while True:
+        st = state(page)
+        fresh = st["status"] is not None and st["status"] != old_status
+        if fresh and not stale_parts(st):
+            return st
+        if time.monotonic() - t0 > timeout_s:
+            raise AssertionError(f"stale after {timeout_s:.0f} s: {stale_parts(st) if fresh else 'status'}; {st}")
+        page.wait_for_timeout(50)
 
 
 ANYWIDGET_TIMEOUT = "[anywidget] Failed to initialize model"
 
 
-def assert_models_alive(pg: Page) -> None:
-    """A FigureWidget whose model missed anywidget's deadline draws its first state but never redraws."""
-    dead = [e for e in pg.errors if ANYWIDGET_TIMEOUT in e]
-    assert not dead, (f"{len(dead)} plotly FigureWidget model(s) timed out initialising in the browser "
-                      "(anywidget's deadline, stretched to 30 s here): those panels will never redraw")
-
-
-def wait_rendered(pg: Page, scope: str) -> None:
-    """Every panel drawn by plotly.js, the readout filled in, and no widget error text anywhere."""
+def wait_rendered(pg: Page, scope: str) -> dict:
+    """Every panel drawn by plotly.js with data, the readout filled in, no widget error anywhere."""
     page = pg.page
     page.locator(f"{scope} .kde-explorer").wait_for(timeout=240_000)
     for name in PANELS:
         page.locator(f"{plot_selector(name)} .main-svg").first.wait_for()
-    wait_settled(page)
-    assert_models_alive(pg)
-    for name in PANELS:  # drawn data, not just axes: a point, a line or a heatmap image
+    st = wait_consistent(page)
+    assert not [e for e in pg.errors if ANYWIDGET_TIMEOUT in e], pg.errors
+    for name in PANELS:  # drawn data, not just axes: a point, a line, a bar or a heatmap image
         marks = page.locator(f"{plot_selector(name)} :is(path.point, path.js-line, g.hm image)").count()
         assert marks > 0, f"panel {name!r} shows empty axes: its figure reached the page without data"
-    page.wait_for_function(
-        "() => { const r = document.querySelector('.kde-explorer .kde-readout');"
-        " return r && r.innerText.trim().length > 0; }")
     assert page.get_by_text(FAILURE_TEXT).count() == 0, page.locator("body").inner_text()[:2000]
     message = page.locator(".kde-explorer .kde-message").inner_text().strip()
     assert message == "", f"the explorer reported an error: {message}"
+    return st
 
 
-def nudge(page, control: str, step: int) -> str:
-    """Move a control one step up (+1) or down (-1); return the value it then shows.
-
-    Slider: focus its handle and press ArrowRight/ArrowLeft (keyboard). Drop-down: pick the next or
-    previous option, as a mouse user would (a closed <select> ignores arrow keys in headless Chromium).
-    """
+def nudge(page, control: str, step: int) -> None:
+    """Move a control as a user would: a slider by keyboard (ArrowRight/ArrowLeft), a drop-down to the
+    next or previous option, a toggle by clicking its other button, a checkbox by clicking, a text box
+    by typing a new value."""
     root = page.locator(f".kde-explorer .kde-control-{control}").first
     handle = root.locator(".noUi-handle")
     if handle.count():
-        handle.first.focus()
-        handle.first.press("ArrowRight" if step > 0 else "ArrowLeft")
-        return root.locator(".widget-readout").first.inner_text()
+        handle.last.focus()
+        handle.last.press("ArrowRight" if step > 0 else "ArrowLeft")
+        return
     select = root.locator("select")
     if select.count():
         index = select.first.evaluate("s => s.selectedIndex") + step
         select.first.select_option(index=index)
-        return select.first.input_value()
-    raise AssertionError(f"control {control!r} is neither a slider nor a drop-down")
+        return
+    buttons = root.locator("button")
+    if buttons.count():
+        root.locator("button:not(.mod-active)").first.click()
+        return
+    box = root.locator("input[type=checkbox]")
+    if box.count():
+        box.first.click()
+        return
+    text = root.locator("input[type=text], input:not([type])")
+    value = int(text.first.input_value())
+    text.first.fill(str(max(0, value + step)))
+    text.first.press("Enter")
 
 
-def check_control(pg: Page, control: str, step: int, expect_changed: tuple[str, ...], shot: str) -> None:
-    """Move `control` one step, check the redraws, then step back and check that it round-trips."""
+# (control, step): every control, each moved away and back
+MOVES = [("sample_size", +1), ("bucket_size", -1), ("num_projs", -1), ("head", +1), ("layer", +1),
+         ("sampling", +1), ("bucket_order", +1), ("method", +1), ("seed", +1), ("order", +1), ("log_color", +1),
+         ("query", +1), ("zoom", -1)]
+
+
+def check_every_control(pg: Page, shot: str) -> None:
+    """Each control moved and moved back: after each move every panel shows the new settings."""
     page = pg.page
-    before = wait_settled(page)
-    value_before = nudge(page, control, step)
-    page.wait_for_function(
-        "([sel, old]) => { const r = document.querySelector(sel); return r && r.innerText !== old; }",
-        arg=[".kde-explorer .kde-readout", before["readout"]])
-    after = wait_settled(page)
-    page.locator(".kde-explorer").screenshot(path=str(SHOTS / f"{shot}-{control}.png"))
-    changed = [name for name in PANELS if after[name] != before[name]]
-    missing = [name for name in expect_changed if name not in changed]
-    assert not missing, f"moving {control} ({value_before}) did not redraw {missing}; redrawn: {changed}"
-    assert after["readout"] != before["readout"]
-    # back to where we were: a seeded explorer must show exactly the old figures and error again
-    nudge(page, control, -step)
-    page.wait_for_function(
-        "([sel, old]) => { const r = document.querySelector(sel); return r && r.innerText === old; }",
-        arg=[".kde-explorer .kde-readout", before["readout"]])
-    back = wait_settled(page)
-    assert back["readout"] == before["readout"]
-    assert page.get_by_text(FAILURE_TEXT).count() == 0
-    assert page.locator(".kde-explorer .kde-message").inner_text().strip() == ""
+    st = wait_consistent(page)
+    for control, step in MOVES:
+        for direction in (step, -step):
+            before = st
+            nudge(page, control, direction)
+            st = wait_consistent(page, before["status"])
+            label = re.search(r"L\d+H\d+", st["status"]).group(0)
+            for name in ("buckets", "heavy", "error", "inspector"):
+                assert label in (st["panels"][name]["title"] or ""), (control, name, st["panels"][name])
+        assert page.get_by_text(FAILURE_TEXT).count() == 0
+        assert page.locator(".kde-explorer .kde-message").inner_text().strip() == "", control
+    page.locator(".kde-explorer").screenshot(path=str(SHOTS / f"{shot}-after-moves.png"))
 
 
-def exercise_explorer(pg: Page, shot: str) -> None:
-    pg.page.locator(".kde-explorer").screenshot(path=str(SHOTS / f"{shot}-explorer.png"))
-    check_control(pg, "sample_size", +1, ("samples",), shot)
-    # down, not up: 64 -> 65 keys per block can leave the blocks as they were (ceil(N / B) unchanged)
-    check_control(pg, "bucket_size", -1, ("buckets", "heavy"), shot)
-    check_control(pg, "head", +1, PANELS, shot)
+BOXES_JS = """(sel) => {
+  const out = [];
+  for (const fig of document.querySelectorAll(sel)) {
+    const name = [...fig.classList].find(c => c.startsWith('kde-figure-')).slice(11);
+    const f = fig.querySelector('.kde-plot').getBoundingClientRect();
+    const parts = fig.querySelectorAll('.gtitle, .gtitle-subtitle, .annotation-text, .xtitle, .ytitle, .cbtitle text, .legendtext');
+    const boxes = [...parts].filter(e => e.textContent.trim()).map(e => {
+      const r = e.getBoundingClientRect();
+      return {text: e.textContent.trim().slice(0, 40), kind: e.getAttribute('class'),
+              x0: r.left, y0: r.top, x1: r.right, y1: r.bottom};
+    });
+    out.push({name, fig: {x0: f.left, y0: f.top, x1: f.right, y1: f.bottom}, boxes,
+              parent: fig.parentElement.getBoundingClientRect().width});
+  }
+  return out;
+}"""
 
 
-def assert_offline(pg: Page, allow_voila_css: bool) -> None:
-    unexpected = [u for u in pg.blocked if not (allow_voila_css and ALLOWED_BLOCKED.match(u))]
-    assert not unexpected, f"the page asked for non-loopback resources: {unexpected}"
-    assert not pg.errors, f"uncaught errors in the page: {pg.errors}"
+def check_layout(page, width: int, shot: str) -> None:
+    """At this window width: figures fill the board's width; titles and labels stay inside their figure
+    and do not overlap each other."""
+    page.set_viewport_size({"width": width, "height": 1000})
+    page.wait_for_timeout(1200)  # ResizeObserver -> Plotly.Plots.resize
+    page.locator(".kde-explorer").screenshot(path=str(SHOTS / f"{shot}-{width}px.png"))
+    for fig in page.evaluate(BOXES_JS, ".kde-explorer .kde-figure"):
+        f, name = fig["fig"], fig["name"]
+        assert f["x1"] - f["x0"] >= 0.97 * fig["parent"], (width, name, f, fig["parent"])
+        for b in fig["boxes"]:
+            inside = b["x0"] >= f["x0"] - 1 and b["x1"] <= f["x1"] + 1 and b["y0"] >= f["y0"] - 1 and b["y1"] <= f["y1"] + 1
+            assert inside, f"{width}px, {name}: {b['text']!r} leaves its figure {b} {f}"
+        for i, a in enumerate(fig["boxes"]):
+            for b in fig["boxes"][i + 1:]:
+                w = min(a["x1"], b["x1"]) - max(a["x0"], b["x0"])
+                h = min(a["y1"], b["y1"]) - max(a["y0"], b["y0"])
+                assert w <= 1 or h <= 1, f"{width}px, {name}: {a['text']!r} overlaps {b['text']!r}"
+
+
+def click_matrix_row(pg: Page) -> None:
+    """Click a row of the heavy panel's matrix: that query opens in the row inspector."""
+    page = pg.page
+    st = wait_consistent(page)
+    image = page.locator(f"{plot_selector('heavy')} g.hm image").first
+    image.scroll_into_view_if_needed()
+    box = image.bounding_box()
+    row_y = box["y"] + 0.37 * box["height"]
+    page.mouse.click(box["x"] + 0.5 * box["width"], row_y)
+    st = wait_consistent(page, st["status"])
+    query = page.locator(".kde-explorer .kde-control-query .widget-readout").first.inner_text().strip()
+    assert query != "0", "the click did not reach the kernel"
+    assert f"query {query} " in st["panels"]["inspector"]["caption"], st["panels"]["inspector"]
+    page.locator(plot_selector("inspector")).screenshot(path=str(SHOTS / "inspector-after-click.png"))
+
+
+def assert_offline(pg: Page) -> None:
+    assert not pg.blocked, f"the page asked for non-loopback resources: {pg.blocked}"
+    errors = [e for e in pg.errors if not IGNORED_CONSOLE.search(e)]
+    assert not errors, f"errors in the page's console: {errors}"
 
 
 # --------------------------------------------------------------------------------------------- tests
@@ -341,24 +423,33 @@ def test_jupyterlab_explorer_renders_and_responds(lab_url, page):
     p.get_by_role("menuitem", name="Run", exact=True).click()
     p.get_by_role("menuitem", name=re.compile(r"^Run All Cells")).click()
     wait_rendered(page, ".jp-Notebook")
-    wait_settled(p)
     p.screenshot(path=str(SHOTS / "lab-page.png"))
-    exercise_explorer(page, "lab")
-    assert_offline(page, allow_voila_css=False)
+    check_layout(p, 1600, "lab")
+    check_layout(p, 1000, "lab")
+    p.set_viewport_size({"width": 1600, "height": 1000})
+    click_matrix_row(page)
+    check_every_control(page, "lab")
+    assert_offline(page)
 
 
 def test_voila_app_renders_and_responds(voila_url, page):
     p = page.page
-    p.goto(f"{voila_url}/", timeout=300_000)  # Voila runs the notebook while serving the page
+    t0 = time.monotonic()
+    p.goto(f"{voila_url}/", timeout=300_000)
     wait_rendered(page, "body")
-    wait_settled(p)
+    load_s = time.monotonic() - t0
+    print(f"Voila: every panel drawn {load_s:.1f} s after the page request")
+    assert load_s <= VOILA_LOAD_S, f"Voila took {load_s:.1f} s to draw every panel (target {VOILA_LOAD_S:.0f} s)"
     assert p.locator(".jp-CodeMirrorEditor, .jp-InputArea-editor").count() == 0, "the app must not show code"
     assert "AttentionExplorer(" not in p.locator("body").inner_text()
     p.screenshot(path=str(SHOTS / "voila-page.png"))
     if os.environ.get("KDE_UPDATE_SCREENSHOT") == "1":
-        box = p.locator(".kde-explorer").bounding_box()  # the part in view: controls, readout, two panels
-        clip = dict(x=box["x"], y=box["y"], width=box["width"], height=min(box["height"], 1300 - box["y"]))
+        box = p.locator(".kde-explorer").bounding_box()  # the part in view: controls, readout, first panels
+        clip = dict(x=box["x"], y=box["y"], width=box["width"], height=min(box["height"], 1000 - box["y"]))
         p.screenshot(path=str(REPO / "docs" / "explorer.png"), clip=clip)
-    exercise_explorer(page, "voila")
-    assert_offline(page, allow_voila_css=True)
-    print("blocked (allowed) requests:", page.blocked)
+    check_layout(p, 1600, "voila")
+    check_layout(p, 1000, "voila")
+    p.set_viewport_size({"width": 1600, "height": 1000})
+    click_matrix_row(page)
+    check_every_control(page, "voila")
+    assert_offline(page)

@@ -180,9 +180,10 @@ def test_sample_marks_match_trace(ex, src):
     np.testing.assert_array_equal(trace_of(fig, "excluded queries").y, tr.heavy_mask()[in_group][:, uniq].sum(0).numpy())
     np.testing.assert_allclose(trace_of(fig, "probability").y, tr.group_probs[g].numpy(), rtol=1e-6)
     draws = int(mine.sum())
-    assert f"{draws} draws" in fig.layout.title.text and f"s = {ex.settings().sample_size} columns per query" in fig.layout.title.text
+    sub = panels.caption(fig)
+    assert f"{draws} draws" in sub and f"s = {ex.settings().sample_size} columns per query" in sub
     if tr.num_groups > 1:
-        assert f"each of {tr.num_groups} query groups draws its own ({tr.sampled.numel()} in all)" in fig.layout.title.text
+        assert f"each of {tr.num_groups} query groups draws its own ({tr.sampled.numel()} in all)" in sub
     # buckets: sizes per code match the hash codes
     b = ex.figures["buckets"]
     counts = dict(zip(trace_of(b, "keys per bucket").x, trace_of(b, "keys per bucket").y))
@@ -230,7 +231,7 @@ def test_every_setting_control_redraws_consistently(ex, src, name, value):
                                   torch.unique(tr.sampled[tr.sample_group == g]).numpy())
     n_rects = len([sh for sh in ex.figures["heavy"].layout.shapes if sh.type == "rect"])
     assert n_rects == len(panels.block_rectangles(tr))
-    assert f"L{s.layer}H{s.head}" in ex.figures["error"].layout.title.text
+    assert f"L{s.layer}H{s.head}" in panels.caption(ex.figures["error"])
 
 
 def test_display_controls(ex, src):
@@ -259,7 +260,7 @@ def test_display_controls(ex, src):
     np.testing.assert_array_equal(trace_of(insp, "computed exactly").x, torch.nonzero(exact7).flatten().numpy())
     sampled7 = (tr.weight_rows(torch.tensor([7]))[0] > 0) & ~exact7
     np.testing.assert_array_equal(trace_of(insp, "sampled keys").x, torch.nonzero(sampled7).flatten().numpy())
-    assert "query 7 'tok7'" in insp.layout.title.text
+    assert "query 7 'tok7'" in panels.caption(insp)
 
 
 def test_click_on_a_query_point_opens_inspector(ex):
@@ -277,13 +278,13 @@ def test_click_on_matrix_row_opens_inspector(ex, panel, trace_name):
     token = int(label.split()[0][1:])
     click(ex, panel, trace_name, index=[5, 0], x=hm.x[0], y=label, customdata=None)
     assert ex.controls["query"].value == token
-    assert f"query {token} " in ex.figures["inspector"].layout.title.text
+    assert f"query {token} " in panels.caption(ex.figures["inspector"])
 
 
 def test_open_a_head_for_overview_clicks(ex):
     assert ex.open_head(1, 0)
     s = ex.settings()
-    assert (s.layer, s.head) == (1, 0) and "L1H0" in ex.figures["heavy"].layout.title.text
+    assert (s.layer, s.head) == (1, 0) and "L1H0" in panels.caption(ex.figures["heavy"])
     assert not ex.open_head(5, 0) and "layer" in ex.last_error
 
 
@@ -379,7 +380,7 @@ def test_effective_block_size_is_shown(src):
 def test_bucket_size_one_draws_no_wall_of_lines(src):
     ex = AttentionExplorer(src, bucket_size=1, sample_size=16, seeds=1)
     edges = trace_of(ex.figures["buckets"], "block edges")
-    assert len(edges.x or ()) == 0 and "edges of 96 blocks not drawn" in ex.figures["buckets"].layout.title.text
+    assert len(edges.x or ()) == 0 and "edges of 96 blocks not drawn" in panels.caption(ex.figures["buckets"])
 
 
 @pytest.mark.parametrize("typed", ["-1", "abc", "1.5", str(2**40)])
@@ -449,7 +450,7 @@ def test_values_arriving_during_an_update_are_coalesced(ex, monkeypatch):
     assert runs == [12, 28]  # 20 and 24 were replaced before anyone computed them
     assert ex.update_count == count + 1  # the stale result for 12 was never drawn
     assert ex.settings().bucket_size == 28
-    assert "B28/" in ex.figures["error"].layout.title.text
+    assert "B28/" in panels.caption(ex.figures["error"])
 
 
 def test_browser_bursts_are_drawn_once_with_the_newest_value(ex):
@@ -468,7 +469,7 @@ def test_browser_bursts_are_drawn_once_with_the_newest_value(ex):
 
     asyncio.run(burst())
     assert ex.update_count == count + 1
-    assert "B32/" in ex.figures["error"].layout.title.text
+    assert "B32/" in panels.caption(ex.figures["error"])
     ex.controls["bucket_size"].value = 16  # from Python (no loop running): synchronous as before
     assert ex.update_count == count + 2
 
@@ -608,7 +609,7 @@ def test_large_n_is_pooled_not_sent_cell_by_cell():
     logits = src.scale * (q[tr.q_order[:10]].double() @ k[tr.k_order[:10]].double().T)
     log_d = torch.logsumexp(src.scale * (q[tr.q_order[:10]].double() @ k.double().T), -1, keepdim=True)
     assert z[0, 0] == pytest.approx(max(float(torch.log10(torch.exp(logits - log_d)).max()), panels.LOG_FLOOR), abs=1e-3)
-    assert "max-pooled 10x10" in ex.figures["heavy"].layout.title.text
+    assert "max-pooled 10x10" in panels.caption(ex.figures["heavy"])
 
 
 def test_max_pool_and_packing():
@@ -690,7 +691,7 @@ def test_board_holds_the_current_figures_for_late_pages(ex):
     """Voila and reloaded tabs read the model's state: it must be the current figures, not a snapshot."""
     ex.set(sample_size=31)
     fig = ex.board.fig_samples
-    assert "s = 31 columns per query" in fig["layout"]["title"]["text"]
+    assert "s = 31 columns per query" in fig["layout"]["meta"]["caption"]
     assert fig["rev"] <= ex.board.revision and len(fig["data"]) == len(ex.figures["samples"].data)
     z = ex.board.fig_heavy["data"][0]["z"]
     assert set(z) == {"dtype", "bdata", "shape"}  # a typed array, not nested lists

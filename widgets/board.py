@@ -11,7 +11,8 @@ deadline, when the board is first rendered.
 Each panel is one synced trait (`fig_<name>`: the figure as JSON); the kernel changes several under
 `hold_sync()`, so one move is ONE message, and the page redraws every changed panel in the same
 animation frame. `stamps` (panel -> text) is written on each panel's container after it is drawn
-(`data-stamp`), so a test can tell a stale panel from a current one. Clicks on any point come back as
+(`data-stamp`), so a test can tell a stale panel from a current one. A panel's caption
+(`layout.meta.caption`) is shown as HTML above its figure, so long explanations wrap at any width. Clicks on any point come back as
 messages (`on_click(panel, callback)`). Figures use the output's full width and follow it.
 """
 from __future__ import annotations
@@ -52,11 +53,19 @@ function render({model, el}) {
   const drawn = {};
   let frame = null;
   let alive = true;
+  const boxes = {};
+  const captions = {};
   for (const name of model.get("panels")) {
+    const box = document.createElement("div");
+    box.className = "kde-figure kde-figure-" + name;
+    const caption = document.createElement("div");
+    caption.className = "kde-caption";
     const div = document.createElement("div");
-    div.className = "kde-figure kde-figure-" + name;
-    div.style.width = "100%";
-    el.appendChild(div);
+    div.className = "kde-plot";
+    box.append(caption, div);
+    el.appendChild(box);
+    boxes[name] = box;
+    captions[name] = caption;
     divs[name] = div;
   }
   async function redraw() {
@@ -70,13 +79,14 @@ function render({model, el}) {
       if (!fig || !fig.data || drawn[name] === fig.rev) continue;
       const first = drawn[name] === undefined;
       drawn[name] = fig.rev;
+      captions[name].textContent = (fig.layout.meta && fig.layout.meta.caption) || "";
       jobs.push(Plotly.react(div, fig.data, fig.layout, CONFIG).then(() => {
         if (first) div.on("plotly_click", (ev) => model.send(clickMessage(name, div, ev)));
       }));
     }
     await Promise.all(jobs);
-    for (const [name, div] of Object.entries(divs)) {
-      if (drawn[name] !== undefined) div.dataset.stamp = stamps[name] || "";
+    for (const [name, box] of Object.entries(boxes)) {
+      if (drawn[name] !== undefined) box.dataset.stamp = stamps[name] || "";
     }
     el.dataset.revision = String(model.get("revision"));
   }
@@ -101,7 +111,9 @@ export default { render };
 
 CSS = """
 .kde-board { width: 100%; min-width: 0; }
-.kde-board .kde-figure { width: 100%; min-width: 0; }
+.kde-board .kde-figure { width: 100%; min-width: 0; margin-top: 10px; }
+.kde-board .kde-plot { width: 100%; min-width: 0; }
+.kde-board .kde-caption { font-size: 13px; color: #333; padding: 0 8px; overflow-wrap: anywhere; }
 """
 
 

@@ -27,7 +27,9 @@ def standalone_html(explorer, extra=()) -> str:
     for name, fig in [*explorer.figures.items(), *((f"grid {i}", f) for i, f in enumerate(extra))]:
         div = pio.to_html(_plain(fig), include_plotlyjs=bool(first), full_html=False,
                           div_id=f"kde-figure-{name.replace(' ', '-')}", config={"displaylogo": False})
-        parts.append(f'<section class="kde-figure-{name.replace(" ", "-")}">{div}</section>')
+        caption = (fig.layout.meta or {}).get("caption", "") if isinstance(fig.layout.meta, dict) else ""
+        parts.append(f'<section class="kde-figure-{name.replace(" ", "-")}"><p class="kde-caption">'
+                     f'{html.escape(caption)}</p>{div}</section>')
         first = False
     s = explorer.settings()
     title = f"KDEformer explorer: {html.escape(explorer.engine.src.name)}, layer {s.layer} head {s.head}"

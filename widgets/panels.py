@@ -162,9 +162,22 @@ def group_draws(trace) -> np.ndarray:
     return np.bincount(to_np(trace.sample_group).reshape(-1), minlength=max(1, trace.num_groups))
 
 
+def set_title(upd: PanelUpdate, title: str, caption: str) -> None:
+    """A short plotly title (fits any width) and the panel's caption: the page shows it as wrapping HTML
+    above the figure (PlotBoard reads layout.meta.caption), exports as text."""
+    upd.layout["title.text"] = title
+    upd.layout["meta"] = {"caption": caption}
+
+
+def caption(fig) -> str:
+    """Title and caption of a panel figure, as one string."""
+    meta = fig.layout.meta if isinstance(fig.layout.meta, dict) else {}
+    return f"{fig.layout.title.text} · {meta.get('caption', '')}"
+
+
 def base_layout(fig: go.Figure, height: int, title: str, legend_y: float) -> None:
     """What every panel shares: full output width (autosize), its height, a short left title."""
-    fig.update_layout(height=height, autosize=True, font=FONT, margin=dict(l=55, r=25, t=70, b=50),
+    fig.update_layout(height=height, autosize=True, font=FONT, margin=dict(l=55, r=30, t=60, b=50), meta={"caption": ""},
                       title=dict(text=title, x=0.01, xanchor="left", y=0.98, yanchor="top", font=TITLE_FONT),
                       legend=dict(orientation="h", y=legend_y, x=0, font=dict(size=11)))
     fig.update_annotations(font=dict(size=12))  # subplot titles
@@ -297,8 +310,8 @@ def buckets_update(view: View) -> PanelUpdate:
     codes = bucket_size_traces(view, upd, ranks)
     key_sequence_traces(view, upd, ranks)
     edges = "" if len(upd.info["edges"]) <= MAX_EDGES else f" (edges of {tr.num_blocks} blocks not drawn)"
-    upd.layout["title.text"] = (f"buckets · {view.label()} · r={r}: {len(codes)} of {2**r} buckets used, "
-                                f"{tr.bucket_order} order, {tr.num_blocks} key blocks{edges}")
+    set_title(upd, f"buckets · {view.label()} r={r}",
+              f"{len(codes)} of {2**r} buckets used, {tr.bucket_order} order, {tr.num_blocks} key blocks{edges}")
     return upd
 
 
@@ -409,9 +422,9 @@ def heavy_update(view: View) -> PanelUpdate:
     mean_mass = float(mass.mean())
     heavy_cols = heavy_column_count(tr)
     cols = f" + {heavy_cols} heavy columns" if heavy_cols else ""
-    upd.layout["title.text"] = (f"exact entries · {view.label()} B{view.settings.bucket_size}: {tr.num_blocks} blocks of "
-                                f"≤{block_len(tr)} keys{cols} hold {mean_mass:.1%} of the mass "
-                                f"(random: {random_share:.1%}){pooled_note(grids['gr'], grids['gc'])}")
+    set_title(upd, f"exact entries · {view.label()} B{view.settings.bucket_size}",
+              f"{tr.num_blocks} blocks of ≤{block_len(tr)} keys{cols} hold {mean_mass:.1%} of the softmax mass "
+              f"(as many random entries: {random_share:.1%}){pooled_note(grids['gr'], grids['gc'])}")
     upd.info.update(mean_mass=mean_mass, mass=mass, exact_count=count)
     return upd
 
@@ -419,7 +432,7 @@ def heavy_update(view: View) -> PanelUpdate:
 # --------------------------------------------------------------------------- samples panel
 def make_samples() -> go.Figure:
     fig = make_subplots(rows=1, cols=3, column_widths=[0.44, 0.28, 0.28], horizontal_spacing=0.08,
-                        subplot_titles=("probability per key", "weight 1/(s·p) × draws", "queries that skip it"))
+                        subplot_titles=("p per key", "column weights", "skipping queries"))
     fig.add_trace(go.Scatter(name="probability", mode="lines", line=dict(color="#4c78a8"),
                              hovertemplate="%{hovertext}<extra></extra>"), 1, 1)
     fig.add_trace(go.Scatter(name="sampled", mode="markers", marker=dict(color="#e4002b", symbol="diamond", sizemode="diameter"),
@@ -488,8 +501,8 @@ def samples_update(view: View) -> PanelUpdate:
     upd.layout["xaxis2.showticklabels"] = upd.layout["xaxis3.showticklabels"] = len(uniq) <= 30
     note = " · one block = exact: samples unused" if tr.num_blocks <= 1 else ""
     group = f"group {g} of {tr.num_groups} (query {view.query})" if tr.num_groups > 1 else "all queries"
-    upd.layout["title.text"] = (f"samples · {view.label()} {s.sampling}, {group}: {len(uniq)} distinct keys"
-                                f"<br><sup>{samples_explanation(tr, s, draws)}{note}</sup>")
+    set_title(upd, f"samples · {view.label()} {s.sampling}",
+              f"{group}: {len(uniq)} distinct keys drawn. {samples_explanation(tr, s, draws)}{note}")
     upd.info = dict(group=g, unique=uniq, counts=counts[uniq], weights=weights[uniq], excluded=skipped, draws=draws)
     return upd
 
@@ -593,7 +606,8 @@ def error_update(view: View) -> PanelUpdate:
     error_curve_traces(view.curve, upd)
     c = view.curve
     over = " — above 1: worse than outputting zeros" if c.mean[c.current] > 1 else ""
-    upd.layout["title.text"] = f"error · {c.label}: {c.mean[c.current]:.3f}{over}{pooled_note(gr, gc)}"
+    set_title(upd, f"error · {view.label()} B{view.settings.bucket_size}/s{view.settings.sample_size}",
+              f"{c.label}: relative spectral error {c.mean[c.current]:.3f}{over}{pooled_note(gr, gc)}")
     upd.info = dict(per_query=per_q, pooled=mats, grid_rows=gr, grid_cols=gc)
     return upd
 
@@ -640,8 +654,9 @@ def inspector_update(view: View) -> PanelUpdate:
         x=sampled, y=ex[sampled], marker=dict(size=6 + 10 * np.sqrt(weight[sampled] / max(1e-12, weight[sampled].max(initial=0.0)))),
         hovertext=strs([f"key {j} '{t}': weight {weight[j]:.3g}" for j, t in zip(sampled, kt.at(sampled))]))
     mass = float(ex[exact_keys].sum())
-    upd.layout["title.text"] = (f"row inspector · {view.label()} query {q} '{short(view.q_tokens[q], 16)}': "
-                                f"{len(exact_keys)} keys exact ({mass:.1%} of its mass), {len(sampled)} sampled")
+    set_title(upd, f"row inspector · {view.label()} q{q}",
+              f"query {q} '{short(view.q_tokens[q], 24)}': {len(exact_keys)} keys computed exactly "
+              f"({mass:.1%} of its mass), {len(sampled)} sampled keys")
     upd.info = dict(exact_keys=exact_keys, block=exact_keys, sampled=sampled, exact=ex, approx=ap, weight=weight)
     return upd
 

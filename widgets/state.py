@@ -194,8 +194,8 @@ class Settings:
 BLOCK_KEYS = ("layer", "head", "num_projs", "bucket_order", "seed", "bucket_size")
 KDE_KEYS = BLOCK_KEYS + ("sample_size", "sampling")
 SAMPLING_LABELS = {
-    "column_norm": "column_norm (best: the paper's theory)",
-    AUTHORS_SAMPLING: f"{AUTHORS_SAMPLING} (the authors' choice)",
+    "column_norm": "column_norm (best)",
+    AUTHORS_SAMPLING: f"{AUTHORS_SAMPLING} (the authors')",
     "uniform": "uniform",
 }
 
