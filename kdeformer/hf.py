@@ -374,9 +374,14 @@ def _refuse_unsupported(module, kwargs: dict) -> None:
                              "plain softmax attention and does not support it")
 
 
+def _excluded(params: dict, layer: int) -> bool:
+    """The ``layers`` setting leaves this layer to exact attention."""
+    return params["layers"] is not None and layer not in params["layers"]
+
+
 def _runs_exact(params: dict, layer: int, masks: KernelMasks, query, key, value, options: dict) -> bool:
     """Excluded layers, and decode steps where exact attention is cheaper (exact_decode)."""
-    if params["layers"] is not None and layer not in params["layers"]:
+    if _excluded(params, layer):
         return True
     if not (masks.is_causal and params["exact_decode"]):
         return False
@@ -403,15 +408,13 @@ def kdeformer_attention_forward(module, query, key, value, attention_mask, scali
                 query_mask=None if masks.query_mask is None else masks.query_mask.to(device))
     # HF hands transposed views of (B, N, H, D) projections; the kernels want plain (B, H, N, D) memory.
     qkv = (query.contiguous(), key.contiguous(), value.contiguous())
-    exact = _runs_exact(params, layer, masks, *qkv, options)
-    if exact:
+    if _runs_exact(params, layer, masks, *qkv, options):
         out = exact_attention(*qkv, **call)  # (B, H, Nq, Dv), or (out, trace)
     else:
         out = kde_attention(*qkv, generator=_generator(params["seed"], layer, device), **call, **options)
     if call["return_trace"]:
         out, trace = out
-        excluded = params["layers"] is not None and layer not in params["layers"]
-        if not excluded:
+        if not _excluded(params, layer):
             _recorder.get().append((layer, trace))
     return out.transpose(1, 2).contiguous(), None  # (B, Nq, H, Dv)
 
