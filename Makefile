@@ -26,9 +26,11 @@ $(STAMP): pyproject.toml
 lab: setup
 	.venv/bin/jupyter lab --allow-root notebooks/01_walkthrough.ipynb
 
-## app: the explorer as a standalone Voila app on loopback (no code cells)
+## app: the explorer as a standalone Voila app on loopback (no code cells); the kde-offline template drops
+## Voila's CDN links, and a preheated kernel has run the notebook before the page asks for it
 app: setup
-	.venv/bin/voila --no-browser --Voila.ip=127.0.0.1 notebooks/explorer_app.ipynb
+	JUPYTER_PATH=widgets/share/jupyter .venv/bin/voila --no-browser --Voila.ip=127.0.0.1 --template=kde-offline \
+		--preheat_kernel=True --VoilaKernelManager.fill_delay=30 notebooks/explorer_app.ipynb
 
 ## test: the whole test suite (browser tests are skipped with a message where Chromium is missing)
 test: setup

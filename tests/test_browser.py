@@ -414,6 +414,16 @@ def assert_offline(pg: Page) -> None:
 
 
 # --------------------------------------------------------------------------------------------- tests
+def test_make_app_serves_what_the_tests_check():
+    """`make app` runs Voila with the flags tested here (offline template, preheated kernel)."""
+    recipe = (REPO / "Makefile").read_text().split("\napp:", 1)[1].split("\n\n", 1)[0]
+    assert "JUPYTER_PATH=widgets/share/jupyter" in recipe
+    for flag in voila_command(0, "x.ipynb")[3:]:
+        if not flag.startswith("--port"):
+            assert flag in recipe, flag
+    assert (VOILA_TEMPLATES / "voila" / "templates" / "kde-offline" / "index.html.j2").exists()
+
+
 def test_jupyterlab_explorer_renders_and_responds(lab_url, page):
     p = page.page
     p.goto(f"{lab_url}/lab/tree/{APP_NOTEBOOK.name}?token={TOKEN}&reset")
