@@ -86,7 +86,9 @@ _warned_dropout = False
 @functools.lru_cache(maxsize=1)
 def _kernel_options() -> frozenset[str]:
     """Keyword options kde_attention accepts (read from its signature, so new core options pass through)."""
-    params = inspect.signature(kde_attention).parameters
+    from . import core  # the core's own function, not whatever this module's name points to
+
+    params = inspect.signature(core.kde_attention).parameters
     return frozenset(n for n, p in params.items() if p.kind is p.KEYWORD_ONLY) - _RESERVED
 
 
