@@ -26,7 +26,11 @@ must be causal (bottom-right aligned) and padding, and run with ``is_causal=True
 Decoding with a KV cache: a step with fewer queries than keys (Nq new tokens against the Nk cached
 ones) runs exact attention whenever that costs no more multiply-adds than KDEformer would
 (:func:`decode_runs_exact`; with the defaults, single-token steps against any cache), and records an
-exact trace (``ExactTrace``) for it; ``exact_decode=False`` keeps KDEformer on every step.
+exact trace (``ExactTrace``) for it; ``exact_decode=False`` keeps KDEformer on every step. Greedy
+``generate()`` gives eager's tokens at exact-equivalent settings (bucket_size >= the final length), and
+there decode steps reproduce the full-sequence logits; at approximate settings they do not: a step runs
+exact attention (or KDEformer planned for its few queries) where the full sequence's forward pass uses
+its own blocks and samples, so generated text can differ from re-scoring it in one pass.
 
 Determinism: each call draws its random hashing and samples from a fresh ``torch.Generator`` seeded
 with (seed, layer index); the core draws per head from that seed, so the same text gives the same
