@@ -46,6 +46,17 @@ class LRU:
             self.put(key, value)
         return value
 
+    def __getitem__(self, key: Hashable):
+        """The cached value (now the most recent); KeyError when missing."""
+        missing = object()
+        value = self.get(key, missing)
+        if value is missing:
+            raise KeyError(key)
+        return value
+
+    def __setitem__(self, key: Hashable, value) -> None:
+        self.put(key, value)
+
     def clear(self) -> None:
         with self._lock:
             self._data.clear()

@@ -388,3 +388,25 @@ def test_causal_source_disk_round_trip(tmp_path):
     S.container.save_source(causal, tmp_path / "s.pt")
     back = S.container.load_source(tmp_path / "s.pt")
     assert back.is_causal and torch.equal(back.q, causal.q)
+
+
+# --------------------------------------------------------------------------- the project's LRU cache
+def test_lru_keeps_the_most_recently_used_entries():
+    from kdeformer._cache import LRU
+
+    cache = LRU(2)
+    cache["a"] = 1
+    cache.put("b", 2)
+    assert cache["a"] == 1  # reading makes "a" the most recent, so "b" goes first
+    cache["c"] = 3
+    assert "b" not in cache and "a" in cache and len(cache) == 2
+    made = []
+    assert cache.get_or("c", lambda: made.append(1)) == 3 and made == []  # cached: not rebuilt
+    assert cache.get_or("d", lambda: 4) == 4 and "a" not in cache
+    assert cache.get("zz", "none") == "none"
+    with pytest.raises(KeyError):
+        cache["zz"]
+    cache.clear()
+    assert len(cache) == 0
+    with pytest.raises(ValueError, match="maxsize"):
+        LRU(0)
