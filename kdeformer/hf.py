@@ -370,7 +370,8 @@ def _warn_dropout_once(dropout) -> None:
 
 
 # Attention-call options that change the softmax itself, which KDEformer does not model.
-_UNSUPPORTED_CALL_OPTIONS = {"softcap": "logit soft-capping (Gemma 2 style)", "s_aux": "attention sinks (gpt-oss style)"}
+_UNSUPPORTED_CALL_OPTIONS = {"softcap": "logit soft-capping (Gemma 2 style)", "s_aux": "attention sinks (gpt-oss style)",
+                             "position_bias": "an additive position bias (T5 style)"}
 
 
 def _refuse_unsupported(module, kwargs: dict) -> None:
