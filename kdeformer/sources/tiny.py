@@ -14,6 +14,7 @@ import torch
 
 from .._checks import check_choice, check_int
 from .container import corpus
+from .pretrained import _quiet_transformers
 
 TINY_ARCHS = ("gpt2", "llama")
 _SPECIALS = {"unk_token": "[UNK]", "pad_token": "[PAD]", "bos_token": "[BOS]", "eos_token": "[EOS]"}
@@ -58,6 +59,7 @@ def tiny_decoder(folder, arch: str = "gpt2", seed: int = 0, positions: int = 128
         torch.manual_seed(seed)
         model = _tiny_model(arch, len(tokenizer), positions, ids)
     folder = Path(folder).expanduser()
-    model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
+    with _quiet_transformers():  # no progress bar while writing
+        model.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
     return folder
