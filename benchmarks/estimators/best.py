@@ -209,9 +209,17 @@ def window_exclusion(q_tokens: torch.Tensor, cols: torch.Tensor, window: int, n_
 
 
 # --------------------------------------------------------------------------- cost
+def is_exact(n_keys: int, budget: int) -> bool:
+    """A budget of Nk columns per query pays for exact attention, which is then what runs."""
+    return budget >= n_keys
+
+
 def columns_for_budget(n_queries: int, n_keys: int, dim: int, dim_v: int, budget: int, *, q_block: int = Q_BLOCK,
                        window: int = WINDOW, share: float = ESTIMATE_SHARE) -> int:
-    """C per block so that `multiply_adds` <= Nq b (D + Dv + 1) (at least 1)."""
+    """C per block so that `multiply_adds` <= Nq b (D + Dv + 1) (at least 1); a budget >= Nk buys every
+    column (exact attention, no estimate and no window needed: see `is_exact`)."""
+    if is_exact(n_keys, budget):
+        return n_keys
     nqb = -(-n_queries // q_block)
     bq = -(-n_queries // nqb)
     per_col = dim + dim_v + 1
@@ -223,6 +231,8 @@ def columns_for_budget(n_queries: int, n_keys: int, dim: int, dim_v: int, budget
 def multiply_adds(n_queries: int, n_keys: int, dim: int, dim_v: int, budget: int, *, q_block: int = Q_BLOCK,
                   window: int = WINDOW, share: float = ESTIMATE_SHARE) -> int:
     """Multiply-adds per head of the scheme at `budget` (hashing and sorting apart)."""
+    if is_exact(n_keys, budget):
+        return n_queries * n_keys * (dim + dim_v + 1)
     nqb = -(-n_queries // q_block)
     bq = -(-n_queries // nqb)
     per_col = dim + dim_v + 1

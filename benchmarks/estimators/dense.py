@@ -25,8 +25,9 @@ def query_factor(factor: torch.Tensor, rows: torch.Tensor, n_queries: int) -> to
 
 
 def with_window(factor: torch.Tensor, window: int) -> torch.Tensor:
-    """Entries |i - j| <= window computed exactly (factor 1), aligned bottom-right for Nq != Nk."""
-    if window <= 0:
+    """Entries |i - j| <= window computed exactly (factor 1), aligned bottom-right for Nq != Nk;
+    window 0 is the diagonal alone, a negative window none."""
+    if window < 0:
         return factor
     n_q, n_k = factor.shape[-2:]
     i = torch.arange(n_q, device=factor.device).unsqueeze(-1) + (n_k - n_q)

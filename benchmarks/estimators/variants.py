@@ -264,7 +264,7 @@ def run_plan(scheme: Scheme, q, k, v, scale: float, budget: int, seed: int):
     factor = block_factor(n_k, cols, weights)
     if scheme.key_block:
         factor.scatter_(-1, kb, 1.0)
-    factor = with_window(query_factor(factor, rows, n_q), scheme.window)
+    factor = with_window(query_factor(factor, rows, n_q), scheme.window if scheme.window else -1)  # 0: none
     out = dense_output(q, k, v, scale, factor)
     per_col = dim + dim_v + 1
     work = estimation_cost(scheme, n_est, n_k, dim, dim_v) + nqb * bq * (count + scheme.key_block) * per_col

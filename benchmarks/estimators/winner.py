@@ -64,6 +64,8 @@ def plan(q_scaled, key, value, budget: int, generator, *, key_valid=None, q_bloc
     importance = best.column_importance(centroids, key, value, key_valid, temperature)  # (G, ng, Nk)
     probs = best.with_floor(importance, None if key_valid is None else key_valid.unsqueeze(1))
     count = best.columns_for_budget(n_q, n_k, dim, dim_v, budget, q_block=q_block, window=window, share=share)
+    if best.is_exact(n_k, budget):
+        window = -1  # every column is in the block: no window (an empty +-w band)
     pi = best.inclusion_probabilities(probs, count)  # (G, ng, Nk)
     uniform = torch.rand(groups, nqb, generator=generator, device=q_scaled.device)  # one per block
     cols, weights, exact = best.systematic_sample(pi, count, uniform, block_group)
@@ -78,6 +80,22 @@ def attend(q_scaled, key, value, p: Plan, key_valid=None) -> torch.Tensor:
     k_cols, v_cols = gather_rows(key.float(), p.cols), gather_rows(value.float(), p.cols)  # (G, nqb, C, .)
     weight = p.weights.unsqueeze(-2) * ~best.window_exclusion(p.rows, p.cols, p.window, n_q, n_k)  # (G, nqb, Bq, C)
     logits = (q_blocks @ k_cols.mT).masked_fill(weight <= 0, float("-inf"))  # (G, nqb, Bq, C)
+    if p.window < 0:  # exact budget: every column is in the block
+        shift = logits.amax(-1, keepdim=True)
+        terms = torch.exp(logits - shift) * weight
+        num, den = terms @ v_cols, terms.sum(-1, keepdim=True)
+    else:
+        num, den = with_window_part(q_scaled, key, value, p, logits, weight, v_cols, key_valid)
+    out = torch.empty(groups, n_q, value.shape[-1], device=q_scaled.device)
+    out.scatter_(1, p.rows.flatten(1).unsqueeze(-1).expand(-1, -1, out.shape[-1]), (num / den).flatten(1, 2))
+    return out
+
+
+def with_window_part(q_scaled, key, value, p: Plan, logits, weight, v_cols, key_valid):
+    """Numerator (G, nqb, Bq, Dv) and normaliser (G, nqb, Bq, 1) of the block columns plus the window,
+    both under one per-query shift (the max over every used logit)."""
+    groups, n_q, _ = q_scaled.shape
+    n_k = key.shape[1]
     win = gather_rows(best.window_logits(q_scaled.float(), key.float(), p.window, key_valid), p.rows)  # (G, nqb, Bq, W)
     shift = torch.maximum(logits.amax(-1), win.amax(-1)).clamp_min(-3e38).unsqueeze(-1)  # (G, nqb, Bq, 1)
     terms = torch.exp(logits - shift) * weight
@@ -86,10 +104,7 @@ def attend(q_scaled, key, value, p: Plan, key_valid=None) -> torch.Tensor:
     v_win = gather_rows(value.float(), index.clamp_min(0).expand(groups, -1, -1))  # (G, Nq, W, Dv)
     v_win = gather_rows(v_win.flatten(2), p.rows).unflatten(-1, (index.shape[1], -1))  # (G, nqb, Bq, W, Dv)
     num = terms @ v_cols + (win_terms.unsqueeze(-2) @ v_win).squeeze(-2)  # (G, nqb, Bq, Dv)
-    den = terms.sum(-1, keepdim=True) + win_terms.sum(-1, keepdim=True)
-    out = torch.empty(groups, n_q, value.shape[-1], device=q_scaled.device)
-    out.scatter_(1, p.rows.flatten(1).unsqueeze(-1).expand(-1, -1, out.shape[-1]), (num / den).flatten(1, 2))
-    return out
+    return num, terms.sum(-1, keepdim=True) + win_terms.sum(-1, keepdim=True)
 
 
 def plan_factor(p: Plan, n_q: int, n_k: int) -> torch.Tensor:
