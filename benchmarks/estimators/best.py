@@ -31,6 +31,22 @@ Cost (`multiply_adds`, per head): ng Nk D [centroid logits] + nqb Bq C (D + Dv +
 Nq D r (keys are not hashed: there is no key block) and the sort are on top.  `columns_for_budget` gives
 the C that keeps the total within b (D + Dv + 1) per query.
 Probabilities are computed in float32 from inputs cast to float32.
+
+Porting into the core (winner.py shows the wiring end to end, in sparse form, checked against a dense
+evaluation in test_best.py):
+- random numbers: the LSH directions as today (draw_projections, queries only) and ONE uniform per query
+  block, addressed by the block's index (e.g. Draws.uniform("pps", (nqb,))), mapped by inverse CDF in
+  `systematic_sample`; nothing else is random;
+- the block plan: blocks of Bq = Q_BLOCK sorted queries, no paired key block (measured: it costs more than
+  it holds on MiniLM); if the core keeps one, pass its keys as not allowed (weight 0) -- the draws stay
+  unbiased for the rest;
+- masks: key_valid gives importance 0 (never drawn) and -inf window logits; a query mask goes to
+  `block_centroids`/`block_spread` as row_valid; the window is for self-attention (Nq == Nk; bottom-right
+  aligned otherwise) -- a caller may set it to -1 (none) for cross-attention;
+- autograd: the plan (orders, pi, draws, weights) is a sampling design, made under no_grad; the block
+  GEMMs and the window are differentiable in q, k, v;
+- memory: pi is (G, ng, Nk) float32 with ng <= nqb (48 groups at N = 16384, D 64, b = 192: 3 MB a head);
+  `systematic_sample` never forms a (G, nqb, Nk) tensor.
 """
 from __future__ import annotations
 
