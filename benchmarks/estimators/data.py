@@ -3,7 +3,8 @@
 MiniLM: all 72 heads (6 layers x 12 heads) of all-MiniLM-L6-v2 at 512 tokens of a text, as (72, N, D)
 float32 tensors, with the exact output in float64.  Texts: the project's default text and three texts
 cut from the bundled corpus (kdeformer/data/corpus.txt, 45 paragraphs on 15 topics, in order):
-"corpus-a" = paragraphs 1-15 (topics 1-5), "corpus-b" = 16-30, "corpus-c" = 31-45 (each > 512 tokens).
+"corpus-a" = paragraphs 1-15 (topics 1-5), "corpus-b" = 16-30, "corpus-c" = 31-45 (each > 512 tokens);
+"mixed-1", "mixed-2": all paragraphs in a seeded random order (held out: measured after the tuning).
 GloVe: kdeformer.sources.glove(8192, scaling) as in benchmarks/peers.py (Q = K, one head).
 """
 from __future__ import annotations
@@ -34,9 +35,14 @@ class Heads:
 
 
 def text_of(name: str) -> str | None:
-    """The text called `name` (None = the default text of kdeformer.sources.minilm)."""
+    """The text called `name` (None = the default text of kdeformer.sources.minilm).  "mixed-<seed>":
+    the 45 corpus paragraphs in a seeded random order (topics interleaved), for texts no variant was tuned on."""
     if name == "default":
         return None
+    if name.startswith("mixed-"):
+        paragraphs = sources.corpus()
+        order = torch.randperm(len(paragraphs), generator=torch.Generator().manual_seed(int(name.split("-")[1])))
+        return "\n\n".join(paragraphs[i] for i in order.tolist())
     part = "abc".index(name.split("-")[1])
     return "\n\n".join(sources.corpus()[15 * part: 15 * part + 15])
 
