@@ -7,7 +7,9 @@ import torch
 import torch.nn.functional as F
 
 from kdeformer.core import bucket_ranks
-from kdeformer.causal import bottom_right_limits, causal_kde, causal_multiply_adds, default_local_window
+from kdeformer.causal import (
+    bottom_right_limits, causal_kde, causal_multiply_adds, default_chunk_len, default_local_window,
+)
 from kdeformer.random import Draws
 
 SAMPLINGS = ("value_norm", "uniform", "column_norm")
@@ -91,12 +93,12 @@ def test_bucket_is_a_run_of_pool_keys_around_the_query():
     _, parts = run(q, k, v, bucket_size=8, sample_size=4, num_projs=3)
     ranks = bucket_ranks(3, "gray", "cpu")  # (8,) rank of each code
     start = parts["extras"]["pool_start"]  # (G, nc) first local key of each chunk
-    assert parts["extras"]["local_window"] == 4
+    assert parts["extras"]["local_window"] == default_local_window(8)
     n_local = parts["n_exact"] - 8  # value_norm: no heavy columns; the B = 8 bucket slots follow the local ones
     for g in range(2):
         k_rank = ranks[parts["k_buckets"][g]]
         for i in (30, 77, 119):
-            pool = int(start[g, i // 8])
+            pool = int(start[g, parts["q_groups"][g, i]])
             order = sorted(range(pool), key=lambda j: (int(k_rank[j]), j))  # pool keys in bucket order
             bucket = parts["block_cols"][g, i, n_local : n_local + 8][parts["block_weights"][g, i, n_local : n_local + 8] > 0]
             places = sorted(order.index(int(j)) for j in bucket)
@@ -203,9 +205,9 @@ def test_limits_from_a_compacted_batch():
 
 def test_multiply_adds():
     n, d, dv, b, s = 4096, 64, 64, 64, 128
-    w = default_local_window(b)
+    w, length = default_local_window(b), default_chunk_len(b)
     count = causal_multiply_adds(n, n, d, dv, bucket_size=b, sample_size=s, sampling="value_norm", num_projs=7)
-    local_slots = b - 1 + w  # limits of a chunk's last query minus its pool start
+    local_slots = length - 1 + w  # limits of a chunk's last query minus its pool start
     assert count == 2 * n * d * 7 + n * (local_slots + b + s) * (d + dv)
     exact = n * (n + 1) // 2 * (d + dv)
     assert count < exact / 5
