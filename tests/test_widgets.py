@@ -169,13 +169,15 @@ def test_heavy_outlines_match_trace_blocks(ex, src):
 def test_sample_marks_match_trace(ex, src):
     out, tr = reference(src, ex.settings())
     fig = ex.figures["samples"]
-    g = int(tr.q_groups[ex.display_options()["query"]])
+    g = max(0, int(tr.q_groups[ex.display_options()["query"]]))
     mine = tr.sample_group == g
     uniq = torch.unique(tr.sampled[mine]).numpy()
     marks = trace_of(fig, "sampled")
     np.testing.assert_array_equal(np.asarray(marks.x), uniq)
     np.testing.assert_allclose(marks.y, tr.group_probs[g][uniq].numpy(), rtol=1e-6)
-    np.testing.assert_allclose(trace_of(fig, "column weight").y, tr.group_column_weights()[g][uniq].numpy(), rtol=1e-6)
+    q = torch.tensor([ex.display_options()["query"]])
+    own = torch.where(tr.exact_mask_rows(q)[0], 0.0, tr.weight_rows(q)[0])  # the query's own sampled weights
+    np.testing.assert_allclose(trace_of(fig, "column weight").y, own[uniq].numpy(), rtol=1e-6)
     in_group = tr.q_groups == g
     np.testing.assert_array_equal(trace_of(fig, "excluded queries").y, tr.heavy_mask()[in_group][:, uniq].sum(0).numpy())
     np.testing.assert_allclose(trace_of(fig, "probability").y, tr.group_probs[g].numpy(), rtol=1e-6)
@@ -347,6 +349,7 @@ def test_every_panel_draws_the_traces_rows(sampling, n, masked, monkeypatch):
     samp = ups["samples"].info  # the sampled columns' weights are the query's own group's weights
     outside = ~tr.exact_mask_rows(torch.tensor([q]))[0][samp["unique"]]
     np.testing.assert_allclose(samp["weights"][outside.numpy()], weight[samp["unique"]][outside].double().numpy(), rtol=1e-6)
+    assert (samp["weights"][~outside.numpy()] == 0).all()  # keys it computes exactly carry no sampled weight
     assert samp["group"] == g
     ex_rows = engine.exact_rows(0, 0, torch.arange(n))
     mass = (ex_rows.double() * tr.exact_mask_rows(torch.arange(n))).sum(-1).numpy()

@@ -24,7 +24,7 @@ from pathlib import Path
 import anywidget
 import traitlets
 
-from .figures import wire
+from .figures import patch, wire
 
 ESM = r"""
 const CONFIG = {responsive: true, displaylogo: false, modeBarButtonsToRemove: ["lasso2d", "select2d"]};
@@ -68,11 +68,13 @@ function render({model, el}) {
     captions[name] = caption;
     divs[name] = div;
   }
+  let changedAt = null;
   async function redraw() {
     frame = null;
     const Plotly = await loadPlotly(model);
     if (!alive) return;
     const stamps = model.get("stamps");
+    const timing = {received: changedAt, start: performance.now(), panels: {}};
     const jobs = [];
     for (const [name, div] of Object.entries(divs)) {
       const fig = model.get("fig_" + name);
@@ -80,17 +82,23 @@ function render({model, el}) {
       const first = drawn[name] === undefined;
       drawn[name] = fig.rev;
       captions[name].textContent = (fig.layout.meta && fig.layout.meta.caption) || "";
+      const t = performance.now();
       jobs.push(Plotly.react(div, fig.data, fig.layout, CONFIG).then(() => {
+        timing.panels[name] = performance.now() - t;
         if (first) div.on("plotly_click", (ev) => model.send(clickMessage(name, div, ev)));
       }));
     }
     await Promise.all(jobs);
+    timing.end = performance.now();
+    (globalThis.__kdeBoardTimings = globalThis.__kdeBoardTimings || []).push(timing);  // for benchmarks
     for (const [name, box] of Object.entries(boxes)) {
       if (drawn[name] !== undefined) box.dataset.stamp = stamps[name] || "";
     }
     el.dataset.revision = String(model.get("revision"));
   }
-  const schedule = () => { if (frame === null) frame = requestAnimationFrame(() => redraw()); };
+  const schedule = () => {
+    if (frame === null) { changedAt = performance.now(); frame = requestAnimationFrame(() => redraw()); }
+  };
   model.on("change", schedule);
   const resized = new ResizeObserver(() => {
     if (!globalThis.Plotly) return;
@@ -141,17 +149,25 @@ class PlotBoard(anywidget.AnyWidget):
     def __init__(self, figures: dict, **kwargs):
         super().__init__(_plotly_js=plotly_js(), panels=list(figures), **kwargs)
         self.figures = dict(figures)
+        self._bodies = {name: wire(fig.to_plotly_json()) for name, fig in self.figures.items()}
         self._click_handlers: dict = {}
         self.add_traits(**{f"fig_{name}": traitlets.Dict().tag(sync=True) for name in figures})
         self.on_msg(self._on_message)
         self.push(list(figures))
 
+    def patch(self, name: str, changes: dict) -> None:
+        """Record what `figures.apply` changed in figure `name` (cheap: no re-serialisation of the rest)."""
+        patch(self._bodies[name], changes)
+
+    def refresh(self, name: str) -> None:
+        """Re-read figure `name` whole (after traces were added or removed)."""
+        self._bodies[name] = wire(self.figures[name].to_plotly_json())
+
     def push(self, names, stamps: dict | None = None) -> None:
         """Send the named figures (and new stamps) to the page as one message."""
         with self.hold_sync():
             for name in names:
-                body = wire(self.figures[name].to_plotly_json())
-                body["rev"] = self.revision + 1
+                body = dict(self._bodies[name], rev=self.revision + 1)  # a new dict: traitlets sees the change
                 setattr(self, f"fig_{name}", body)
             if stamps is not None:
                 self.stamps = {**self.stamps, **stamps}

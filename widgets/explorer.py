@@ -221,7 +221,8 @@ class AttentionExplorer(widgets.VBox):
 
     @staticmethod
     def _sample_max(nk: int) -> int:
-        return int(min(16384, max(256, 4 * nk)))
+        """Up to twice Nk (far past the point where block + samples cost more than exact attention)."""
+        return int(min(16384, max(256, 2 * nk)))
 
     def _build_outputs(self):
         self.status = _css(widgets.HTML(), "kde-status")
@@ -401,7 +402,12 @@ class AttentionExplorer(widgets.VBox):
         view = View(s, disp, self.engine, res, curve, self._q_tokens, self._k_tokens, self.max_cells, self.error_cells)
         updates = self._panel_updates(view, stale)  # compute everything first: no half-drawn state on failure
         mass = float(self.engine.heavy_mass(s, res.kde_trace)[0].mean())
-        changed = [n for n, upd in updates.items() if apply(self.figures[n], upd, self._applied.setdefault(n, {}))]
+        changed = []
+        for name, upd in updates.items():
+            changes = apply(self.figures[name], upd, self._applied.setdefault(name, {}))
+            if changes:
+                self.board.patch(name, changes)
+                changed.append(name)
         self.panel_info = {**self.panel_info, **{n: u.info for n, u in updates.items()}}
         if "heavy" in updates:
             info = updates["heavy"].info
@@ -630,12 +636,14 @@ class AttentionExplorer(widgets.VBox):
         i = len(self.pins)
         self.pins.append(curve)
         self.figures["error"].add_trace(panels.pinned_trace(curve, i))
+        self.board.refresh("error")
         self.board.push(["error"])
 
     def clear_pins(self):
         self.pins.clear()
         fig = self.figures["error"]
         fig.data = [t for t in fig.data if not (t.name or "").startswith("pin ")]
+        self.board.refresh("error")
         self.board.push(["error"])
 
     def show_code(self, visible: bool = True) -> str:

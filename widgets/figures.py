@@ -43,29 +43,57 @@ def same(a, b) -> bool:
         return False
 
 
-def apply(fig, update: PanelUpdate, applied: dict | None = None) -> bool:
-    """Write an update into a figure; returns whether anything changed.
+def apply(fig, update: PanelUpdate, applied: dict | None = None) -> dict:
+    """Write an update into a figure; returns what changed: {trace index: props, "layout": {path: value}}
+    (empty when nothing did).
 
     applied: the values this function wrote before into this figure (kept by the caller); properties
     whose new value equals it are skipped, which saves plotly's validation and the message bytes.
     """
     index = {t.name: i for i, t in enumerate(fig.data)}
     applied = {} if applied is None else applied
-    touched = False
+    changes = {}
     for name, props in update.traces.items():
         old = applied.setdefault(name, {})
         changed = {k: v for k, v in props.items() if k not in old or not same(old[k], v)}
         if changed:
             fig.data[index[name]].update(changed)  # merges nested dicts (marker, colorbar), replaces arrays
             old.update(changed)
-            touched = True
+            changes[index[name]] = changed
     old = applied.setdefault("layout", {})
     changed = {k: v for k, v in update.layout.items() if k not in old or not same(old[k], v)}
     if changed:
         fig.layout.update(changed, overwrite=True)
         old.update(changed)
-        touched = True
-    return touched
+        changes["layout"] = changed
+    return changes
+
+
+def merge(target: dict, props: dict) -> None:
+    """Deep-merge plain values into a figure dict the way plotly's `update` does (dicts merge, the rest
+    replaces)."""
+    for key, value in props.items():
+        if isinstance(value, dict) and isinstance(target.get(key), dict) and "bdata" not in value:
+            merge(target[key], value)
+        else:
+            target[key] = value
+
+
+def patch(body: dict, changes: dict) -> None:
+    """Apply `apply`'s changes to a figure's wire dict ({"data": [...], "layout": {...}})."""
+    for where, props in changes.items():
+        if where == "layout":
+            for path, value in props.items():
+                *head, last = path.split(".")
+                node = body["layout"]
+                for part in head:
+                    node = node.setdefault(part, {})
+                if isinstance(value, dict) and isinstance(node.get(last), dict):
+                    merge(node[last], wire(value))
+                else:
+                    node[last] = wire(value)
+        else:
+            merge(body["data"][where], wire(props))
 
 
 def trace_by_name(fig, name: str):
@@ -80,7 +108,7 @@ def packed(z: np.ndarray) -> dict:
     """A numeric array as plotly's typed-array spec (base64): one compact payload instead of nested
     lists of Python floats. Read back with `unpack`."""
     z = np.asarray(z)
-    kind = {"f": "f4", "i": "i4", "u": "u4", "b": "u1"}[z.dtype.kind]
+    kind = {"f": "f4", "i": "i4", "u": "u1" if z.dtype.itemsize == 1 else "u4", "b": "u1"}[z.dtype.kind]
     z = np.ascontiguousarray(z, dtype=np.dtype(kind))
     spec = {"dtype": kind, "bdata": base64.b64encode(z.tobytes()).decode("ascii")}
     if z.ndim == 2:

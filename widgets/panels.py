@@ -159,7 +159,8 @@ def heavy_column_count(trace) -> int:
 
 def group_draws(trace) -> np.ndarray:
     """Draws of each sampling group.  # (num_groups,)"""
-    return np.bincount(to_np(trace.sample_group).reshape(-1), minlength=max(1, trace.num_groups))
+    groups = to_np(trace.sample_group).reshape(-1)
+    return np.bincount(groups[groups >= 0], minlength=max(1, trace.num_groups))
 
 
 def set_title(upd: PanelUpdate, title: str, caption: str) -> None:
@@ -393,7 +394,7 @@ def heavy_matrix_traces(view: View, upd: PanelUpdate) -> dict:
     # shade every exactly computed entry that no outline shows (heavy columns, local window; all of
     # them in token order or when hundreds of outlines would swamp the view)
     block_only = outlined and heavy_column_count(tr) == 0
-    shade = np.where(marks > 0, 1.0, np.nan)
+    shade = (marks > 0).astype(np.uint8)  # 0 is transparent in the overlay's colour scale
     upd.traces["heavy overlay"] = dict(visible=not block_only, z=packed(shade), x=xl, y=yl)
     upd.info.update(rects=rects, shapes=shapes, grid_rows=gr, grid_cols=gc, pooled=exact, marks=marks,
                     row_index=ri, col_index=ci)
@@ -448,13 +449,18 @@ def make_samples() -> go.Figure:
 
 
 def group_samples(trace, group: int):
-    """The draws of one sampling group: distinct keys, their draw counts and summed weights."""
+    """The draws of one sampling group: distinct keys and their draw counts."""
     g_of = to_np(trace.sample_group).reshape(-1)
     drawn = to_np(trace.sampled).reshape(-1)[g_of == group]
     counts = np.bincount(drawn, minlength=trace.key.shape[-2])
-    weights = to_np(trace.group_column_weights()[group]).astype(np.float64)  # (Nk,)
-    uniq = np.flatnonzero(counts > 0)
-    return uniq, counts, weights, len(drawn)
+    return np.flatnonzero(counts > 0), counts, len(drawn)
+
+
+def query_weights(trace, query: int) -> tuple[np.ndarray, np.ndarray]:
+    """The inspected query's own factor per key (trace.weight_rows: summed 1/(s p) where sampled) and
+    which keys it computes exactly.  # (Nk,), (Nk,)"""
+    rows = torch.tensor([query])
+    return to_np(trace.weight_rows(rows)[0]).astype(np.float64), to_np(trace.exact_mask_rows(rows)[0])
 
 
 def skipping_queries(trace, group: int, keys: np.ndarray) -> np.ndarray:
@@ -477,33 +483,45 @@ def samples_explanation(trace, s, draws: int) -> str:
     return text
 
 
-def samples_update(view: View) -> PanelUpdate:
-    tr, s = view.trace, view.settings
+def samples_traces(view: View, upd: PanelUpdate, g: int, uniq, counts, used, exact, skipped) -> None:
+    tr, kt = view.trace, view.k_tokens
     nk = tr.key.shape[-2]
-    g = int(tr.q_groups[view.query])
     probs = to_np(tr.group_probs[g]).astype(np.float64)  # (Nk,)
-    uniq, counts, weights, draws = group_samples(tr, g)
-    skipped = skipping_queries(tr, g, uniq)
     x = np.arange(nk)[:: max(1, math.ceil(nk / 4096))]
-    kt = view.k_tokens
-    upd = PanelUpdate()
     upd.traces["probability"] = dict(x=x, y=probs[x], hovertext=strs(
         [f"key {j} '{t}': p = {p:.2e}" for j, t, p in zip(x, kt.at(x), probs[x])]))
+    how = [f"weight {used[j]:.3g} for query {view.query}" if used[j] else
+           ("computed exactly by this query" if exact[j] else "not used by this query") for j in uniq]
     upd.traces["sampled"] = dict(
         x=uniq, y=probs[uniq], marker=dict(size=5 + 10 * np.sqrt(counts[uniq] / max(1, counts.max()))),
-        hovertext=strs([f"key {j} '{t}'<br>drawn {counts[j]}x, weight {weights[j]:.3g}<br>skipped by {e} queries"
-                        for j, t, e in zip(uniq, kt.at(uniq), skipped)]))
+        hovertext=strs([f"key {j} '{t}'<br>drawn {counts[j]}x, {h}<br>skipped by {e} queries"
+                        for j, t, h, e in zip(uniq, kt.at(uniq), how, skipped)]))
     labels = strs([f"{j} {short(kt[j], 10)}" for j in uniq])
-    upd.traces["column weight"] = dict(x=labels, y=weights[uniq], hovertext=strs(
-        [f"key {j}: {counts[j]} draws × 1/(s·p) = {weights[j]:.3g}" for j in uniq]))
+    upd.traces["column weight"] = dict(x=labels, y=used[uniq], hovertext=strs(
+        [f"key {j}: {counts[j]} draws; {h}" for j, h in zip(uniq, how)]))
     upd.traces["excluded queries"] = dict(x=labels, y=skipped, hovertext=strs(
         [f"key {j}: {e} queries of this group compute it exactly" for j, e in zip(uniq, skipped)]))
     upd.layout["xaxis2.showticklabels"] = upd.layout["xaxis3.showticklabels"] = len(uniq) <= 30
+
+
+def samples_update(view: View) -> PanelUpdate:
+    """The inspected query's sampling group: its probabilities and draws, and the weights that query
+    itself gives each drawn key (the trace's weight_rows; 0 where it computes the key exactly)."""
+    tr, s = view.trace, view.settings
+    g = max(0, int(tr.q_groups[view.query]))  # (a masked query has none: show group 0)
+    uniq, counts, draws = group_samples(tr, g)
+    weight, exact = query_weights(tr, view.query)
+    used = np.where(exact, 0.0, weight)  # (Nk,) the sampled part of the query's estimate
+    skipped = skipping_queries(tr, g, uniq)
+    upd = PanelUpdate()
+    samples_traces(view, upd, g, uniq, counts, used, exact, skipped)
     note = " · one block = exact: samples unused" if tr.num_blocks <= 1 else ""
-    group = f"group {g} of {tr.num_groups} (query {view.query})" if tr.num_groups > 1 else "all queries"
+    group = f"group {g} of {tr.num_groups}" if tr.num_groups > 1 else "one group"
+    n_used = int((used[uniq] > 0).sum())
     set_title(upd, f"samples · {view.label()} {s.sampling}",
-              f"{group}: {len(uniq)} distinct keys drawn. {samples_explanation(tr, s, draws)}{note}")
-    upd.info = dict(group=g, unique=uniq, counts=counts[uniq], weights=weights[uniq], excluded=skipped, draws=draws)
+              f"{group}: {len(uniq)} distinct keys drawn, {n_used} of them sampled by query {view.query}. "
+              f"{samples_explanation(tr, s, draws)}{note}")
+    upd.info = dict(group=g, unique=uniq, counts=counts[uniq], weights=used[uniq], excluded=skipped, draws=draws)
     return upd
 
 

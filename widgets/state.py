@@ -193,11 +193,8 @@ class Settings:
 # on every field.
 BLOCK_KEYS = ("layer", "head", "num_projs", "bucket_order", "seed", "bucket_size")
 KDE_KEYS = BLOCK_KEYS + ("sample_size", "sampling")
-SAMPLING_LABELS = {
-    "column_norm": "column_norm (best)",
-    AUTHORS_SAMPLING: f"{AUTHORS_SAMPLING} (the authors')",
-    "uniform": "uniform",
-}
+SAMPLING_LABELS = {KDE_DEFAULTS.sampling: f"{KDE_DEFAULTS.sampling} (best, default)",
+                   AUTHORS_SAMPLING: f"{AUTHORS_SAMPLING} (the authors')"}
 
 
 def check_settings(s: Settings, src, methods) -> Settings:
@@ -260,6 +257,7 @@ class ExactResult:
     matrix: torch.Tensor | None  # (Nq, Nk) D^-1 A, when Nk <= MATERIALIZE_MAX
     attention_norm: float | None  # ||D^-1 A||_2 (None for large N)
     value_norm: float  # ||V||_2
+    out_norm: float = float("nan")  # ||O||_2
 
 
 @dataclass
@@ -391,7 +389,8 @@ class Engine:
                                                 return_trace=True, **self._causal())
             matrix = tr.attention_matrix() if k.shape[0] <= MATERIALIZE_MAX else None  # (Nq, Nk)
             att_norm = float(metrics.spectral_norm(matrix)) if matrix is not None else None
-            return ExactResult(out, tr.log_normalizer, matrix, att_norm, float(metrics.spectral_norm(v)))
+            return ExactResult(out, tr.log_normalizer, matrix, att_norm, float(metrics.spectral_norm(v)),
+                               float(metrics.spectral_norm(out)))
 
         return self._exact.get_or((layer, head), make)
 
@@ -481,8 +480,7 @@ class Engine:
             plain = metrics.relative_spectral_error(out, ex.out)
             theory = None
             if ex.attention_norm is not None:
-                out_norm = float(metrics.spectral_norm(ex.out))
-                theory = plain * out_norm / max(ex.attention_norm * ex.value_norm, 1e-300)
+                theory = plain * ex.out_norm / max(ex.attention_norm * ex.value_norm, 1e-300)
             return plain, theory
 
         return self._errors.get_or(s, make)
@@ -498,11 +496,13 @@ class Engine:
         return self._summaries.get_or(s, make)
 
     def curve_points(self, s: Settings) -> list[Settings]:
-        """Settings of the error-versus-budget curve: (bucket, samples) scaled by each factor."""
+        """Settings of the error-versus-budget curve: (bucket, samples) scaled by each factor; points that
+        would pay more than twice exact attention's Nk columns are left out (the current one stays)."""
+        nk = self.src.k.shape[2]
         pts = []
         for f in self.curve_factors:
             p = replace(s, bucket_size=max(1, round(s.bucket_size * f)), sample_size=max(1, round(s.sample_size * f)))
-            if p not in pts:
+            if p not in pts and (p == s or min(p.bucket_size, nk) + p.sample_size <= 2 * nk):
                 pts.append(p)
         return pts
 
