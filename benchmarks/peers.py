@@ -118,6 +118,38 @@ def cost(e: Entry, budget: int, n_q: int, n_k: int, dim: int, dim_v: int, is_cau
     return kdeformer.multiply_adds(e.method, n_q, n_k, dim, dim_v, budget=budget, is_causal=is_causal, **e.options)
 
 
+class Clock:
+    """An optional wall-clock budget for the whole run, shared out between its phases.
+
+    Each phase gets share / (shares still to run) of the time left, so time a phase does not use passes on.
+    A phase past its deadline skips its remaining jobs (counted in `skipped`); the report says so."""
+
+    SHARES = {"accuracy": 0.45, "authors": 0.04, "causal": 0.2, "speed": 0.14, "causal speed": 0.17}
+
+    def __init__(self, minutes: float | None):
+        self.end = None if minutes is None else time.perf_counter() + 60 * minutes
+        self.left = dict(self.SHARES)
+        self.deadline = None
+        self.skipped: dict[str, int] = {}
+
+    def start(self, phase: str) -> None:
+        share = self.left.pop(phase)
+        if self.end is not None:
+            remaining = max(0.0, self.end - time.perf_counter())
+            self.deadline = time.perf_counter() + remaining * share / (share + sum(self.left.values()))
+        self.phase = phase
+
+    def out_of_time(self) -> bool:
+        """True (and one skip counted) when the current phase is past its deadline."""
+        if self.deadline is None or time.perf_counter() < self.deadline:
+            return False
+        self.skipped[self.phase] = self.skipped.get(self.phase, 0) + 1
+        return True
+
+
+NO_CLOCK = Clock(None)
+
+
 # --------------------------------------------------------------------------- data and references
 @dataclass
 class Dataset:
@@ -247,11 +279,14 @@ def budgets_for(cfg: Config, ds: Dataset) -> tuple:
     return cfg.minilm_budgets if ds.name == "minilm" and cfg.minilm_budgets else cfg.budgets
 
 
-def run_accuracy(cfg: Config, datasets: list[Dataset], lines: list[Entry]) -> list[dict]:
-    """One record per (dataset, entry, budget, seed); the seed-0 call is also timed without a trace."""
-    jobs = [(ds, e, b) for ds in datasets for e in lines for b in budgets_for(cfg, ds)]
+def run_accuracy(cfg: Config, datasets: list[Dataset], lines: list[Entry], clock: Clock = NO_CLOCK) -> list[dict]:
+    """One record per (dataset, entry, budget, seed); the seed-0 call is also timed without a trace.  Jobs run
+    cheapest budgets first, so a run stopped by its clock loses the largest budgets."""
+    jobs = sorted(((ds, e, b) for ds in datasets for e in lines for b in budgets_for(cfg, ds)), key=lambda j: j[2])
     records = []
     for ds, e, budget in tqdm(jobs, desc="accuracy"):
+        if clock.out_of_time():
+            continue
         params = split_budget(e.method, budget, **e.options)
         seeds = range(cfg.seeds) if METHODS[e.method].random else range(1)
         for seed in seeds:
@@ -282,7 +317,7 @@ def sdpa(ds: Dataset):
     return torch.nn.functional.scaled_dot_product_attention(ds.q, ds.k, ds.v, attn_mask=mask, scale=ds.scale)
 
 
-def authors_convention(cfg: Config, datasets: list[Dataset]) -> list[dict]:
+def authors_convention(cfg: Config, datasets: list[Dataset], clock: Clock = NO_CLOCK) -> list[dict]:
     """The authors' budget convention at m, on the first data set (MiniLM in a full run): KDEformer and
     HyperAttention with block m/2 and m samples (1.5 m columns), Performer with m features,
     Nystromformer with m landmarks, uniform sampling with m columns."""
@@ -300,6 +335,8 @@ def authors_convention(cfg: Config, datasets: list[Dataset]) -> list[dict]:
                      (m, "Uniform sampling", "uniform", dict(sample_size=m))]
     records = []
     for m, label, method, opts in tqdm(settings, desc="authors' convention", leave=False):
+        if clock.out_of_time():
+            continue
         seeds = range(cfg.seeds) if METHODS[method].random else range(1)
         for seed in seeds:
             gen = torch.Generator().manual_seed(2000 + seed)
@@ -372,7 +409,7 @@ def peak_memory_mib(fn, device) -> tuple[float, float | None]:
     return seconds, (None if base is None or peak is None else max(0, peak - base) / 1024)
 
 
-def run_speed(cfg: Config, lines: list[Entry], device, *, is_causal: bool = False) -> list[dict]:
+def run_speed(cfg: Config, lines: list[Entry], device, *, is_causal: bool = False, clock: Clock = NO_CLOCK) -> list[dict]:
     """Time and peak memory of SDPA and of every entry at budget cfg.speed_budget, float32 (causal: SDPA with
     is_causal=True as the reference, over cfg.causal_speed_ns)."""
     records = []
@@ -386,6 +423,8 @@ def run_speed(cfg: Config, lines: list[Entry], device, *, is_causal: bool = Fals
             calls.append((e.key, e.label, lambda e=e: approximate(e.method, q, k, v, budget=cfg.speed_budget,
                                                                 generator=g, is_causal=is_causal, **e.options)))
         for key, label, fn in calls:
+            if key != "sdpa" and clock.out_of_time():
+                continue
             seconds, mem = measure(fn, q.device, cfg.speed_reps if n <= 4096 else 1)
             records.append(dict(n=n, entry=key, label=label, seconds=seconds, memory_mib=mem, is_causal=is_causal))
         del q, k, v
@@ -424,8 +463,10 @@ def summary_table(records, datasets, cfg, lines) -> str:
     rows = []
     for ds in datasets:
         for b in budgets_for(cfg, ds):
-            means = {e.key: mean_sd([r["rel"] for r in records if r["dataset"] == ds.name and r["entry"] == e.key
-                                     and r["budget"] == b])[0] for e in lines}
+            means = {e.key: mean_error(records, ds.name, e.key, b) for e in lines}
+            means = {k: x for k, x in means.items() if not math.isnan(x)}  # a clock-stopped run may miss some
+            if not any(k.startswith("kdeformer") for k in means):
+                continue
             label = {e.key: e.label for e in lines}
             best = min(means, key=means.get)
             kde = min((k for k in means if k.startswith("kdeformer")), key=means.get)
@@ -439,9 +480,9 @@ def summary_table(records, datasets, cfg, lines) -> str:
 def time_table(records, dataset: str, budgets, lines) -> str:
     rows = []
     for e in lines:
-        rows.append([e.label] + [f"{1e3 * r['seconds']:.1f}" for b in budgets for r in records
-                                 if r["dataset"] == dataset and r["entry"] == e.key and r["budget"] == b
-                                 and "seconds" in r])
+        timed_at = {r["budget"]: r["seconds"] for r in records
+                    if r["dataset"] == dataset and r["entry"] == e.key and "seconds" in r}
+        rows.append([e.label] + [f"{1e3 * timed_at[b]:.1f}" if b in timed_at else "—" for b in budgets])
     exact = [r for r in records if r["dataset"] == dataset and r["entry"] == "sdpa"]
     if exact:
         rows.append(["torch SDPA (exact)"] + [f"{1e3 * exact[0]['seconds']:.1f}"] * len(budgets))
@@ -779,8 +820,16 @@ def report(cfg: Config, res: dict, lines, datasets, plots, seconds_total: float)
     if plots:
         parts.append("Plots: " + ", ".join(f"[{p.name}](plots/{p.name})" for p in plots) + " (plotly, offline: "
                      "plotly.min.js sits next to them); the README's picture of the front is docs/pareto.png.")
-    parts.append(f"Run time: {seconds_total / 60:.1f} min (`python -m benchmarks.peers{' --quick' if cfg is QUICK else ''}`).")
+    parts.append(f"Run time: {seconds_total / 60:.1f} min (`python -m benchmarks.peers{' --quick' if cfg is QUICK else ''}`)."
+                 + skipped_note(res))
     return "\n\n".join(parts)
+
+
+def skipped_note(res: dict) -> str:
+    if not res.get("skipped"):
+        return ""
+    return (" **Reduced run:** the wall-clock budget (`--minutes`) ran out, so these phases skipped their last jobs "
+            "(the largest budgets; '—' in the tables): " + ", ".join(f"{k} {v}" for k, v in res["skipped"].items()) + ".")
 
 
 CAUSAL_INTRO = (
@@ -804,7 +853,8 @@ def causal_report(cfg: Config, res: dict, causal_ds) -> str:
                   f"### {ds.name}: the Pareto front", front_table(res["causal"], ds.name, lines)]
     if res["causal_speed"]:
         parts += speed_section(cfg, res["causal_speed"], lines, cfg.causal_speed_ns, causal=True)
-    return "\n\n".join(parts)
+    note = skipped_note(res)
+    return "\n\n".join(parts + ([note.strip()] if note else []))
 
 
 def main(argv=None) -> int:
@@ -818,6 +868,8 @@ def main(argv=None) -> int:
     parser.add_argument("--png", type=Path, default=None, help="PNG of the Pareto page (default: docs/pareto.png for "
                         "a full run, none otherwise); needs playwright and /usr/bin/chromium")
     parser.add_argument("--no-speed", action="store_true", help="skip the speed and memory sweep")
+    parser.add_argument("--minutes", type=float, default=None, help="wall-clock budget: each phase gets its share "
+                        "and skips the jobs left when its time is up (the report lists what was skipped)")
     parser.add_argument("--device", default="cpu", help="device for the speed sweep (cpu or cuda)")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1: the machine is "
                         "shared, and more threads than free cores make small kernels wait on each other)")
@@ -843,10 +895,18 @@ def _run(args) -> int:
     datasets = load_datasets(cfg)
     causal_ds = causal_datasets(cfg, datasets)
     device = torch.device(args.device)
-    res = dict(accuracy=run_accuracy(cfg, datasets, lines), authors=authors_convention(cfg, datasets),
-               causal=run_accuracy(cfg, causal_ds, causal_entries()),
-               speed=[] if args.no_speed else run_speed(cfg, lines, device),
-               causal_speed=[] if args.no_speed else run_speed(cfg, causal_entries(), device, is_causal=True))
+    clock = Clock(args.minutes)
+    res = {}
+    for phase, key, job in (
+            ("accuracy", "accuracy", lambda: run_accuracy(cfg, datasets, lines, clock)),
+            ("authors", "authors", lambda: authors_convention(cfg, datasets, clock)),
+            ("causal", "causal", lambda: run_accuracy(cfg, causal_ds, causal_entries(), clock)),
+            ("speed", "speed", lambda: [] if args.no_speed else run_speed(cfg, lines, device, clock=clock)),
+            ("causal speed", "causal_speed",
+             lambda: [] if args.no_speed else run_speed(cfg, causal_entries(), device, is_causal=True, clock=clock))):
+        clock.start(phase)
+        res[key] = job()
+    res["skipped"] = clock.skipped
     plots = write_plots(plot_dir, res, cfg, lines, datasets, causal_ds)
     png = args.png if args.png is not None else (REPO / "docs" / "pareto.png" if full else None)
     if png is not None and (plot_dir / "peers_pareto.html").exists():

@@ -30,7 +30,7 @@ import torch
 from ..core import MAX_PROJS
 from ..random import inverse_cdf
 from ._common import (
-    MethodTrace, attend_per_query, block_support, causal_allowed, dense_logits, gather_rows, masked_softmax_parts,
+    MethodTrace, attend_per_query, block_support, dense_logits, gather_rows, masked_softmax_parts,
     merge_parts, part, prepare, split_block_and_samples,
 )
 from ._lsh import gaussian_directions, gray_rank, in_block, make_blocks, sign_codes, sort_tokens, unblock_queries
@@ -136,7 +136,8 @@ def causal_spans(lo: int, hi: int, leaf: int):
 
 def leaf_part(p, q_s, lo: int, hi: int, qa: int, qb: int):
     """Exact causal attention of the queries [qa, qb) (at positions [lo, hi)) over keys [lo, hi)."""
-    allowed = causal_allowed(p.n_q, p.n_k, p.device)[qa:qb, lo:hi].unsqueeze(0)  # (1, c, n)
+    limit = torch.arange(qa, qb, device=p.device) + (p.n_k - p.n_q)  # (c,) last visible key of each query
+    allowed = (torch.arange(lo, hi, device=p.device) <= limit.unsqueeze(-1)).unsqueeze(0)  # (1, c, n)
     if p.valid is not None:
         allowed = allowed & p.valid[:, None, lo:hi]
     return masked_softmax_parts(q_s[:, qa:qb] @ p.k[:, lo:hi].mT, allowed, p.v[:, lo:hi])

@@ -31,7 +31,7 @@ import torch
 from ._common import MethodTrace, part, prepare
 
 OPTIONS = ("num_features", "orthogonal")
-CAUSAL_CHUNK = 64  # key positions per step of the causal prefix sums
+CAUSAL_CHUNK = 32  # key positions per step of the causal prefix sums
 
 
 def split_budget(budget: int, num_features: int | None = None, orthogonal: bool = True) -> dict:
