@@ -473,12 +473,17 @@ def batch_sizes(groups: int, plan: CausalPlan, n_keys: int, width: int, tables: 
     return heads, chunks
 
 
-def trace_piece(cols: ChunkColumns, plan: CausalPlan, shift, t_shared, t_bucket, normaliser, v_shared) -> dict:
-    """The trace fields of one batch of chunks: per query (gb, nb*L, ...) and per chunk (gb, nb, ...)."""
+def trace_piece(cols: ChunkColumns, plan: CausalPlan, limit, shift, t_shared, t_bucket, normaliser, v_shared) -> dict:
+    """The trace fields of one batch of chunks: per query (gb, nb*L, ...) and per chunk (gb, nb, ...).
+
+    A column of weight 0 is given the query's own token (limit - 1) as its key, so block_cols never
+    names a key the query cannot see and exp(logit - log D) stays finite on every column.
+    """
     w, h = plan.local_slots, plan.heavy
     shared = cols.shared.unsqueeze(-2).expand(*cols.shared_weight.shape)  # (gb, nb, L, Cs)
     block_cols = torch.cat([shared[..., :w], cols.bucket, shared[..., w:]], -1)  # (gb, nb, L, C)
     block_weights = torch.cat([cols.shared_weight[..., :w], cols.bucket_weight, cols.shared_weight[..., w:]], -1)
+    block_cols = torch.where(block_weights > 0, block_cols, (limit - 1).unsqueeze(-1))
     exact_sum = t_shared[..., : w + h].sum(-1) + t_bucket.sum(-1)  # (gb, nb, L)
     sampled = (t_shared[..., w + h :] @ v_shared[..., w + h :, :]) / normaliser.unsqueeze(-1)  # (gb, nb, L, Dv)
     per_query = {
@@ -538,7 +543,8 @@ def causal_kde(q, k, v, *, limits, scale, bucket_size, sample_size, num_projs, s
             shift, t_shared, t_bucket, numerator, normaliser, v_shared = attend_chunk(q_chunk, k[g0:g1], v[g0:g1], cols)
             head_outs.append((numerator / normaliser.unsqueeze(-1)).flatten(1, 2))  # (gb, nb*L, Dv)
             if return_trace:
-                head_pieces.append(trace_piece(cols, plan, shift, t_shared, t_bucket, normaliser, v_shared))
+                head_pieces.append(trace_piece(cols, plan, limit[g0:g1, rows].view(gb, nb, length), shift, t_shared,
+                                               t_bucket, normaliser, v_shared))
         outs.append(torch.cat(head_outs, 1))
         pieces.append(head_pieces)
         states.append(state)

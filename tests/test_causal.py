@@ -75,6 +75,7 @@ def test_parts_give_the_output_and_are_lower_triangular(sampling):
     out, parts = run(q, k, v, sampling=sampling, bucket_size=8, sample_size=8)
     a = matrix_from_parts(q, k, parts, 1 / math.sqrt(8))  # (G, Nq, Nk)
     torch.testing.assert_close(a @ v, out, rtol=1e-10, atol=1e-12)
+    assert bool((parts["block_cols"] < bottom_right_limits(50, 70).unsqueeze(-1)).all())  # never a future key
     assert bool((a[:, ~visible(50, 70)] == 0).all())
     assert bool((a[:, visible(50, 70)] >= 0).all())
     # every query computes its own token and the w keys before it exactly
