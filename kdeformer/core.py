@@ -369,33 +369,6 @@ def attend_columns(q, k, v, scale: float, q_rows: torch.Tensor, cols: Columns, w
 
 
 # --------------------------------------------------------------------------- the pps pass (sampling="pps")
-class RowWriter:
-    """Per-chunk results carried back to token rows: written straight into preallocated buffers when
-    autograd is not recording, else collected and joined once (autograd-safe, padded slots dropped)."""
-
-    def __init__(self, rows: int, widths: tuple[int, ...], like: torch.Tensor, inplace: bool):
-        self.rows, self.widths, self.like, self.inplace = rows, widths, like, inplace
-        self.buffers = [like.new_zeros(rows, w) for w in widths] if inplace else None
-        self.pieces: list = []
-
-    def write(self, rows: torch.Tensor, values: list, real: torch.Tensor | None):
-        """rows (n,) token rows of G * Nq, values [(n, width), ...]; real (n,) False on a padded slot."""
-        if self.inplace:  # a padded slot repeats a real row of its block: writing it twice is harmless
-            for buffer, x in zip(self.buffers, values):
-                buffer.index_copy_(0, rows, x)
-            return
-        if real is not None and not bool(real.all()):
-            rows, values = rows[real], [x[real] for x in values]
-        self.pieces.append((rows, values))
-
-    def result(self) -> list:
-        if self.inplace:
-            return self.buffers
-        rows = torch.cat([r for r, _ in self.pieces])
-        return [self.like.new_zeros(self.rows, w).index_copy(0, rows, torch.cat([v[i] for _, v in self.pieces]))
-                for i, w in enumerate(self.widths)]
-
-
 def exclude_window(logits, cols, centre, window: int, n_keys: int, inplace: bool):
     """-inf at the block columns that lie in a query's window (the window computes them).
     logits (m, Bq, C), cols (m, C) non-decreasing, centre (m, Bq) -> logits."""
@@ -404,73 +377,97 @@ def exclude_window(logits, cols, centre, window: int, n_keys: int, inplace: bool
     return logits.scatter_add_(-1, pos, minus) if inplace else logits.scatter_add(-1, pos, minus)
 
 
-def weigh_drawn_block(logits, v_cols, weight, exact, row_max, *, want_parts: bool, inplace: bool):
+def weigh_drawn_block(logits, v_cols, weight, exact, *, want_parts: bool, inplace: bool, out=None):
     """The sums of a chunk of m query blocks over their drawn columns.  logits (m, Bq, C) (window columns
-    already -inf), v_cols (m, C, Dv), weight (m, C), exact (m, C) bool, row_max (m, Bq) the shift.
-    -> numerator (m, Bq, Dv), normaliser (m, Bq) and, with want_parts, the exact part of the normaliser
-    (m, Bq) and the sampled part of the numerator (m, Bq, Dv)."""
+    already -inf), v_cols (m, C, Dv), weight (m, C), exact (m, C) bool; out (m, Bq, Dv) or None.
+    -> [numerator (m, Bq, Dv), (shift, normaliser) (m, Bq, 2)] and, with want_parts, the exact part of
+    the normaliser (m, Bq, 1) and the sampled part of the numerator (m, Bq, Dv)."""
+    row_max = logits.detach().amax(-1).clamp_min(-3e38)  # (m, Bq); finite even if every column is excluded
     if inplace:
         terms = logits.sub_(row_max.unsqueeze(-1)).exp_().mul_(weight.unsqueeze(-2))
     else:
         terms = torch.exp(logits - row_max.unsqueeze(-1)) * weight.unsqueeze(-2)
-    numerator, normaliser = torch.bmm(terms, v_cols), terms.sum(-1)
-    if not want_parts:
-        return numerator, normaliser, None, None
-    exact_f = exact.to(terms.dtype).unsqueeze(-2)  # (m, 1, C)
-    return numerator, normaliser, (terms * exact_f).sum(-1), torch.bmm(terms * (1 - exact_f), v_cols)
+    sums = [torch.bmm(terms, v_cols, out=out), torch.stack([row_max, terms.sum(-1)], -1)]
+    if want_parts:
+        exact_f = exact.to(terms.dtype).unsqueeze(-2)  # (m, 1, C)
+        sums += [(terms * exact_f).sum(-1, keepdim=True), torch.bmm(terms * (1 - exact_f), v_cols)]
+    return sums
 
 
-def attend_pps(q, k, v, scale: float, plan, want_parts: bool):
-    """Every query block against its drawn columns, plus each query's exact window, merged under one
-    per-query shift.  q (G, Nq, D), k (G, Nk, D), v (G, Nk, Dv) unscaled -> out (G, Nq, Dv), parts or None."""
+def attend_blocks(q, k, v, scale: float, plan, want_parts: bool, inplace: bool) -> list:
+    """Every query block against its drawn columns, chunk by chunk, in block order.
+    -> [numerator (G, nqb*Bq, Dv), (shift, normaliser) (G, nqb*Bq, 2)] (+ the two trace parts)."""
     groups, n_q, dim = q.shape
     n_k, dim_v, layout = k.shape[1], v.shape[-1], plan.layout
     n_blocks, q_len, n_cols, window = layout.num_q_blocks, layout.q_block_len, layout.columns, layout.window
-    inplace = not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad))
-    q_flat, k_flat, v_flat = q.reshape(-1, dim), k.reshape(-1, dim), v.reshape(-1, dim_v)
-    win = pps.window_logits(q, k, scale, window) if layout.window_len else None  # (G, Nq, W)
-    win_max = None if win is None else win.detach().amax(-1).flatten()  # (G*Nq,)
-    slot_real = torch.arange(n_blocks * q_len, device=q.device).view(n_blocks, q_len) < n_q  # (nqb, Bq)
-    widths = (dim_v, 2) + ((1, dim_v) if want_parts else ())
-    writer = RowWriter(groups * n_q, widths, q, inplace)
+    k_flat, v_flat = k.reshape(-1, dim), v.reshape(-1, dim_v)
+    numerator = q.new_empty(groups, n_blocks, q_len, dim_v) if inplace else None
+    pieces = []
     for g0, g1, b0, b1 in chunk_ranges(groups, n_blocks, q_len):
         m = (g1 - g0) * (b1 - b0)
-        rows = flat_index(plan.rows[g0:g1, b0:b1], g0, n_q)  # (m*Bq,)
         index = flat_index(plan.cols[g0:g1, b0:b1], g0, n_k)  # (m*C,)
-        q_chunk = q_flat.index_select(0, rows).view(m, q_len, dim) * scale
+        q_chunk = plan.q_blocks[g0:g1, b0:b1].reshape(m, q_len, dim) * scale
         logits = torch.bmm(q_chunk, k_flat.index_select(0, index).view(m, n_cols, dim).mT)  # (m, Bq, C)
-        if win is not None:
+        if layout.window_len:
             centre = plan.rows[g0:g1, b0:b1].reshape(m, q_len) + (n_k - n_q)
             logits = exclude_window(logits, plan.cols[g0:g1, b0:b1].reshape(m, n_cols), centre, window, n_k, inplace)
-        row_max = logits.detach().amax(-1)  # (m, Bq); an unused slot repeats a used column
-        if win_max is not None:
-            row_max = torch.maximum(row_max, win_max.index_select(0, rows).view(m, q_len))
-        parts = weigh_drawn_block(logits, v_flat.index_select(0, index).view(m, n_cols, dim_v),
-                                   plan.weights[g0:g1, b0:b1].reshape(m, n_cols).to(q.dtype),
-                                   plan.exact[g0:g1, b0:b1].reshape(m, n_cols), row_max,
-                                   want_parts=want_parts, inplace=inplace)
-        values = [parts[0], torch.stack([row_max, parts[1]], -1)] + ([parts[2].unsqueeze(-1), parts[3]] if want_parts else [])
-        real = None if b1 < n_blocks else slot_real[b0:b1].expand(g1 - g0, -1, -1).flatten()
-        writer.write(rows, [x.reshape(m * q_len, -1) for x in values], real)
-    return finish_pps(writer.result(), win, v, window, (groups, n_q, dim_v), inplace, want_parts)
+        sums = weigh_drawn_block(logits, v_flat.index_select(0, index).view(m, n_cols, dim_v),
+                                 plan.weights[g0:g1, b0:b1].reshape(m, n_cols).to(q.dtype),
+                                 plan.exact[g0:g1, b0:b1].reshape(m, n_cols), want_parts=want_parts,
+                                 inplace=inplace, out=None if numerator is None else
+                                 numerator[g0:g1, b0:b1].view(m, q_len, dim_v))
+        pieces.append([x.reshape(g1 - g0, -1, x.shape[-1]) for x in sums])
+    widths = [x.shape[-1] for x in pieces[0]]  # chunks run head-major, block-minor: flattened, they join in order
+    joined = [torch.cat([p[i].reshape(-1, w) for p in pieces]).view(groups, n_blocks * q_len, w)
+              for i, w in enumerate(widths)]
+    if numerator is not None:
+        joined[0] = numerator.view(groups, n_blocks * q_len, dim_v)
+    return joined
 
 
-def finish_pps(buffers: list, win, v, window: int, shape: tuple, inplace: bool, want_parts: bool):
-    """Add each query's window to the block sums and divide: out (G, Nq, Dv) and the trace's parts."""
-    numerator, stats = buffers[0].view(shape), buffers[1].view(*shape[:2], 2)
-    shift, normaliser = stats[..., 0], stats[..., 1]  # (G, Nq)
-    if win is not None:
-        terms = torch.exp(win - shift.unsqueeze(-1))  # (G, Nq, W), 0 outside the keys
-        window_sum = terms.sum(-1)
-        normaliser = normaliser + window_sum
-        numerator = pps.add_window_values(numerator, terms, v, window, inplace)
-    out = numerator.div_(normaliser.unsqueeze(-1)) if inplace else numerator / normaliser.unsqueeze(-1)
+def attend_pps(q, k, v, scale: float, plan, want_parts: bool):
+    """Block sums (block order), then per chunk of token rows: the block sums of each query, its exact
+    window merged under one shift, and the division.  q (G, Nq, D), k (G, Nk, D), v (G, Nk, Dv)
+    unscaled -> out (G, Nq, Dv) and the trace's parts (or None)."""
+    groups, n_q, _ = q.shape
+    inplace = not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad))
+    sums = attend_blocks(q, k, v, scale, plan, want_parts, inplace)
+    slots = pps.slot_of_tokens(plan.order)  # (G, Nq) position of each query among the block slots
+    step = max(1, CHUNK_ROWS // groups)
+    window = plan.layout.window if plan.layout.window_len else None
+    pieces = [merge_window(q, k, v, scale, window, [gather_rows(x, slots[:, r0:r0 + step]) for x in sums], r0,
+                           want_parts, inplace) for r0 in range(0, n_q, step)]
+    out = torch.cat([p[0] for p in pieces], 1) if len(pieces) > 1 else pieces[0][0]
     if not want_parts:
         return out, None
-    exact_sum = buffers[2].view(shape[:2]) + (window_sum if win is not None else 0)
-    sampled = buffers[3].view(shape) / normaliser.unsqueeze(-1)
+    names = ("log_normalizer", "heavy_fraction", "sampled_output")
+    parts = {name: torch.cat([p[1][name] for p in pieces], 1) for name in names}
+    parts["heavy_output"] = out - parts["sampled_output"]
+    return out, parts
+
+
+def merge_window(q, k, v, scale: float, window: int | None, sums: list, r0: int, want_parts: bool, inplace: bool):
+    """Queries r0..r0+R-1: their block sums [numerator (G, R, Dv), (shift, normaliser) (G, R, 2), and for
+    the trace exact normaliser (G, R, 1), sampled numerator (G, R, Dv)] plus their exact +-w window (None:
+    no window), merged under one shift and divided.  -> out (G, R, Dv), the trace's parts or None."""
+    numerator, shift, normaliser = sums[0], sums[1][..., 0], sums[1][..., 1]
+    exact_sum, sampled = (sums[2][..., 0], sums[3]) if want_parts else (None, None)
+    if window is not None:
+        logits = pps.window_logits(q, k, scale, window, r0, r0 + numerator.shape[1])  # (G, R, W)
+        new_shift = torch.maximum(shift, logits.detach().amax(-1))  # (G, R)
+        rescale = torch.exp(shift - new_shift)
+        terms = torch.exp(logits - new_shift.unsqueeze(-1))  # (G, R, W), 0 outside the keys
+        window_sum = terms.sum(-1)
+        numerator = numerator * rescale.unsqueeze(-1) + pps.window_values(terms, v, q.shape[1], window, r0, inplace)
+        normaliser = normaliser * rescale + window_sum
+        if want_parts:
+            exact_sum, sampled = exact_sum * rescale + window_sum, sampled * rescale.unsqueeze(-1)
+        shift = new_shift
+    out = numerator / normaliser.unsqueeze(-1)
+    if not want_parts:
+        return out, None
     return out, {"log_normalizer": shift + normaliser.log(), "heavy_fraction": exact_sum / normaliser,
-                 "sampled_output": sampled, "heavy_output": out - sampled}
+                 "sampled_output": sampled / normaliser.unsqueeze(-1)}
 
 
 def kde_pps(q, k, v, *, scale: float, opts: KDEOptions, draws: Draws, return_trace: bool):

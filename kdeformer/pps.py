@@ -39,11 +39,14 @@ from dataclasses import dataclass
 
 import torch
 
-Q_BLOCK = 32  # queries per block
+Q_BLOCK = 32  # queries per block up to LARGE_N queries (measured best at N = 512)
+LARGE_N = 4096  # above it blocks grow with Nq (Bq = Q_BLOCK Nq / LARGE_N, at most MAX_Q_BLOCK): each block's
+MAX_Q_BLOCK = 128  # C gathered key and value rows are then shared by more queries
+FIT_BLOCKS = 64  # blocks (evenly spaced) whose spread decides between token and LSH order
 WINDOW = 3  # exact +-w token neighbours of every query (narrower at budgets below 8 (2 w + 1))
 ESTIMATE_SHARE = 1 / 8  # largest share of the budget the centroid estimates may take
 FLOOR = 0.05  # share of each group's probability spread uniformly over the keys
-PLAN_ELEMENTS = 1 << 21  # heads are planned in chunks of at most this many (ng x Nk) entries
+PLAN_ELEMENTS = 1 << 20  # heads are planned in chunks of at most this many (ng x Nk) entries
 
 
 # --------------------------------------------------------------------------- layout and cost
@@ -66,7 +69,7 @@ class PPSLayout:
 
 def pps_layout(n_queries: int, n_keys: int, dim: int, dim_v: int, budget: int) -> PPSLayout:
     """The sizes that keep `pps_multiply_adds` within budget * (D + Dv + 1) per query (C at least 1)."""
-    num_q_blocks = math.ceil(n_queries / Q_BLOCK)
+    num_q_blocks = math.ceil(n_queries / query_block_length(n_queries))
     q_block_len = math.ceil(n_queries / num_q_blocks)
     if budget >= n_keys:
         return PPSLayout(q_block_len, num_q_blocks, -1, 0, n_keys, True)
@@ -80,13 +83,23 @@ def pps_layout(n_queries: int, n_keys: int, dim: int, dim_v: int, budget: int) -
     return PPSLayout(q_block_len, num_q_blocks, window, num_groups, columns, False)
 
 
+def query_block_length(n_queries: int) -> int:
+    """Bq before balancing: Q_BLOCK, growing linearly above LARGE_N queries up to MAX_Q_BLOCK."""
+    return max(Q_BLOCK, min(MAX_Q_BLOCK, Q_BLOCK * n_queries // LARGE_N))
+
+
+def fit_rows(layout: PPSLayout, n_queries: int) -> int:
+    """Queries whose block spread is measured per order (FIT_BLOCKS blocks at most)."""
+    return min(n_queries, FIT_BLOCKS * layout.q_block_len)
+
+
 def fixed_multiply_adds(layout: PPSLayout, n_queries: int, n_keys: int, dim: int, dim_v: int) -> int:
     """Everything but the block GEMMs: centroid logits ng Nk D, value-row norms Nk Dv, the window
-    Nq W (D + Dv + 1) and the two orders' block spreads 2 Nq D."""
+    Nq W (D + Dv + 1) and the two orders' block spreads (2 D per measured query)."""
     if layout.exact:
         return 0
     return (layout.num_groups * n_keys * dim + n_keys * dim_v + n_queries * layout.window_len * (dim + dim_v + 1)
-            + 2 * n_queries * dim)
+            + 2 * fit_rows(layout, n_queries) * dim)
 
 
 def pps_multiply_adds(n_queries: int, n_keys: int, dim: int, dim_v: int, budget: int) -> int:
@@ -104,25 +117,37 @@ def block_rows(order: torch.Tensor, layout: PPSLayout) -> torch.Tensor:
     return order[:, pos].view(order.shape[0], layout.num_q_blocks, layout.q_block_len)
 
 
-def segment_sums(x: torch.Tensor, segment: torch.Tensor, num_segments: int) -> torch.Tensor:
-    """Sum of the rows of each segment.  x (G, N, D), segment (G, N) in [0, S) -> (G, S, D)."""
-    groups, _, dim = x.shape
-    flat = (segment + torch.arange(groups, device=x.device).unsqueeze(-1) * num_segments).flatten()
-    out = x.new_zeros(groups * num_segments, dim)
-    return out.index_add_(0, flat, x.reshape(-1, dim)).view(groups, num_segments, dim)
+def block_sums(q_blocks: torch.Tensor, n_queries: int) -> torch.Tensor:
+    """Sum of the real queries of each block (the last block's repeated slots removed).
+    q_blocks (G, nqb, Bq, D) -> (G, nqb, D)."""
+    sums = q_blocks.sum(2)
+    repeats = q_blocks.shape[1] * q_blocks.shape[2] - n_queries
+    if repeats:
+        sums[:, -1] -= repeats * q_blocks[:, -1, -1]
+    return sums
 
 
-def block_of_tokens(order: torch.Tensor, q_block_len: int) -> torch.Tensor:
-    """Block of each query (token order) when `order` is cut into blocks of Bq.  (G, Nq) -> (G, Nq)."""
-    position = torch.arange(order.shape[-1], device=order.device).expand_as(order)
-    return torch.empty_like(order).scatter_(1, order, position) // q_block_len
+def block_counts(layout: PPSLayout, n_queries: int, device) -> torch.Tensor:
+    """Real queries of each block.  # (nqb,)"""
+    counts = torch.full((layout.num_q_blocks,), layout.q_block_len, device=device)
+    counts[-1] = n_queries - (layout.num_q_blocks - 1) * layout.q_block_len
+    return counts
 
 
-def block_fit(q32: torch.Tensor, block: torch.Tensor, layout: PPSLayout) -> torch.Tensor:
-    """sum_b ||sum of block b||^2 / n_b: the spread sum_i ||q_i - block mean||^2 is sum_i ||q_i||^2
-    minus this, so the order with the larger fit has the smaller spread.  q32 (G, Nq, D) -> (G,)."""
-    sums = segment_sums(q32, block, layout.num_q_blocks)  # (G, nqb, D)
-    counts = torch.bincount(block[0], minlength=layout.num_q_blocks).clamp_min(1)  # (nqb,) same for every head
+def block_fit(q32: torch.Tensor, order: torch.Tensor, layout: PPSLayout) -> torch.Tensor:
+    """sum_b ||sum of block b||^2 / n_b over FIT_BLOCKS evenly spaced blocks: the spread
+    sum_i ||q_i - block mean||^2 is sum_i ||q_i||^2 minus this, so the order with the larger fit has the
+    smaller spread.  q32 (G, Nq, D), order (G, Nq) -> (G,)."""
+    n_q = q32.shape[1]
+    rows = block_rows(order, layout)  # (G, nqb, Bq)
+    chosen = torch.linspace(0, layout.num_q_blocks - 1, min(FIT_BLOCKS, layout.num_q_blocks), device=q32.device).long()
+    counts = block_counts(layout, n_q, q32.device)[chosen]
+    blocks = torch.gather(q32, 1, rows[:, chosen].flatten(1).unsqueeze(-1).expand(-1, -1, q32.shape[-1]))
+    blocks = blocks.view(q32.shape[0], chosen.numel(), layout.q_block_len, -1)  # (G, nf, Bq, D)
+    sums = blocks.sum(2)
+    last = chosen == layout.num_q_blocks - 1
+    if bool(last.any()):  # the last block's repeated slots counted once
+        sums[:, -1] -= (layout.num_q_blocks * layout.q_block_len - n_q) * blocks[:, -1, -1]
     return (sums.square().sum(-1) / counts).sum(-1)
 
 
@@ -132,10 +157,14 @@ def query_order(q32: torch.Tensor, lsh_order: torch.Tensor, layout: PPSLayout) -
     q32 (G, Nq, D), lsh_order (G, Nq) -> order (G, Nq), token_order (G,) bool.
     """
     token = torch.arange(q32.shape[1], device=q32.device).expand_as(lsh_order)
-    fit_token = block_fit(q32, block_of_tokens(token, layout.q_block_len), layout)
-    fit_lsh = block_fit(q32, block_of_tokens(lsh_order, layout.q_block_len), layout)
-    use_token = fit_token >= fit_lsh  # (G,)
+    use_token = block_fit(q32, token, layout) >= block_fit(q32, lsh_order, layout)  # (G,)
     return torch.where(use_token.unsqueeze(-1), token, lsh_order), use_token
+
+
+def slot_of_tokens(order: torch.Tensor) -> torch.Tensor:
+    """Slot of each query in the blocks cut from `order` (its position in the order).  (G, Nq) -> (G, Nq)."""
+    position = torch.arange(order.shape[-1], device=order.device).expand_as(order)
+    return torch.empty_like(order).scatter_(1, order, position)
 
 
 # --------------------------------------------------------------------------- 2-3. estimates
@@ -144,11 +173,14 @@ def group_of_blocks(num_q_blocks: int, num_groups: int, device=None) -> torch.Te
     return torch.arange(num_q_blocks, device=device) * max(1, num_groups) // num_q_blocks
 
 
-def group_centroids(q_scaled: torch.Tensor, token_group: torch.Tensor, num_groups: int) -> torch.Tensor:
-    """Mean scaled query of each group.  q_scaled (G, Nq, D) float32, token_group (G, Nq) -> (G, ng, D)."""
-    sums = segment_sums(q_scaled, token_group, num_groups)  # (G, ng, D)
-    counts = torch.bincount(token_group[0], minlength=num_groups).clamp_min(1)  # (ng,)
-    return sums / counts.unsqueeze(-1)
+def group_centroids(q_blocks: torch.Tensor, layout: PPSLayout, n_queries: int, scale: float) -> torch.Tensor:
+    """Mean scaled query of each group of consecutive blocks.  q_blocks (G, nqb, Bq, D) -> (G, ng, D) float32."""
+    sums = block_sums(q_blocks.float(), n_queries)  # (G, nqb, D)
+    block_group = group_of_blocks(layout.num_q_blocks, layout.num_groups, q_blocks.device)
+    counts = block_counts(layout, n_queries, q_blocks.device)
+    group_sums = sums.new_zeros(sums.shape[0], layout.num_groups, sums.shape[-1]).index_add_(1, block_group, sums)
+    group_counts = counts.new_zeros(layout.num_groups).index_add_(0, block_group, counts)
+    return group_sums * (scale / group_counts.unsqueeze(-1))
 
 
 def column_importance(centroids: torch.Tensor | None, k32: torch.Tensor, value_norm: torch.Tensor) -> torch.Tensor:
@@ -162,42 +194,42 @@ def column_importance(centroids: torch.Tensor | None, k32: torch.Tensor, value_n
     else:
         weight = torch.bmm(centroids, k32.mT)  # (G, ng, Nk)
         weight = weight.sub_(weight.amax(-1, keepdim=True)).exp_().mul_(value_norm.unsqueeze(1))
-    weight = weight.div_(weight.sum(-1, keepdim=True)).mul_(1 - FLOOR)
+    weight = weight.mul_((1 - FLOOR) / weight.sum(-1, keepdim=True))
     return weight.add_(FLOOR / weight.shape[-1])
 
 
 # --------------------------------------------------------------------------- 4-5. sampling
 def inclusion_probabilities(weight: torch.Tensor, count: int) -> torch.Tensor:
-    """Capped PPS: pi = min(1, c w) with sum pi = min(count, Nk), in float64.  (..., Nk) > 0 -> (..., Nk).
+    """Capped PPS: pi = min(1, c w) with sum pi = min(count, Nk).  (..., Nk) > 0 float32 -> (..., Nk) float32.
 
     With w_(0) >= w_(1) >= ..., the smallest k for which (count - k) w_(k) <= sum_{j >= k} w_(j) leaves
-    the k largest at pi = 1 and scales the rest by c = (count - k) / sum_{j >= k} w_(j).
+    the k largest at pi = 1 and scales the rest by c = (count - k) / sum_{j >= k} w_(j) (found in float64).
     """
-    weight = weight.to(torch.float64)
     n = min(count, weight.shape[-1])
     if n == weight.shape[-1]:
         return torch.ones_like(weight)
-    top = weight.topk(n, dim=-1).values  # (..., n) descending
-    rest = weight.sum(-1, keepdim=True) - (top.cumsum(-1) - top)  # (..., n): sum of w_(k), w_(k+1), ...
-    scale = (n - torch.arange(n, device=weight.device, dtype=weight.dtype)) / rest  # (..., n)
-    first = (scale * top <= 1 + 1e-9).to(torch.int8).argmax(-1, keepdim=True)  # k = n - 1 always fits
-    return weight.mul_(torch.gather(scale, -1, first)).clamp_max_(1.0)
+    top = weight.topk(n, dim=-1).values.double()  # (..., n) descending
+    rest = weight.sum(-1, keepdim=True, dtype=torch.float64) - (top.cumsum(-1) - top)  # sum of w_(k), w_(k+1), ...
+    scale = (n - torch.arange(n, device=weight.device, dtype=torch.float64)) / rest  # (..., n)
+    first = (scale * top <= 1 + 1e-6).to(torch.int8).argmax(-1, keepdim=True)  # k = n - 1 always fits
+    return weight.mul_(torch.gather(scale, -1, first).float()).clamp_max_(1.0)
 
 
 def systematic_sample(pi: torch.Tensor, count: int, uniform: torch.Tensor, block_group: torch.Tensor):
     """`count` distinct columns per block from its group's pi with one uniform per block.
 
-    pi (G, ng, Nk) float64, uniform (G, nqb) in (0, 1), block_group (nqb,) consecutive runs.
+    pi (G, ng, Nk) float32, uniform (G, nqb) in (0, 1), block_group (nqb,) consecutive runs.
     Returns cols (G, nqb, C) int64, non-decreasing along C (an unused slot repeats the last used column),
     weights (G, nqb, C) float64 = 1/pi (0 for an unused slot) and exact (G, nqb, C) bool (pi = 1).
-    The cumulative pi of all groups are searched as one increasing row (group g offset by g (C + 1)).
+    The cumulative pi (float64) of all groups are searched as one increasing row (group g offset by
+    g (C + 1)), so a column's chance is its pi to float64 rounding and 1/pi is its exact weight.
     """
     groups, num_groups, n_keys = pi.shape
-    offset = torch.arange(num_groups, device=pi.device, dtype=pi.dtype) * (count + 1)  # (ng,)
-    cum = pi.cumsum(-1)  # (G, ng, Nk)
+    offset = torch.arange(num_groups, device=pi.device, dtype=torch.float64) * (count + 1)  # (ng,)
+    cum = pi.cumsum(-1, dtype=torch.float64)  # (G, ng, Nk)
     total = cum[..., -1][:, block_group]  # (G, nqb) sum of pi of each block's group
     cum = cum.add_(offset.unsqueeze(-1)).view(groups, -1)  # (G, ng*Nk) increasing
-    target = uniform.unsqueeze(-1) + torch.arange(count, device=pi.device, dtype=pi.dtype)  # (G, nqb, C)
+    target = uniform.unsqueeze(-1) + torch.arange(count, device=pi.device, dtype=torch.float64)  # (G, nqb, C)
     used = target < total.unsqueeze(-1)
     used[..., 0] = True  # u < 1 <= C: the first slot always holds a column (whatever the rounding of the total)
     found = torch.searchsorted(cum, (target + offset[block_group].view(1, -1, 1)).flatten(1), right=True)
@@ -206,7 +238,7 @@ def systematic_sample(pi: torch.Tensor, count: int, uniform: torch.Tensor, block
     last = cols.masked_fill(~used, -1).amax(-1, keepdim=True)  # (G, nqb, 1) slot 0 is always used
     cols = torch.where(used, cols, last)
     p = torch.gather(pi.view(groups, -1), 1, (cols + (block_group * n_keys).view(1, -1, 1)).flatten(1)).view_as(cols)
-    return cols, torch.where(used, 1.0 / p, 0.0), used & (p >= 1.0)
+    return cols, torch.where(used, 1.0 / p.double(), 0.0), used & (p >= 1.0)
 
 
 # --------------------------------------------------------------------------- the plan
@@ -216,6 +248,7 @@ class PPSPlan:
 
     layout: PPSLayout
     rows: torch.Tensor  # (G, nqb, Bq) token index of each block slot
+    q_blocks: torch.Tensor  # (G, nqb, Bq, D) the queries of each block slot (working dtype, unscaled)
     cols: torch.Tensor  # (G, nqb, C) key index of each block column, non-decreasing
     weights: torch.Tensor  # (G, nqb, C) float64: 1 exact, 1/pi sampled, 0 unused
     exact: torch.Tensor  # (G, nqb, C) bool: pi = 1
@@ -223,59 +256,56 @@ class PPSPlan:
     token_order: torch.Tensor  # (G,) bool, blocks cut in token order
     q_codes: torch.Tensor  # (G, Nq) hash codes of the queries
     block_group: torch.Tensor  # (nqb,) estimate group of each block
-    pi: torch.Tensor | None  # (G, ng, Nk) float64 inclusion probabilities (kept for the trace only)
+    pi: torch.Tensor | None  # (G, ng, Nk) float32 inclusion probabilities (kept for the trace only)
 
 
-def exact_plan(rows: torch.Tensor, n_keys: int, layout: PPSLayout) -> tuple:
-    """b >= Nk: every block's columns are all keys, weight 1."""
-    groups, nqb = rows.shape[:2]
-    cols = torch.arange(n_keys, device=rows.device).expand(groups, nqb, n_keys)
-    ones = torch.ones(groups, nqb, n_keys, dtype=torch.float64, device=rows.device)
-    return cols, ones, ones.bool(), torch.ones(groups, 1, n_keys, dtype=torch.float64, device=rows.device)
+def exact_columns(groups: int, n_keys: int, layout: PPSLayout, device) -> tuple:
+    """b >= Nk: every block's columns are all keys, weight 1 (and pi = 1)."""
+    cols = torch.arange(n_keys, device=device).expand(groups, layout.num_q_blocks, n_keys)
+    ones = torch.ones(groups, layout.num_q_blocks, n_keys, dtype=torch.float64, device=device)
+    return cols, ones, ones.bool(), torch.ones(groups, 1, n_keys, device=device)
 
 
-def draw_block_columns(q_scaled, k32, value_norm, order, layout: PPSLayout, uniform, keep_pi: bool) -> tuple:
+def draw_block_columns(q_blocks, k32, value_norm, layout: PPSLayout, uniform, scale: float, n_queries: int,
+                       keep_pi: bool) -> tuple:
     """Steps 2-5 for a chunk of heads: centroids, importance, pi, systematic draws.
 
-    q_scaled (g, Nq, D) float32, k32 (g, Nk, D), value_norm (g, Nk), order (g, Nq), uniform (g, nqb).
+    q_blocks (g, nqb, Bq, D), k32 (g, Nk, D), value_norm (g, Nk), uniform (g, nqb) -> cols, weights,
+    exact (g, nqb, C) and pi (g, ng, Nk) or None.
     """
-    block_group = group_of_blocks(layout.num_q_blocks, layout.num_groups, q_scaled.device)  # (nqb,)
-    centroids = None
-    if layout.num_groups:
-        token_group = block_group[block_of_tokens(order, layout.q_block_len)]  # (g, Nq)
-        centroids = group_centroids(q_scaled, token_group, layout.num_groups)  # (g, ng, D)
+    centroids = group_centroids(q_blocks, layout, n_queries, scale) if layout.num_groups else None  # (g, ng, D)
     pi = inclusion_probabilities(column_importance(centroids, k32, value_norm), layout.columns)  # (g, ng, Nk)
-    if not layout.num_groups:
-        block_group = torch.zeros_like(block_group)
+    block_group = group_of_blocks(layout.num_q_blocks, layout.num_groups, q_blocks.device)
     cols, weights, exact = systematic_sample(pi, layout.columns, uniform, block_group)
     return cols, weights, exact, pi if keep_pi else None
 
 
 def plan_pps(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float, budget: int, q_codes, lsh_order,
              draws, keep_pi: bool = False) -> PPSPlan:
-    """The scheme's column plan.  q (G, Nq, D), k (G, Nk, D), v (G, Nk, Dv) unscaled, any dtype;
+    """The scheme's column plan.  q (G, Nq, D), k (G, Nk, D), v (G, Nk, Dv) unscaled, working dtype;
     q_codes / lsh_order (G, Nq) the queries' hash codes and their Gray-order sort (`kdeformer.core`)."""
     groups, n_q, dim = q.shape
     n_k, dim_v = k.shape[1], v.shape[-1]
     layout = pps_layout(n_q, n_k, dim, dim_v, budget)
-    q32, k32 = q.detach().float(), k.detach().float()
+    q32 = q.detach().float()
     order, token_order = query_order(q32, lsh_order, layout)
     rows = block_rows(order, layout)  # (G, nqb, Bq)
-    block_group = group_of_blocks(layout.num_q_blocks, layout.num_groups, q.device)
+    q_blocks = torch.gather(q, 1, rows.flatten(1).unsqueeze(-1).expand(-1, -1, dim)).view(*rows.shape, dim)
+    block_group = group_of_blocks(layout.num_q_blocks, layout.num_groups, q.device)  # (nqb,)
+    plan = PPSPlan(layout, rows, q_blocks, None, None, None, order, token_order, q_codes, block_group, None)
     if layout.exact:
-        cols, weights, exact, pi = exact_plan(rows, n_k, layout)
-        return PPSPlan(layout, rows, cols, weights, exact, order, token_order, q_codes, block_group, pi)
+        plan.cols, plan.weights, plan.exact, plan.pi = exact_columns(groups, n_k, layout, q.device)
+        return plan
+    k32, blocks32 = k.detach().float(), q_blocks.detach().float()
     value_norm = torch.linalg.vector_norm(v.detach().float(), dim=-1).square_().add_(1.0).sqrt_()  # (G, Nk)
     uniform = draws.uniform("systematic", (layout.num_q_blocks,))  # (G, nqb) one per block
     step = max(1, PLAN_ELEMENTS // (max(1, layout.num_groups) * n_k))
-    pieces = [draw_block_columns(q32[g0:g0 + step] * scale, k32[g0:g0 + step], value_norm[g0:g0 + step],
-                                 order[g0:g0 + step], layout, uniform[g0:g0 + step], keep_pi)
-              for g0 in range(0, groups, step)]
-    cols, weights, exact = (torch.cat([p[i] for p in pieces]) if len(pieces) > 1 else pieces[0][i] for i in range(3))
-    pi = torch.cat([p[3] for p in pieces]) if keep_pi else None
-    if not layout.num_groups:
-        block_group = torch.zeros_like(block_group)
-    return PPSPlan(layout, rows, cols, weights, exact, order, token_order, q_codes, block_group, pi)
+    pieces = [draw_block_columns(blocks32[g0:g0 + step], k32[g0:g0 + step], value_norm[g0:g0 + step], layout,
+                                 uniform[g0:g0 + step], scale, n_q, keep_pi) for g0 in range(0, groups, step)]
+    plan.cols, plan.weights, plan.exact = (torch.cat([p[i] for p in pieces]) if len(pieces) > 1 else pieces[0][i]
+                                           for i in range(3))
+    plan.pi = torch.cat([p[3] for p in pieces]) if keep_pi else None
+    return plan
 
 
 # --------------------------------------------------------------------------- 6. the window
@@ -287,39 +317,41 @@ def window_keys(n_queries: int, n_keys: int, window: int, device=None) -> torch.
     return torch.where((index >= 0) & (index < n_keys), index, -1)
 
 
-def offset_span(offset: int, n_queries: int, n_keys: int) -> tuple[int, int, int]:
-    """(i0, i1, j0): queries i0..i1-1 have key i + Nk - Nq + offset in range, starting at key j0."""
+def offset_span(offset: int, n_queries: int, n_keys: int, r0: int, r1: int) -> tuple[int, int, int]:
+    """(i0, i1, j0): the queries i0..i1-1 of r0..r1-1 whose key i + Nk - Nq + offset exists, from key j0."""
     shift = n_keys - n_queries + offset
-    i0, i1 = max(0, -shift), min(n_queries, n_keys - shift)
+    i0, i1 = max(r0, -shift), min(r1, n_keys - shift)
     return i0, max(i0, i1), i0 + shift
 
 
-def window_logits(q: torch.Tensor, k: torch.Tensor, scale: float, window: int) -> torch.Tensor:
-    """Logits of every query's window, -inf outside the keys: one shifted element-wise product per
-    offset, in token order (no gather).  q (G, Nq, D) unscaled, k (G, Nk, D) -> (G, Nq, W)."""
+def window_logits(q: torch.Tensor, k: torch.Tensor, scale: float, window: int, r0: int, r1: int) -> torch.Tensor:
+    """Logits of the windows of queries r0..r1-1, -inf outside the keys: one shifted element-wise product
+    per offset, in token order (no gather).  q (G, Nq, D) unscaled, k (G, Nk, D) -> (G, R, W)."""
     n_q, n_k = q.shape[1], k.shape[1]
-    columns = []
-    for offset in range(-window, window + 1):
-        i0, i1, j0 = offset_span(offset, n_q, n_k)
-        dots = torch.linalg.vecdot(q[:, i0:i1], k[:, j0:j0 + i1 - i0]) * scale  # (G, i1 - i0)
-        columns.append(torch.nn.functional.pad(dots, (i0, n_q - i1), value=float("-inf")))
-    return torch.stack(columns, -1)
-
-
-def add_window_values(numerator: torch.Tensor, terms: torch.Tensor, v: torch.Tensor, window: int,
-                      inplace: bool) -> torch.Tensor:
-    """numerator (G, Nq, Dv) + sum_o terms[:, i, o] v[:, i + Nk - Nq + o]; terms (G, Nq, W) (0 outside)."""
-    n_q, n_k = numerator.shape[1], v.shape[1]
+    out = q.new_full((q.shape[0], r1 - r0, 2 * window + 1), float("-inf"))
     for slot, offset in enumerate(range(-window, window + 1)):
-        i0, i1, j0 = offset_span(offset, n_q, n_k)
+        i0, i1, j0 = offset_span(offset, n_q, n_k, r0, r1)
+        if i1 > i0:  # a slice assignment: autograd-safe (out is a fresh tensor, nothing saved reads it)
+            out[:, i0 - r0:i1 - r0, slot] = (q[:, i0:i1] * k[:, j0:j0 + i1 - i0]).sum(-1) * scale
+    return out
+
+
+def window_values(terms: torch.Tensor, v: torch.Tensor, n_queries: int, window: int, r0: int,
+                  inplace: bool) -> torch.Tensor:
+    """sum_o terms[:, i, o] v[:, i + Nk - Nq + o] for the queries r0..r0+R-1.  terms (G, R, W) (0 outside
+    the keys), v (G, Nk, Dv) -> (G, R, Dv); accumulated in place when autograd is not recording."""
+    r1, n_k = r0 + terms.shape[1], v.shape[1]
+    total = v.new_zeros(terms.shape[0], terms.shape[1], v.shape[-1])
+    for slot, offset in enumerate(range(-window, window + 1)):
+        i0, i1, j0 = offset_span(offset, n_queries, n_k, r0, r1)
         if i1 == i0:
             continue
-        part = terms[:, i0:i1, slot: slot + 1]  # (G, i1 - i0, 1)
+        weight, rows = terms[:, i0 - r0:i1 - r0, slot: slot + 1], v[:, j0:j0 + i1 - i0]  # (G, n, 1), (G, n, Dv)
         if inplace:
-            numerator[:, i0:i1].addcmul_(part, v[:, j0:j0 + i1 - i0])
+            total[:, i0 - r0:i1 - r0].addcmul_(weight, rows)
         else:
-            numerator = numerator + torch.nn.functional.pad(part * v[:, j0:j0 + i1 - i0], (0, 0, i0, n_q - i1))
-    return numerator
+            total = total + torch.nn.functional.pad(weight * rows, (0, 0, i0 - r0, r1 - i1))
+    return total
 
 
 def window_positions(cols: torch.Tensor, centre: torch.Tensor, window: int, n_keys: int) -> tuple:
@@ -342,7 +374,7 @@ def trace_parts(plan: PPSPlan, dtype, n_keys: int) -> dict:
     groups, nqb, n_cols = plan.cols.shape
     n_q = plan.order.shape[-1]
     device = rows.device
-    row_block = block_of_tokens(plan.order, layout.q_block_len)  # (G, Nq)
+    row_block = slot_of_tokens(plan.order) // layout.q_block_len  # (G, Nq)
     keys = window_keys(n_q, n_keys, layout.window, device) if layout.window_len else \
         torch.zeros(n_q, 0, dtype=torch.int64, device=device)  # (Nq, W)
     sampled = plan.weights > 0
