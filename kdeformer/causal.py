@@ -97,13 +97,6 @@ class CausalPlan:
         return self.n_exact + self.draws
 
 
-def resolve_heavy_columns(sampling: str, sample_size: int, heavy_columns: int | None) -> int:
-    """column_norm: the given count (default sample_size // 4); other schemes: 0."""
-    if sampling != "column_norm":
-        return 0
-    return sample_size // 4 if heavy_columns is None else heavy_columns
-
-
 def plan_causal(limits: torch.Tensor, n_keys: int, *, bucket_size, sample_size, local_window, sampling,
                 heavy_columns, estimate_rows, chunk_len=None, bucket=None) -> CausalPlan:
     """Chunk length, local slots and column counts from the limits (G, Nq) and the settings.
@@ -119,8 +112,8 @@ def plan_causal(limits: torch.Tensor, n_keys: int, *, bucket_size, sample_size, 
     starts = pool_starts(padded_limits(limits, num_chunks * chunk_len), chunk_len, window)  # (G, nc)
     last = padded_limits(limits, num_chunks * chunk_len)[:, chunk_len - 1 :: chunk_len]  # (G, nc)
     local_slots = max(1, min(n_keys, int((last - starts).max())))
-    heavy = min(resolve_heavy_columns(sampling, sample_size, heavy_columns), n_keys)
-    draws = sample_size - resolve_heavy_columns(sampling, sample_size, heavy_columns)
+    heavy_columns = colnorm.check_scheme_options(sampling, sample_size, heavy_columns, estimate_rows)[0]
+    heavy, draws = min(heavy_columns, n_keys), sample_size - heavy_columns  # heavy ones are paid out of s
     rows = 0
     if sampling == "column_norm":
         rows = estimate_rows or colnorm.default_estimate_rows(sample_size, n_queries, n_keys)
