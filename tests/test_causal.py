@@ -111,6 +111,36 @@ def test_bucket_is_a_run_of_pool_keys_around_the_query():
 
 
 @pytest.mark.parametrize("sampling", SAMPLINGS)
+def test_draws_come_from_each_chunk_pool(sampling):
+    """Each chunk draws only from its pool [0, p_c) (keys every query of the chunk sees and does not
+    compute locally), its probabilities sum to 1 there and vanish elsewhere; heavy columns are pool keys
+    that are never drawn."""
+    q, k, v = qkv(2, 160, 160)
+    _, parts = run(q, k, v, sampling=sampling, bucket_size=16, sample_size=16)
+    start = parts["extras"]["pool_start"]  # (G, nc)
+    probs = parts["group_probs"]  # (G, nc, Nk)
+    in_pool = torch.arange(160) < start.unsqueeze(-1)  # (G, nc, Nk)
+    assert bool((probs[~in_pool] == 0).all()) and bool((probs >= 0).all())
+    n_heavy = parts["extras"]["heavy_columns"].shape[-1]
+    has_pool = start > n_heavy  # a pool wholly taken by heavy columns has nothing left to draw
+    torch.testing.assert_close(probs.sum(-1)[has_pool], torch.ones_like(probs.sum(-1)[has_pool]))
+    assert bool((probs.sum(-1)[~has_pool] == 0).all())
+    chunk = parts["sample_group"]  # (G, S)
+    drawn_start = torch.gather(start, 1, chunk)  # (G, S)
+    weights = parts["weights"]
+    assert bool((parts["sampled"][weights > 0] < drawn_start[weights > 0]).all())
+    assert bool((weights[drawn_start <= n_heavy] == 0).all()) and float(weights.max()) > 0
+    heavy, heavy_valid = parts["extras"]["heavy_columns"], parts["extras"]["heavy_columns_valid"]  # (G, nc, h)
+    assert heavy.shape[-1] == (16 // 4 if sampling == "column_norm" else 0)
+    if heavy.shape[-1]:
+        assert bool((heavy[heavy_valid] < start.unsqueeze(-1).expand_as(heavy)[heavy_valid]).all())
+        draws = parts["sampled"].view(2, -1, 12)  # (G, nc, s') s' = 16 - 4
+        hit = (draws.unsqueeze(-1) == heavy.unsqueeze(-2)) & heavy_valid.unsqueeze(-2)  # (G, nc, s', h)
+        assert not bool((hit.any(-1) & (weights.view(2, -1, 12) > 0)).any())  # (weight 0: nothing to draw)
+        assert bool((torch.gather(probs, -1, heavy)[heavy_valid] == 0).all())
+
+
+@pytest.mark.parametrize("sampling", SAMPLINGS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("n_q,n_k", [(300, 300), (200, 300)])
 def test_later_tokens_never_change_earlier_outputs(sampling, dtype, n_q, n_k):
