@@ -116,6 +116,7 @@ def test_one_message_per_move(ex, monkeypatch):
     assert len(states) == 1, [sorted(m["state"]) for m in states]
     keys = set(states[0]["state"])
     assert {"fig_samples", "fig_error", "fig_inspector", "stamps", "revision"} <= keys and "fig_buckets" not in keys
+    assert "z_error_0" in keys and "z_error_1" not in keys  # the approximate matrix changed, the exact one did not
     stamp = ex.stamp(ex.settings(), ex.display_options())
     assert set(states[0]["state"]["stamps"].values()) == {stamp}
     assert f"data-stamp='{stamp}'" in ex.status.value and f"data-stamp='{stamp}'" in ex.readout.value
@@ -696,8 +697,10 @@ def test_board_holds_the_current_figures_for_late_pages(ex):
     fig = ex.board.fig_samples
     assert "s = 31 columns per query" in fig["layout"]["meta"]["caption"]
     assert fig["rev"] <= ex.board.revision and len(fig["data"]) == len(ex.figures["samples"].data)
-    z = ex.board.fig_heavy["data"][0]["z"]
+    assert ex.board.fig_heavy["data"][0]["z"] == {"ref": "z_heavy_0"}
+    z = ex.board.z_heavy_0
     assert set(z) == {"dtype", "bdata", "shape"}  # a typed array, not nested lists
+    np.testing.assert_array_equal(panels.unpack(z), panels.unpack(trace_of(ex.figures["heavy"], "attention").z))
     assert ex.board.stamps["error"] == ex.stamp(ex.settings(), ex.display_options())
     assert len(ex.board._plotly_js) > 1_000_000 and b"plotly.js" in ex.board._plotly_js[:400]
 

@@ -8,8 +8,9 @@ later update — the stale panels of issue 13. Here the front-end module is a fe
 deadline); plotly.js travels once per board as a binary buffer and is loaded once per page, outside the
 deadline, when the board is first rendered.
 
-Each panel is one synced trait (`fig_<name>`: the figure as JSON); the kernel changes several under
-`hold_sync()`, so one move is ONE message, and the page redraws every changed panel in the same
+Each panel is one synced trait (`fig_<name>`: the figure as JSON, its heatmaps' values in traits of their
+own, `z_<name>_<trace>`, sent only when they change); the kernel changes several under `hold_sync()`, so
+one move is ONE message, and the page redraws every changed panel in the same
 animation frame. `stamps` (panel -> text) is written on each panel's container after it is drawn
 (`data-stamp`), so a test can tell a stale panel from a current one. A panel's caption
 (`layout.meta.caption`) is shown as HTML above its figure, so long explanations wrap at any width. Clicks on any point come back as
@@ -36,6 +37,12 @@ function loadPlotly(model) {
     globalThis.__kdePlotly = import(url).then(() => { URL.revokeObjectURL(url); return globalThis.Plotly; });
   }
   return globalThis.__kdePlotly;
+}
+
+// A heatmap's values travel in their own synced trait (`z_<panel>_<trace>`), so a move that leaves them
+// as they were sends nothing for them, and plotly sees the same object (no recalculation).
+function heatmapValues(z) {
+  return z && z.plain !== undefined ? z.plain : z;
 }
 
 function clickMessage(name, gd, ev) {
@@ -79,11 +86,12 @@ function render({model, el}) {
     for (const [name, div] of Object.entries(divs)) {
       const fig = model.get("fig_" + name);
       if (!fig || !fig.data || drawn[name] === fig.rev) continue;
+      const data = fig.data.map((t) => (t.z && t.z.ref ? {...t, z: heatmapValues(model.get(t.z.ref))} : t));
       const first = drawn[name] === undefined;
       drawn[name] = fig.rev;
       captions[name].textContent = (fig.layout.meta && fig.layout.meta.caption) || "";
       const t = performance.now();
-      jobs.push(Plotly.react(div, fig.data, fig.layout, CONFIG).then(() => {
+      jobs.push(Plotly.react(div, data, fig.layout, CONFIG).then(() => {
         timing.panels[name] = performance.now() - t;
         if (first) div.on("plotly_click", (ev) => model.send(clickMessage(name, div, ev)));
       }));
@@ -150,8 +158,11 @@ class PlotBoard(anywidget.AnyWidget):
         super().__init__(_plotly_js=plotly_js(), panels=list(figures), **kwargs)
         self.figures = dict(figures)
         self._bodies = {name: wire(fig.to_plotly_json()) for name, fig in self.figures.items()}
+        self._heatmaps = {name: [i for i, t in enumerate(fig.data) if t.type == "heatmap"] for name, fig in self.figures.items()}
         self._click_handlers: dict = {}
-        self.add_traits(**{f"fig_{name}": traitlets.Dict().tag(sync=True) for name in figures})
+        traits = {f"fig_{name}": traitlets.Dict().tag(sync=True) for name in figures}
+        traits.update({f"z_{name}_{i}": traitlets.Dict().tag(sync=True) for name, idx in self._heatmaps.items() for i in idx})
+        self.add_traits(**traits)
         self.on_msg(self._on_message)
         self.push(list(figures))
 
@@ -168,14 +179,21 @@ class PlotBoard(anywidget.AnyWidget):
         with self.hold_sync():
             for name in names:
                 body = dict(self._bodies[name], rev=self.revision + 1)  # a new dict: traitlets sees the change
+                body["data"] = list(body["data"])
+                for i in self._heatmaps.get(name, ()):
+                    if i < len(body["data"]):
+                        z = body["data"][i].get("z")
+                        setattr(self, f"z_{name}_{i}", z if isinstance(z, dict) else {"plain": z})  # sent if changed
+                        body["data"][i] = {**body["data"][i], "z": {"ref": f"z_{name}_{i}"}}
                 setattr(self, f"fig_{name}", body)
             if stamps is not None:
                 self.stamps = {**self.stamps, **stamps}
             self.revision += 1
 
     def payload_bytes(self, name: str) -> int:
-        """Size of one panel's figure as the page receives it (JSON)."""
-        return len(json.dumps(getattr(self, f"fig_{name}"), separators=(",", ":")))
+        """Size of one panel's figure as the page holds it (JSON of its figure and heatmap traits)."""
+        parts = [getattr(self, f"fig_{name}")] + [getattr(self, f"z_{name}_{i}") for i in self._heatmaps[name]]
+        return sum(len(json.dumps(p, separators=(",", ":"))) for p in parts)
 
     def on_click(self, panel: str, callback) -> None:
         """callback(trace_name, points) for clicks on `panel`; points: dicts with index, x, y, customdata."""
