@@ -57,9 +57,10 @@ class PPSLayout:
     q_block_len: int  # Bq
     num_q_blocks: int  # nqb = ceil(Nq / Bq)
     window: int  # w: offsets -w..w computed exactly; -1 for no window
-    num_groups: int  # ng centroid estimates (0: value-row norms only)
+    num_groups: int  # ng centroid estimates (0: value-row norms only, or uniform without value_weights)
     columns: int  # C columns per block
     exact: bool  # b >= Nk: every block holds every key
+    value_weights: bool = True  # the value-row norms (Nk Dv) fit in the estimate share (else pi uniform)
 
     @property
     def window_len(self) -> int:
@@ -76,11 +77,13 @@ def pps_layout(n_queries: int, n_keys: int, dim: int, dim_v: int, budget: int) -
     window = min(WINDOW, (budget // 4 - 1) // 2)  # W <= b / 4
     per_col = dim + dim_v + 1
     total = n_queries * budget * per_col
-    num_groups = min(num_q_blocks, int(ESTIMATE_SHARE * total) // (n_keys * dim))
-    layout = PPSLayout(q_block_len, num_q_blocks, window, num_groups, 1, False)
+    share = int(ESTIMATE_SHARE * total)
+    num_groups = min(num_q_blocks, share // (n_keys * dim))
+    values = n_keys * dim_v <= share  # few queries against many keys: not even the value norms are paid for
+    layout = PPSLayout(q_block_len, num_q_blocks, window, num_groups, 1, False, values)
     free = total - fixed_multiply_adds(layout, n_queries, n_keys, dim, dim_v)
     columns = max(1, min(n_keys, free // (num_q_blocks * q_block_len * per_col)))
-    return PPSLayout(q_block_len, num_q_blocks, window, num_groups, columns, False)
+    return PPSLayout(q_block_len, num_q_blocks, window, num_groups, columns, False, values)
 
 
 def query_block_length(n_queries: int) -> int:
@@ -98,8 +101,8 @@ def fixed_multiply_adds(layout: PPSLayout, n_queries: int, n_keys: int, dim: int
     Nq W (D + Dv + 1) and the two orders' block spreads (2 D per measured query)."""
     if layout.exact:
         return 0
-    return (layout.num_groups * n_keys * dim + n_keys * dim_v + n_queries * layout.window_len * (dim + dim_v + 1)
-            + 2 * fit_rows(layout, n_queries) * dim)
+    return (layout.num_groups * n_keys * dim + layout.value_weights * n_keys * dim_v
+            + n_queries * layout.window_len * (dim + dim_v + 1) + 2 * fit_rows(layout, n_queries) * dim)
 
 
 def pps_multiply_adds(n_queries: int, n_keys: int, dim: int, dim_v: int, budget: int) -> int:
@@ -297,7 +300,8 @@ def plan_pps(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float,
         plan.cols, plan.weights, plan.exact, plan.pi = exact_columns(groups, n_k, layout, q.device)
         return plan
     k32, blocks32 = k.detach().float(), q_blocks.detach().float()
-    value_norm = torch.linalg.vector_norm(v.detach().float(), dim=-1).square_().add_(1.0).sqrt_()  # (G, Nk)
+    value_norm = torch.linalg.vector_norm(v.detach().float(), dim=-1).square_().add_(1.0).sqrt_() \
+        if layout.value_weights else torch.ones(groups, n_k, device=q.device)  # (G, Nk)
     uniform = draws.uniform("systematic", (layout.num_q_blocks,))  # (G, nqb) one per block
     step = max(1, PLAN_ELEMENTS // (max(1, layout.num_groups) * n_k))
     pieces = [draw_block_columns(blocks32[g0:g0 + step], k32[g0:g0 + step], value_norm[g0:g0 + step], layout,

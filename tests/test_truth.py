@@ -163,27 +163,31 @@ def test_gradients_flow(sampling):
         assert x.grad is not None and bool(torch.isfinite(x.grad).all()) and bool(x.grad.abs().sum() > 0)
 
 
-def test_sampling_weights_are_detached_so_the_output_is_linear_in_value():
+@pytest.mark.parametrize("sampling", SAMPLINGS)
+def test_sampling_weights_are_detached_so_the_output_is_linear_in_value(sampling):
     """With weights 1/(s p) detached, d out / d V is the estimator's own matrix: grad_V = A~^T grad_out."""
     q, k, v = qkv(nq=50, seed=5)
     v = v.requires_grad_()
-    out, t = K.kde_attention(q, k, v, bucket_size=8, sample_size=16, generator=gen(2), return_trace=True)
+    out, t = K.kde_attention(q, k, v, bucket_size=8, sample_size=16, sampling=sampling, generator=gen(2),
+                             return_trace=True)
     g = torch.randn_like(out)
     (out * g).sum().backward()
     torch.testing.assert_close(v.grad, t.attention_matrix().detach().mT @ g, rtol=1e-10, atol=1e-12)
 
 
-def test_gradcheck_in_the_exact_limit():
+@pytest.mark.parametrize("sampling", SAMPLINGS)
+def test_gradcheck_in_the_exact_limit(sampling):
     q, k, v = (x.requires_grad_() for x in qkv(nq=9, d=4, dv=3, seed=6))
-    fn = lambda a, b, c: K.kde_attention(a, b, c, bucket_size=16, generator=gen())  # noqa: E731
+    fn = lambda a, b, c: K.kde_attention(a, b, c, bucket_size=16, sampling=sampling, generator=gen())  # noqa: E731
     assert torch.autograd.gradcheck(fn, (q, k, v))
 
 
-def test_no_grad_inference_matches_grad_mode():
+@pytest.mark.parametrize("sampling", SAMPLINGS)
+def test_no_grad_inference_matches_grad_mode(sampling):
     q, k, v = qkv(2, nq=80, seed=7)
     with torch.no_grad():
-        fast = K.kde_attention(q, k, v, bucket_size=8, sample_size=16, generator=gen())
-    slow = K.kde_attention(q.requires_grad_(), k, v, bucket_size=8, sample_size=16, generator=gen())
+        fast = K.kde_attention(q, k, v, bucket_size=8, sample_size=16, sampling=sampling, generator=gen())
+    slow = K.kde_attention(q.requires_grad_(), k, v, bucket_size=8, sample_size=16, sampling=sampling, generator=gen())
     torch.testing.assert_close(slow.detach(), fast, rtol=1e-12, atol=1e-12)
 
 
@@ -203,6 +207,21 @@ def test_same_draws_in_every_dtype(big):
         assert torch.equal(t.sampled, ref.sampled), dtype
 
 
+@pytest.mark.parametrize("big", [1.0, 1e4 / 16])
+@pytest.mark.parametrize("sampling", ["pps", "value_norm", "uniform"])
+def test_same_draws_in_every_dtype_for_every_scheme(big, sampling):
+    q, k, v = representable(2, n=96, big=big)
+    traces = {}
+    for dtype in DTYPES:
+        _, traces[dtype] = K.kde_attention(q.to(dtype), k.to(dtype), v.to(dtype), bucket_size=8, sample_size=16,
+                                           sampling=sampling, generator=gen(11), return_trace=True)
+    ref = traces[torch.float64]
+    for dtype, t in traces.items():
+        assert torch.equal(t.q_buckets, ref.q_buckets) and torch.equal(t.q_order, ref.q_order), dtype
+        assert torch.equal(t.sampled, ref.sampled) and torch.equal(t.block_cols, ref.block_cols), dtype
+        assert torch.equal(t.block_exact, ref.block_exact), dtype
+
+
 # ----------------------------------------------------------------------------- cost
 def test_multiply_adds_count_the_real_shapes():
     # N = 100, bucket 16: 7 key blocks of 15 keys, 7 query blocks of 15 slots (105 slots); value_norm
@@ -212,6 +231,17 @@ def test_multiply_adds_count_the_real_shapes():
     assert kde_multiply_adds(100, 100, 8, 4, bucket_size=16, sample_size=32) == 105 * 47 * 13 + 14 * 100 * 8
     assert kde_multiply_adds(100, 100, 8, 4, bucket_size=16, sample_size=32, sampling="uniform",
                              include_hashing=True) == 105 * 47 * 13 + 200 * 8 * 7
+    # pps, budget b = 16 + 32 = 48 columns per query, D + Dv + 1 = 13: 4 query blocks of 25 slots, window
+    # w = 3 (7 columns, 7 <= b / 4), ng = 4 centroids (4 x 100 x 8 <= b 13 100 / 8), value-row norms 100 x 4,
+    # spreads of two orders 2 x 100 x 8; C = 37 columns per block fill the rest: exactly 100 x 48 x 13
+    fixed = 4 * 100 * 8 + 100 * 4 + 100 * 7 * 13 + 2 * 100 * 8
+    assert kde_multiply_adds(100, 100, 8, 4, bucket_size=16, sample_size=32, sampling="pps") == fixed + 4 * 25 * 37 * 13
+    assert fixed + 4 * 25 * 37 * 13 == 100 * 48 * 13
+    # hashing: the queries only (pps has no key blocks)
+    assert kde_multiply_adds(100, 100, 8, 4, bucket_size=16, sample_size=32, sampling="pps",
+                             include_hashing=True) == 100 * 48 * 13 + 100 * 8 * 7
+    # a budget covering the keys is exact attention: every slot against every key
+    assert kde_multiply_adds(100, 60, 8, 4, bucket_size=60, sample_size=1, sampling="pps") == 100 * 60 * 13
 
 
 # ----------------------------------------------------------------------------- causal, through kde_attention
