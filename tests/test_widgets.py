@@ -2,7 +2,6 @@
 invalid input, coalesced updates, export. Small synthetic sources keep it fast."""
 from __future__ import annotations
 
-import math
 import os
 import re
 
@@ -10,12 +9,11 @@ import ipywidgets as widgets
 import numpy as np
 import pytest
 import torch
-from plotly.callbacks import Points
 
 import kdeformer
 from kdeformer.core import SAMPLINGS
 from kdeformer.defaults import KDE_DEFAULTS
-from kdeformer.widgets import AttentionExplorer, PlotBoard, source_from_tensors, toy_source
+from kdeformer.widgets import AttentionExplorer, source_from_tensors, toy_source
 from kdeformer.widgets import panels
 from kdeformer.widgets.state import Engine, Settings, call_code, kde_call_code, load_text_source
 
@@ -718,3 +716,26 @@ def test_set_zoom_none_means_everything(ex):
 
 def test_call_code_keeps_its_old_name():
     assert kde_call_code is call_code
+
+
+def test_causal_source_shows_the_lower_triangle_only():
+    """A source with is_causal=True: the core runs causal, the upper triangle stays empty, and the cost
+    counts the columns used over the lower triangle."""
+    from kdeformer.sources import AttentionSource
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 1, 120, 16, generator=g) for _ in range(3))  # (L, H, N, D)
+    src = AttentionSource("causal", "", [f"t{i}" for i in range(120)], q, k, v, 0.25, None, {}, is_causal=True)
+    ex = AttentionExplorer(src, bucket_size=16, sample_size=16, seeds=1, order="original")
+    assert ex.last_error is None
+    upper = np.triu_indices(120, 1)
+    for name in ("approx", "exact"):
+        z = panels.unpack(trace_of(ex.figures["error"], name).z)
+        assert np.isnan(z[upper]).all(), name  # nothing above the diagonal
+    out, tr = kdeformer.kde_attention(q[0, 0], k[0, 0], v[0, 0], bucket_size=16, sample_size=16, scale=0.25,
+                                      is_causal=True, sampling=ex.settings().sampling,
+                                      generator=torch.Generator().manual_seed(0), return_trace=True)
+    torch.testing.assert_close(ex._result.out, out)
+    used = float((tr.row_columns(torch.arange(120))[1] > 0).sum())
+    assert f"cost {used / (120 * 121 / 2):.2f} of exact" in ex.status.value
+    assert "causal: the local window" in panels.caption(ex.figures["heavy"])

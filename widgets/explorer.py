@@ -447,6 +447,9 @@ class AttentionExplorer(widgets.VBox):
             detail = "all keys"
         elif s.method != "kdeformer":
             detail = f"budget {s.budget} columns per query"
+        elif self.engine.is_causal:
+            detail = (f"causal: columns used over the lower triangle; window and {s.sample_size} samples per query, "
+                      f"of up to {nk} keys")
         elif tr.num_blocks <= 1:
             detail = "one block: exact attention"
         else:

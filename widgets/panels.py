@@ -423,8 +423,10 @@ def heavy_update(view: View) -> PanelUpdate:
     mean_mass = float(mass.mean())
     heavy_cols = heavy_column_count(tr)
     cols = f" + {heavy_cols} heavy columns" if heavy_cols else ""
+    what = (f"causal: the local window{cols}" if getattr(tr, "is_causal", False) else
+            f"{tr.num_blocks} blocks of ≤{block_len(tr)} keys{cols}")
     set_title(upd, f"exact entries · {view.label()} B{view.settings.bucket_size}",
-              f"{tr.num_blocks} blocks of ≤{block_len(tr)} keys{cols} hold {mean_mass:.1%} of the softmax mass "
+              f"{what} hold {mean_mass:.1%} of the softmax mass "
               f"(as many random entries: {random_share:.1%}){pooled_note(grids['gr'], grids['gc'])}")
     upd.info.update(mean_mass=mean_mass, mass=mass, exact_count=count)
     return upd

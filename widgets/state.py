@@ -539,11 +539,24 @@ class Engine:
         """Key columns each query pays for, as a fraction of exact attention's Nk (hashing and the
         column-norm estimation rows not counted); above 1 when block + samples exceed Nk."""
         nk = trace.key.shape[-2]
+        if s.method == "kdeformer" and self.is_causal:
+            return self.causal_cost(trace)
         if s.method == "exact" or (s.method == "kdeformer" and trace.num_blocks <= 1):
             return 1.0
         if s.method == "kdeformer":
             return (float(trace.key_block_len.max()) + s.sample_size) / nk
         return s.budget / nk
+
+
+    @staticmethod
+    def causal_cost(trace) -> float:
+        """Causal: the columns the queries use (the trace's row_columns), over the keys they may see (the
+        lower triangle, sum_i (Nk - Nq + i + 1)); exact causal attention is 1."""
+        nq, nk = trace.query.shape[-2], trace.key.shape[-2]
+        _, weights, _ = trace.row_columns(torch.arange(nq))
+        used = float((weights > 0).sum())
+        visible = float(sum(min(nk, max(0, nk - nq + i + 1)) for i in range(nq)))
+        return used / max(visible, 1.0)
 
 
 kde_call_code = call_code  # the old name (it writes exact and peer calls too)
