@@ -560,6 +560,13 @@ def kde_attention(
        every query whose block does not already hold that key;
     5. the same pass gives the row sums D~ (the ones column of V~ = [V, 1]); output = numerator / D~.
 
+    The default ``sampling="pps"`` replaces steps 3-4 (see :mod:`kdeformer.pps`): queries are cut into
+    blocks in token or LSH order, whichever is tighter; each group of blocks estimates its column
+    importance from its centroid; every block draws distinct columns without replacement with inclusion
+    probabilities pi (capped PPS, columns with pi = 1 computed exactly, the rest weighted 1/pi), and
+    every query also computes its +-3 token neighbours exactly. There ``bucket_size + sample_size`` is
+    one budget of key columns per query, spent honestly (every multiply-add of the scheme counted).
+
     A reference in plain torch (exact when ``bucket_size >= Nk``)::
 
         A = exp(scale * Q @ K.T - m)                  # m: per-row shift, any value
@@ -581,9 +588,12 @@ def kde_attention(
             KV-cache decoding need; torch SDPA's ``is_causal`` is top-left when Nq != Nk). Strictly
             causal: output i never depends on a later token. See :mod:`kdeformer.causal`.
         local_window: with ``is_causal`` only: keys before each query chunk computed exactly.
-        sampling: "column_norm" (default; the theory's choice: estimated column norms of D^-1 A times
-            value-row norms, drawn per group of query blocks, see :mod:`kdeformer.sampling`),
-            "value_norm" (the authors' choice: value-row norms mixed with uniform) or "uniform".
+        sampling: "pps" (default, the most accurate: block-centroid PPS sampling without replacement
+            plus an exact token window, see :mod:`kdeformer.pps`; with ``is_causal`` it runs
+            "column_norm", as it has no causal form yet), "column_norm" (the theory's choice: estimated
+            column norms of D^-1 A times value-row norms, drawn per group of query blocks, see
+            :mod:`kdeformer.sampling`), "value_norm" (the authors' choice: value-row norms mixed with
+            uniform) or "uniform".
         bucket_order: "gray" (true Gray order), "authors" (sort by gray(code), as the authors' code) or
             "binary".
         generator: a ``torch.Generator`` on the inputs' device; the same generator state gives the

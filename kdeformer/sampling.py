@@ -6,7 +6,7 @@ and the draws with their weights 1 / (s p). Probabilities are computed in float3
 to float32 and drawn by inverse CDF from addressed uniforms (kdeformer.random), so one seed draws the
 same columns in every dtype and for every batch size. They are detached from autograd.
 
-"column_norm" (the default) follows the paper's theory: the variance of the sampled part is smallest
+"column_norm" follows the paper's theory: the variance of the sampled part is smallest
 when key column j is drawn with probability proportional to ||column j of D^-1 A|| * ||v~_j||
 (approximate matrix multiplication). The squared column norm, sum_i exp(2 <q_i, k_j>) / D_i^2, is a
 kernel density over the queries; we estimate it by sampling queries, i.e. a sampling-based KDE:
@@ -48,7 +48,7 @@ from . import pps
 from ._checks import check_int
 from .random import Draws, inverse_cdf
 
-SAMPLINGS = ("column_norm", "value_norm", "uniform", "pps")
+SAMPLINGS = ("pps", "column_norm", "value_norm", "uniform")  # the default first
 OWN_PASS = {"pps": pps.plan_pps}  # schemes that plan their own blocks and attention pass
 GLOBAL_MIX = 0.3  # weight of the all-rows estimate in each group's column norms
 UNIFORM_FLOOR = 0.1  # probability mass spread uniformly over the allowed columns

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import kdeformer as K
-from kdeformer.core import bucket_ranks, gray_code, inverse_gray_code
+from kdeformer.core import SAMPLINGS, bucket_ranks, gray_code, inverse_gray_code
 
 
 def gen(seed=0):
@@ -24,12 +24,13 @@ def qkv(*lead, nq=40, nk=None, d=16, dv=8, dtype=torch.float64, seed=0, spread=1
 # ----------------------------------------------------------------------------- exact cases
 @pytest.mark.parametrize("nq,nk", [(1, 1), (7, 7), (33, 50), (64, 17), (100, 100)])
 @pytest.mark.parametrize("sample_size", [1, 64])
-def test_bucket_at_least_nk_is_exact(nq, nk, sample_size):
+@pytest.mark.parametrize("sampling", SAMPLINGS)
+def test_bucket_at_least_nk_is_exact(nq, nk, sample_size, sampling):
     q, k, v = qkv(2, 3, nq=nq, nk=nk)
-    out = K.kde_attention(q, k, v, bucket_size=nk, sample_size=sample_size, generator=gen())
+    out = K.kde_attention(q, k, v, bucket_size=nk, sample_size=sample_size, sampling=sampling, generator=gen())
     ref = torch.softmax(q @ k.mT / math.sqrt(q.shape[-1]), -1) @ v
     torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
-    out_big = K.kde_attention(q, k, v, bucket_size=10 * nk, generator=gen())
+    out_big = K.kde_attention(q, k, v, bucket_size=10 * nk, sampling=sampling, generator=gen())
     torch.testing.assert_close(out_big, ref, rtol=1e-12, atol=1e-12)
 
 
@@ -46,10 +47,11 @@ def test_exact_attention_matches_sdpa_and_chunks():
         E.CHUNK_ENTRIES = old
 
 
-def test_scale_argument_is_used():
+@pytest.mark.parametrize("sampling", SAMPLINGS)
+def test_scale_argument_is_used(sampling):
     q, k, v = qkv(1, nq=20, nk=20)
     for scale in (0.05, 1.0, -0.3):
-        out = K.kde_attention(q, k, v, bucket_size=32, scale=scale)
+        out = K.kde_attention(q, k, v, bucket_size=32, scale=scale, sampling=sampling)
         ref = torch.softmax(scale * q @ k.mT, -1) @ v
         torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
 
@@ -72,7 +74,8 @@ def test_gray_order_neighbours_differ_in_one_bit():
 
 def test_trace_sorts_by_bucket_rank():
     q, k, v = qkv(2, nq=90, nk=70)
-    _, t = K.kde_attention(q, k, v, bucket_size=16, num_projs=5, generator=gen(3), return_trace=True)
+    _, t = K.kde_attention(q, k, v, bucket_size=16, num_projs=5, sampling="column_norm", generator=gen(3),
+                           return_trace=True)  # key blocks (pps blocks only queries, maybe in token order)
     ranks = bucket_ranks(5, "gray", "cpu")
     for x, order in ((t.q_buckets, t.q_order), (t.k_buckets, t.k_order)):
         sorted_ranks = ranks[torch.gather(x, -1, order)]
@@ -106,7 +109,7 @@ def test_trace_reproduces_output(nq, nk, bucket):
 
 def test_trace_blocks_are_contiguous_runs_of_the_sorted_order():
     q, k, v = qkv(1, nq=64, nk=64)
-    _, t = K.kde_attention(q, k, v, bucket_size=16, generator=gen(2), return_trace=True)
+    _, t = K.kde_attention(q, k, v, bucket_size=16, sampling="column_norm", generator=gen(2), return_trace=True)
     k_sorted_blocks = torch.gather(t.k_blocks, -1, t.k_order)[0]
     assert torch.equal(k_sorted_blocks, torch.arange(4).repeat_interleave(16))
     q_sorted_blocks = torch.gather(t.q_blocks, -1, t.q_order)[0]
@@ -157,29 +160,34 @@ def test_sampled_sums_are_unbiased():
         assert float(rel) < 0.01, float(rel)
 
 
-def test_error_falls_as_sample_size_grows():
+@pytest.mark.parametrize("sampling", SAMPLINGS)
+def test_error_falls_as_sample_size_grows(sampling):
     q, k, v = qkv(64, nq=128, nk=128, d=16, dv=16, seed=3, spread=1.5)
     exact = K.exact_attention(q, k, v)
+    sizes = (8, 32, 64, 96) if sampling == "pps" else (8, 32, 128, 512)  # pps: a budget >= Nk is exact
     errors = [
-        K.relative_spectral_error(K.kde_attention(q, k, v, bucket_size=16, sample_size=s, generator=gen(1)), exact)
-        for s in (8, 32, 128, 512)
+        K.relative_spectral_error(K.kde_attention(q, k, v, bucket_size=16, sample_size=s, sampling=sampling,
+                                                  generator=gen(1)), exact)
+        for s in sizes
     ]
     assert errors[0] > errors[1] > errors[2] > errors[3], errors
     assert errors[3] < 0.5 * errors[0]
 
 
-def test_deterministic_for_a_generator():
+@pytest.mark.parametrize("sampling", SAMPLINGS)
+def test_deterministic_for_a_generator(sampling):
     q, k, v = qkv(2, 3, nq=50, nk=50)
-    a = K.kde_attention(q, k, v, bucket_size=8, generator=gen(9))
-    b = K.kde_attention(q, k, v, bucket_size=8, generator=gen(9))
-    c = K.kde_attention(q, k, v, bucket_size=8, generator=gen(10))
+    a = K.kde_attention(q, k, v, bucket_size=8, sample_size=16, sampling=sampling, generator=gen(9))
+    b = K.kde_attention(q, k, v, bucket_size=8, sample_size=16, sampling=sampling, generator=gen(9))
+    c = K.kde_attention(q, k, v, bucket_size=8, sample_size=16, sampling=sampling, generator=gen(10))
     assert torch.equal(a, b)
     assert not torch.equal(a, c)
 
 
 # ----------------------------------------------------------------------------- numerics
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
-def test_huge_logits_stay_finite_and_match_float64(dtype):
+@pytest.mark.parametrize("sampling", SAMPLINGS)
+def test_huge_logits_stay_finite_and_match_float64(dtype, sampling):
     g = gen(4)
     q = torch.randn(2, 3, 50, 8, generator=g)
     k = torch.randn(2, 3, 50, 8, generator=g)
@@ -190,8 +198,8 @@ def test_huge_logits_stay_finite_and_match_float64(dtype):
     qd, kd, vd = (x.to(torch.float64) for x in (ql, kl, vl))  # the same numbers in float64
     assert float((qd @ kd.mT).abs().max()) > 9000
     for bucket in (16, 50):
-        out = K.kde_attention(ql, kl, vl, bucket_size=bucket, scale=1.0, generator=gen(2))
-        ref = K.kde_attention(qd, kd, vd, bucket_size=bucket, scale=1.0, generator=gen(2))
+        out = K.kde_attention(ql, kl, vl, bucket_size=bucket, sample_size=16, scale=1.0, sampling=sampling, generator=gen(2))
+        ref = K.kde_attention(qd, kd, vd, bucket_size=bucket, sample_size=16, scale=1.0, sampling=sampling, generator=gen(2))
         assert out.dtype == dtype and bool(torch.isfinite(out).all())
         # half types are computed in float32; a logit of 1e4 carries a float32 rounding of ~1e-3,
         # which exp() turns into a relative error of the same size: that is what the dtype allows
@@ -201,41 +209,46 @@ def test_huge_logits_stay_finite_and_match_float64(dtype):
     assert bool(torch.isfinite(exact).all())
 
 
-def test_large_logits_float32_like_a_real_bert_head():
+@pytest.mark.parametrize("sampling", SAMPLINGS)
+def test_large_logits_float32_like_a_real_bert_head(sampling):
     """Logits around 81 (a real MiniLM head) overflow exp() in the authors' code; not here."""
     q, k, v = qkv(1, 2, nq=64, nk=64, dtype=torch.float32)
-    out = K.kde_attention(q * 30, k * 30, v, bucket_size=16, scale=1.0, generator=gen())
+    out = K.kde_attention(q * 30, k * 30, v, bucket_size=16, sample_size=16, scale=1.0, sampling=sampling, generator=gen())
     assert bool(torch.isfinite(out).all())
 
 
 # ----------------------------------------------------------------------------- independence
 @pytest.mark.parametrize("nq,nk,bucket", [(50, 50, 16), (37, 61, 8), (65, 64, 64)])
-def test_batch_items_and_heads_are_independent(nq, nk, bucket):
+@pytest.mark.parametrize("sampling", SAMPLINGS)
+def test_batch_items_and_heads_are_independent(nq, nk, bucket, sampling):
     q, k, v = qkv(3, 4, nq=nq, nk=nk, dtype=torch.float32)
-    base = K.kde_attention(q, k, v, bucket_size=bucket, generator=gen(1))
+    kw = dict(bucket_size=bucket, sample_size=16, sampling=sampling)
+    base = K.kde_attention(q, k, v, generator=gen(1), **kw)
     q2, k2, v2 = q.clone(), k.clone(), v.clone()
     q2[1] += 3.0
     k2[1, 2] *= -1
     v2[1] = v2[1] * 5 + 1
-    out = K.kde_attention(q2, k2, v2, bucket_size=bucket, generator=gen(1))
+    out = K.kde_attention(q2, k2, v2, generator=gen(1), **kw)
     assert not torch.equal(out[1], base[1])
     assert torch.equal(out[0], base[0]) and torch.equal(out[2], base[2])
 
 
-def test_cross_attention_and_no_leading_dims():
+@pytest.mark.parametrize("sampling", SAMPLINGS)
+def test_cross_attention_and_no_leading_dims(sampling):
     q, k, v = qkv(nq=13, nk=77, dv=5)
-    out, t = K.kde_attention(q, k, v, bucket_size=10, generator=gen(), return_trace=True)
+    out, t = K.kde_attention(q, k, v, bucket_size=10, sample_size=16, sampling=sampling, generator=gen(), return_trace=True)
     assert out.shape == (13, 5)
     torch.testing.assert_close(t.attention_matrix() @ v, out)
 
 
 # ----------------------------------------------------------------------------- masks
-def test_padding_mask_exact_limit_equals_unpadded_attention():
+@pytest.mark.parametrize("sampling", SAMPLINGS)
+def test_padding_mask_exact_limit_equals_unpadded_attention(sampling):
     q, k, v = qkv(2, 3, nq=30, nk=50)
     lengths = torch.tensor([50, 31])
     mask = torch.arange(50) < lengths.view(2, 1)  # (B, Nk): broadcast over heads
     mask = mask.view(2, 1, 50)
-    out = K.kde_attention(q, k, v, bucket_size=64, key_mask=mask, generator=gen())
+    out = K.kde_attention(q, k, v, bucket_size=64, key_mask=mask, sampling=sampling, generator=gen())
     for b, n in enumerate(lengths.tolist()):
         ref = K.exact_attention(q[b, :, :, :], k[b, :, :n], v[b, :, :n])
         torch.testing.assert_close(out[b], ref, rtol=1e-12, atol=1e-12)
@@ -243,7 +256,7 @@ def test_padding_mask_exact_limit_equals_unpadded_attention():
     torch.testing.assert_close(exact, out, rtol=1e-12, atol=1e-12)
 
 
-@pytest.mark.parametrize("sampling", ["value_norm", "uniform"])
+@pytest.mark.parametrize("sampling", SAMPLINGS)
 def test_masked_keys_take_no_part(sampling):
     q, k, v = qkv(2, 2, nq=40, nk=60)
     mask = torch.rand(2, 2, 60, generator=gen(3)) > 0.4
@@ -251,7 +264,8 @@ def test_masked_keys_take_no_part(sampling):
         q, k, v, bucket_size=8, key_mask=mask, sampling=sampling, generator=gen(1), return_trace=True
     )
     assert bool((t.probs[~mask] == 0).all())
-    assert bool(mask.gather(-1, t.sampled).all())
+    real = t.sample_group >= 0  # heads of different lengths: slots past a head's own draws are padding (-1)
+    assert bool(mask.gather(-1, t.sampled)[real].all())
     assert bool((t.k_blocks[~mask] == -1).all())
     assert bool((t.attention_matrix()[~mask.unsqueeze(-2).expand(-1, -1, 40, -1)] == 0).all())
     torch.testing.assert_close(t.attention_matrix() @ v, out)
@@ -263,11 +277,12 @@ def test_masked_keys_take_no_part(sampling):
     assert torch.equal(out, out2)
 
 
-def test_mask_leaving_fewer_keys_than_blocks():
+@pytest.mark.parametrize("sampling", SAMPLINGS)
+def test_mask_leaving_fewer_keys_than_blocks(sampling):
     q, k, v = qkv(1, nq=64, nk=64)
     mask = torch.zeros(1, 64, dtype=torch.bool)
     mask[0, [3, 40, 41]] = True  # 3 unmasked keys, 8 blocks of 8
-    out, t = K.kde_attention(q, k, v, bucket_size=8, key_mask=mask, generator=gen(), return_trace=True)
+    out, t = K.kde_attention(q, k, v, bucket_size=8, key_mask=mask, sampling=sampling, generator=gen(), return_trace=True)
     assert bool(torch.isfinite(out).all())
     assert bool(t.heavy_mask().any(-1).all())  # every query still sees an unmasked key exactly
     torch.testing.assert_close(t.attention_matrix() @ v, out)
@@ -320,8 +335,9 @@ def test_non_contiguous_inputs_like_hugging_face_transposes():
     g = gen(8)
     q, k, v = (torch.randn(1, 37, 4, 16, generator=g, dtype=torch.float64).transpose(1, 2) for _ in range(3))
     assert not q.is_contiguous()
-    for sampling in ("value_norm", "column_norm"):
-        out = K.kde_attention(q, k, v, bucket_size=8, sampling=sampling, generator=gen(1))
-        ref = K.kde_attention(q.contiguous(), k.contiguous(), v.contiguous(), bucket_size=8, sampling=sampling, generator=gen(1))
+    for sampling in SAMPLINGS:
+        out = K.kde_attention(q, k, v, bucket_size=8, sample_size=16, sampling=sampling, generator=gen(1))
+        ref = K.kde_attention(q.contiguous(), k.contiguous(), v.contiguous(), bucket_size=8, sample_size=16,
+                              sampling=sampling, generator=gen(1))
         assert torch.equal(out, ref)
     torch.testing.assert_close(K.kde_attention(q, k, v, bucket_size=64), K.exact_attention(q, k, v))

@@ -34,10 +34,12 @@ def representable(*lead, n=48, d=16, dv=8, seed=0, big=1.0):
 
 # ----------------------------------------------------------------------------- defaults and names
 def test_best_estimator_is_the_default_and_the_authors_is_one_argument_away():
-    assert KDE_DEFAULTS.sampling == "column_norm"
+    assert KDE_DEFAULTS.sampling == "pps" == K.SAMPLINGS[0]
     q, k, v = qkv(nq=64)
     _, t = K.kde_attention(q, k, v, bucket_size=8, sample_size=16, generator=gen(), return_trace=True)
-    assert t.sampling == "column_norm"
+    assert t.sampling == "pps"
+    _, t = K.kde_attention(q, k, v, bucket_size=8, sample_size=16, is_causal=True, generator=gen(), return_trace=True)
+    assert t.sampling == "column_norm"  # causal attention has no pps form: the causal kernel's best runs
     _, t = K.kde_attention(q, k, v, bucket_size=8, sample_size=16, sampling="value_norm", generator=gen(),
                            return_trace=True)
     assert t.sampling == "value_norm" and t.num_groups == 1
@@ -46,12 +48,14 @@ def test_best_estimator_is_the_default_and_the_authors_is_one_argument_away():
 
 
 def test_options_are_checked_in_one_place():
-    assert check_kde_options().sampling == "column_norm"
-    assert check_kde_options(sample_size=16).heavy_columns == 4
+    assert check_kde_options().sampling == "pps" and check_kde_options().heavy_columns == 0
+    assert check_kde_options(sample_size=16, sampling="column_norm").heavy_columns == 4
+    col = dict(sampling="column_norm")
     for kwargs, match in [
-        (dict(heavy_columns=-1), r"heavy_columns must be an integer in \[0, 127\]"),
-        (dict(heavy_columns="a"), "heavy_columns must be an integer"),
-        (dict(estimate_rows=0), "estimate_rows must be an integer >= 1"),
+        (dict(heavy_columns=-1, **col), r"heavy_columns must be an integer in \[0, 127\]"),
+        (dict(heavy_columns="a", **col), "heavy_columns must be an integer"),
+        (dict(estimate_rows=0, **col), "estimate_rows must be an integer >= 1"),
+        (dict(heavy_columns=4), "heavy_columns needs sampling='column_norm'"),
         (dict(sampling="value_norm", heavy_columns=4), "heavy_columns needs sampling='column_norm'"),
         (dict(is_causal="yes"), "is_causal must be True or False"),
         (dict(local_window=4), "local_window needs is_causal=True"),
@@ -198,7 +202,7 @@ def test_same_draws_in_every_dtype(big):
     traces = {}
     for dtype in DTYPES:
         _, traces[dtype] = K.kde_attention(q.to(dtype), k.to(dtype), v.to(dtype), bucket_size=8, sample_size=16,
-                                           generator=gen(11), return_trace=True)
+                                           sampling="column_norm", generator=gen(11), return_trace=True)
     ref = traces[torch.float64]
     for dtype, t in traces.items():
         assert torch.equal(t.q_buckets, ref.q_buckets) and torch.equal(t.k_buckets, ref.k_buckets), dtype
@@ -228,7 +232,8 @@ def test_multiply_adds_count_the_real_shapes():
     # draws 32 columns: every slot computes 15 + 32 columns, D = 8 for the logit, Dv + 1 = 5 for the sums
     assert kde_multiply_adds(100, 100, 8, 4, bucket_size=16, sample_size=32, sampling="value_norm") == 105 * 47 * 13
     # column_norm: R = ceil(32 * 100 / 200) = 16 estimation rows -> 7 groups of 2 rows: 14 x 100 x 8 more
-    assert kde_multiply_adds(100, 100, 8, 4, bucket_size=16, sample_size=32) == 105 * 47 * 13 + 14 * 100 * 8
+    assert kde_multiply_adds(100, 100, 8, 4, bucket_size=16, sample_size=32, sampling="column_norm") == \
+        105 * 47 * 13 + 14 * 100 * 8
     assert kde_multiply_adds(100, 100, 8, 4, bucket_size=16, sample_size=32, sampling="uniform",
                              include_hashing=True) == 105 * 47 * 13 + 200 * 8 * 7
     # pps, budget b = 16 + 32 = 48 columns per query, D + Dv + 1 = 13: 4 query blocks of 25 slots, window
