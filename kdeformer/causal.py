@@ -47,7 +47,7 @@ import torch
 from . import sampling as colnorm
 from .core import bucket_ranks, gather_rows, hash_codes
 from .defaults import KDE_DEFAULTS
-from .random import Draws, inverse_cdf
+from .random import Draws
 
 # column_norm: weight of the mean over the last RECENT_ROWS estimation rows in each chunk's column norms
 # (measured on MiniLM, two texts: error 0.085 -> 0.079 and 0.081 -> 0.077 at bucket 64 / samples 128)
@@ -144,9 +144,9 @@ class HeadState:
     q_rank: torch.Tensor  # (gb, nc*L) bucket rank of each (padded) query
     value_norm: torch.Tensor  # (gb, Nk) float64 of float32 ||[v_j, 1]||
     norm_prefix: torch.Tensor  # (gb, 2, Nk+1) float64 prefix sums of ||v~_j|| and ||v~_j||^2 by position
-    row_prefix: torch.Tensor | None  # (gb, R+1, Nk) float64 prefix sums of estimation rows' P^2
     rows_before: torch.Tensor | None  # (gb, nc) estimation rows at or before each chunk's first query
     rows: torch.Tensor | None  # (gb, R) token index of the estimation rows
+    column_norms: "RowTables | None"  # column_norm's tables, one per count of estimation rows seen
 
 
 def hash_ranks(x: torch.Tensor, projections: torch.Tensor, ranks: torch.Tensor) -> torch.Tensor:
@@ -201,14 +201,15 @@ def head_state(q, k, v, limits, starts, projections, ranks, draws: Draws, plan: 
     entry_chunk = torch.searchsorted(starts, positions, right=True)  # (gb, Nk): chunks with p_c <= j
     norms = colnorm.value_row_norms(v.float()).to(torch.float64)  # (gb, Nk)
     norm_prefix = torch.nn.functional.pad(torch.stack([norms, norms.square()], 1).cumsum(-1), (1, 0))
-    row_prefix = rows_before = rows = None
+    rows_before = rows = tables = None
     if plan.estimate_rows:
         rows = estimation_rows(draws, plan.estimate_rows, q.shape[1])  # (gb, R)
-        row_prefix = estimation_prefix(q, k, rows, limits, scale)
         first = torch.arange(plan.num_chunks, device=q.device) * plan.chunk_len  # (nc,)
         rows_before = torch.searchsorted(rows, first.expand(rows.shape[0], -1).contiguous(), right=True)
+        importance = row_importance(estimation_prefix(q, k, rows, limits, scale), norms)  # (gb, R+1, Nk)
+        tables = row_tables(importance, starts, rows_before, plan.heavy)
     return HeadState(k_order, k_rank, rank_start, sorted_pos, entry_chunk, q_rank, norms, norm_prefix,
-                     row_prefix, rows_before, rows)
+                     rows_before, rows, tables)
 
 
 # --------------------------------------------------------------------------- per batch of chunks
@@ -319,40 +320,100 @@ def draw_closed_form(state: HeadState, starts, uniforms, sampling: str) -> torch
     return torch.minimum(torch.where(from_norm, by_norm, by_count), last)
 
 
-def column_norm_importance(state: HeadState, chunks: slice, pool: torch.Tensor) -> torch.Tensor:
-    """Estimated ||column j of D^-1 A|| * ||v~_j|| from the estimation rows at or before each chunk start:
-    the mean of P_ij^2 over all of them, mixed (RECENT_MIX) with the mean over the last RECENT_ROWS.
+def row_importance(row_prefix: torch.Tensor, norms: torch.Tensor) -> torch.Tensor:
+    """Estimated ||column j of D^-1 A|| * ||v~_j|| after the first r estimation rows, for every r: the
+    mean of P_ij^2 over those rows, mixed (RECENT_MIX) with the mean over the last RECENT_ROWS of them.
 
-    -> (gb, nb, Nk) float64, 0 outside the pool (and everywhere for a chunk with no rows before it).
+    row_prefix (gb, R+1, Nk) prefix sums of P^2, norms (gb, Nk) -> (gb, R+1, Nk) float64 (row 0: zeros)
     """
-    before = state.rows_before[:, chunks]  # (gb, nb)
-    n_keys = state.row_prefix.shape[-1]
-    upto = torch.gather(state.row_prefix, 1, before.unsqueeze(-1).expand(*before.shape, n_keys))  # (gb, nb, Nk)
-    mean_sq = upto / before.clamp_min(1).unsqueeze(-1)
+    count = torch.arange(row_prefix.shape[1], device=row_prefix.device)  # (R+1,) rows seen
+    mean_sq = row_prefix / count.clamp_min(1).view(1, -1, 1)
     if RECENT_ROWS and RECENT_MIX:
-        since = (before - RECENT_ROWS).clamp_min(0)  # (gb, nb)
-        recent = upto - torch.gather(state.row_prefix, 1, since.unsqueeze(-1).expand(*since.shape, n_keys))
-        recent = recent / (before - since).clamp_min(1).unsqueeze(-1)
+        since = (count - RECENT_ROWS).clamp_min(0)  # (R+1,)
+        recent = (row_prefix - row_prefix[:, since]) / (count - since).clamp_min(1).view(1, -1, 1)
         mean_sq = (1 - RECENT_MIX) * mean_sq + RECENT_MIX * recent
-    return torch.where(pool, mean_sq.clamp_min(0).sqrt() * state.value_norm.unsqueeze(1), 0.0)
+    return mean_sq.clamp_min(0).sqrt() * norms.unsqueeze(1)
 
 
-def column_norm_probabilities(state: HeadState, chunks: slice, starts: torch.Tensor, heavy: int):
-    """Each chunk's column_norm probabilities over its pool, after its h heavy columns are taken out.
+@dataclass
+class RowTables:
+    """column_norm's sampling state per count r of estimation rows seen (chunks with the same count share
+    it, so no chunks x Nk table is built): importance with the heavy columns zeroed and its CDF."""
 
-    -> probs (gb, nb, Nk) float64 (rows sum to 1, or are all 0 when nothing is left to draw),
-       heavy columns (gb, nb, h) int64 and their validity (gb, nb, h) bool.
+    importance: torch.Tensor  # (gb, R+1, Nk) float64, 0 on the heavy columns
+    cdf: torch.Tensor  # (gb, (R+1) * Nk) row r holds r + (its normalised CDF), one sorted sequence
+    total: torch.Tensor  # (gb, R+1) sum of each row
+    heavy: torch.Tensor  # (gb, R+1, h) the h largest columns of the pool of the first chunk with r rows
+    heavy_valid: torch.Tensor  # (gb, R+1, h) bool: a pool key (also a pool key of every later chunk)
+    heavy_steps: torch.Tensor  # (gb, R+1, h) sorted valid heavy columns minus their rank (invalid: Nk)
+
+
+def row_tables(importance: torch.Tensor, starts: torch.Tensor, rows_before: torch.Tensor, heavy: int) -> RowTables:
+    """Heavy columns and CDFs of each row count.  importance (gb, R+1, Nk), starts / rows_before (gb, nc)."""
+    gb, n_tables, n_keys = importance.shape
+    count = torch.arange(n_tables, device=starts.device).expand(gb, -1).contiguous()  # (gb, R+1)
+    first_chunk = torch.searchsorted(rows_before, count).clamp_max(starts.shape[1] - 1)  # (gb, R+1)
+    first_pool = torch.gather(starts, 1, first_chunk)  # (gb, R+1) the smallest pool that uses row r's table
+    allowed = torch.arange(n_keys, device=starts.device) < first_pool.unsqueeze(-1)  # (gb, R+1, Nk)
+    cols, cols_valid = colnorm.pick_heavy_columns(importance, allowed, heavy)  # (gb, R+1, h)
+    importance = importance.scatter(-1, cols, 0.0)
+    total = importance.sum(-1)  # (gb, R+1)
+    cdf = (importance.cumsum(-1) / total.clamp_min(1e-300).unsqueeze(-1)).clamp_max(1) + count.unsqueeze(-1)
+    ordered = torch.sort(torch.where(cols_valid, cols, n_keys), -1).values  # (gb, R+1, h)
+    steps = torch.where(ordered < n_keys, ordered - torch.arange(heavy, device=starts.device), n_keys)
+    return RowTables(importance, cdf.flatten(1), total, cols, cols_valid, steps)
+
+
+def column_norm_probability(tables: RowTables, table: torch.Tensor, starts, keys) -> torch.Tensor:
+    """p of each key under its chunk's column_norm distribution: (1 - f) importance / pool sum + f uniform
+    over the pool's non-heavy keys (all uniform when the pool has no importance yet), 0 on heavy columns.
+
+    table (gb, nb) row count of each chunk, starts (gb, nb), keys (gb, nb, X) -> (gb, nb, X) float64
     """
-    pool = pool_mask(starts, state.k_order.shape[-1])  # (gb, nb, Nk)
-    importance = column_norm_importance(state, chunks, pool)
-    cols = torch.zeros(*starts.shape, 0, dtype=torch.int64, device=starts.device)
-    cols_valid = cols.bool()
-    if heavy:
-        cols, cols_valid = colnorm.pick_heavy_columns(importance, pool, heavy)
-        pool = pool.scatter(-1, cols, False)
-    weight = colnorm.mix_with_floor(importance * pool, pool)
-    total = weight.sum(-1, keepdim=True)
-    return torch.where(total > 0, weight / total.clamp_min(1e-300), 0.0), cols, cols_valid
+    gb, nb = table.shape
+    n_keys = tables.importance.shape[-1]
+    pool_sum, n_allowed, share = pool_importance(tables, table, starts)  # (gb, nb, 1) each
+    flat = tables.importance.flatten(1)  # (gb, (R+1) * Nk)
+    imp = torch.gather(flat, 1, (table.unsqueeze(-1) * n_keys + keys).flatten(1)).view_as(keys)
+    heavy = torch.gather(tables.heavy, 1, table.unsqueeze(-1).expand(gb, nb, tables.heavy.shape[-1]))
+    valid = torch.gather(tables.heavy_valid, 1, table.unsqueeze(-1).expand_as(heavy))
+    is_heavy = ((keys.unsqueeze(-1) == heavy.unsqueeze(-2)) & valid.unsqueeze(-2)).any(-1)  # (gb, nb, X)
+    p = share * imp / pool_sum.clamp_min(1e-300) + (1 - share) / n_allowed.clamp_min(1)
+    return torch.where(is_heavy | (keys >= starts.unsqueeze(-1)) | (n_allowed < 1), 0.0, p)
+
+
+def pool_importance(tables: RowTables, table: torch.Tensor, starts: torch.Tensor):
+    """Per chunk: its pool's importance sum, its non-heavy pool keys, and the importance share (1 - f,
+    or 0 before any importance).  -> three (gb, nb, 1)"""
+    gb, nb = table.shape
+    n_keys = tables.importance.shape[-1]
+    last = table * n_keys + (starts - 1).clamp_min(0)  # (gb, nb) flat index of each pool's last key
+    total = torch.gather(tables.total, 1, table)  # (gb, nb)
+    cdf_last = torch.gather(tables.cdf, 1, last) - table  # normalised CDF at the pool's last key
+    pool_sum = torch.where(starts > 0, cdf_last * total, 0.0)
+    n_heavy = torch.gather(tables.heavy_valid.sum(-1), 1, table)  # (gb, nb)
+    share = torch.where(pool_sum > 0, 1 - colnorm.UNIFORM_FLOOR, 0.0)
+    return pool_sum.unsqueeze(-1), (starts - n_heavy).unsqueeze(-1), share.unsqueeze(-1)
+
+
+def draw_column_norm(tables: RowTables, table: torch.Tensor, starts, uniforms) -> torch.Tensor:
+    """Draw from each chunk's column_norm distribution with one uniform each: the importance part by
+    `searchsorted` on the shared CDF of its row count, the uniform part as the m-th non-heavy pool key.
+
+    table, starts (gb, nb), uniforms (gb, nb, s') -> keys (gb, nb, s') in [0, p_c)
+    """
+    gb, nb, draws = uniforms.shape
+    pool_sum, n_allowed, share = pool_importance(tables, table, starts)
+    total = torch.gather(tables.total, 1, table).unsqueeze(-1)  # (gb, nb, 1)
+    from_importance = uniforms < share
+    target = table.unsqueeze(-1) + uniforms / share.clamp_min(1e-300) * pool_sum / total.clamp_min(1e-300)
+    index = torch.searchsorted(tables.cdf, target.view(gb, -1), right=True).view_as(target)
+    by_importance = index - table.unsqueeze(-1) * tables.importance.shape[-1]
+    m = ((uniforms - share) / (1 - share) * n_allowed).long().clamp_min(0)  # (gb, nb, s') m-th allowed key
+    steps = torch.gather(tables.heavy_steps, 1, table.unsqueeze(-1).expand(gb, nb, tables.heavy_steps.shape[-1]))
+    by_count = m + torch.searchsorted(steps, m, right=True)  # skip the heavy columns at or below it
+    last = (starts - 1).clamp_min(0).unsqueeze(-1)
+    return torch.minimum(torch.where(from_importance, by_importance, by_count), last).clamp_min(0)
 
 
 def probability_table(state: HeadState, starts: torch.Tensor, sampling: str) -> torch.Tensor:
@@ -367,9 +428,15 @@ def draw_chunk(state: HeadState, chunks: slice, starts, uniforms, sampling: str,
     columns and validity, and its probability table (column_norm, or when `want_table`; else None)."""
     n_draws = uniforms.shape[-1]
     if sampling == "column_norm":
-        table, cols, cols_valid = column_norm_probabilities(state, chunks, starts, heavy)
-        keys = inverse_cdf(table, uniforms)
-        p = torch.gather(table, -1, keys)
+        tables, row_count = state.column_norms, state.rows_before[:, chunks]  # (gb, nb) table of each chunk
+        index = row_count.unsqueeze(-1).expand(*row_count.shape, tables.heavy.shape[-1])
+        cols, cols_valid = torch.gather(tables.heavy, 1, index), torch.gather(tables.heavy_valid, 1, index)
+        keys = draw_column_norm(tables, row_count, starts, uniforms)
+        p = column_norm_probability(tables, row_count, starts, keys)
+        table = None
+        if want_table:
+            every = torch.arange(state.k_order.shape[-1], device=starts.device).expand(*starts.shape, -1)
+            table = column_norm_probability(tables, row_count, starts, every)
     else:
         table = probability_table(state, starts, sampling) if want_table else None
         cols = torch.zeros(*starts.shape, 0, dtype=torch.int64, device=starts.device)
@@ -456,12 +523,12 @@ def attend_chunk(q_chunk, k, v, cols: ChunkColumns):
 def batch_sizes(groups: int, plan: CausalPlan, n_keys: int, width: int, tables: bool) -> tuple[int, int]:
     """Heads per batch and chunks per batch, so one batch's temporaries stay near BATCH_ENTRIES.
 
-    width = D + Dv; `tables`: the batch builds chunks x Nk probability tables (column_norm, or a trace).
+    width = D + Dv; `tables`: the batch builds chunks x Nk probability tables (for a trace).
     """
     per_chunk = (plan.chunk_len * plan.bucket + plan.shared_cols) * width + 3 * plan.chunk_len * plan.n_cols
     per_chunk += 6 * n_keys if tables else 0
     chunks = max(1, min(plan.num_chunks, BATCH_ENTRIES // per_chunk))
-    per_head = max(chunks * per_chunk, (2 * plan.estimate_rows + 8) * n_keys)
+    per_head = max(chunks * per_chunk, (5 * plan.estimate_rows + 8) * n_keys)
     heads = max(1, min(groups, BATCH_ENTRIES // per_head)) if chunks == plan.num_chunks else 1
     return heads, chunks
 
@@ -516,7 +583,7 @@ def causal_kde(q, k, v, *, limits, scale, bucket_size, sample_size, num_projs, s
     limit = padded_limits(limits, n_chunks * length)  # (G, nc*L)
     starts = pool_starts(limit, length, plan.window)  # (G, nc)
     q_pad = q[:, torch.arange(n_chunks * length, device=q.device).clamp_max(n_q - 1)]  # (G, nc*L, D)
-    tables = return_trace or sampling == "column_norm"
+    tables = return_trace  # chunks x Nk probability tables are built for the trace only
     heads_per_batch, chunks_per_batch = batch_sizes(groups, plan, n_k, dim + dim_v, tables)
     outs, pieces, states = [], [], []
     for g0 in range(0, groups, heads_per_batch):
