@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import sys
+import time
 from pathlib import Path
 
 import nbformat
@@ -78,30 +80,42 @@ def check_walkthrough(nb):
         assert abs(mean - 1) < 4 * sd / repeats**0.5 + 1e-9, (name, mean, sd)
     assert stats["oracle (column norms of D⁻¹A)"][1] < stats["uniform"][1]  # the oracle's spread is smaller
 
-    lines = numbers(r"budget \d+ \+ \d+: column_norm ([\d.]+), value_norm ([\d.]+), uniform ([\d.]+)",
-                    stream_text(nb, "c0a1e6d5"))
+    default = re.search(r"default sampling: '(\w+)'", stream_text(nb, "c0a1e6d7")).group(1)
+    assert default == "pps", default  # the prose of sections 6 and 8 describes pps as the default
+    lines = re.findall(r"^budget \d+ \+ \d+: (.*?)   cost", stream_text(nb, "c0a1e6d5"), flags=re.M)
     assert len(lines) == 2  # the FAST settings
-    for column_norm, value_norm, uniform in lines:
-        assert column_norm < value_norm and column_norm < uniform, lines
+    for line in lines:
+        err = {name: float(x) for name, x in re.findall(r"(\w+) ([\d.]+)", line)}
+        assert set(err) == {"pps", "column_norm", "value_norm", "uniform"}, line
+        assert err["column_norm"] < err["value_norm"] and err["column_norm"] < err["uniform"], line
+        assert err[default] == min(err.values()), line  # best by default, at equal budget
     corr = numbers(r"correlation of exact and estimated shares over all keys: ([\d.-]+)", stream_text(nb, "c0a1e6d3"))
     assert corr and corr[0][0] > 0.8, corr  # the estimated column norms follow the exact ones
-    assert "default sampling: 'column_norm'" in stream_text(nb, "c0a1e6d7")
 
 
 def check_tuning(nb):
-    best = re.search(r"lowest error per layer: (.*)", stream_text(nb, "33c74de0")).group(1)
-    counts = dict((name, (int(a), int(b))) for name, a, b in re.findall(r"(\w+) on (\d+) of (\d+)", best))
-    assert counts["column_norm"][0] == counts["column_norm"][1] == 2, counts  # best on both FAST layers
+    below = re.search(r"the default \w+ is below the authors' value_norm on (\d+) of (\d+) layers",
+                      stream_text(nb, "33c74de0"))
+    assert below and below.group(1) == below.group(2) == "2", stream_text(nb, "33c74de0")  # both FAST layers
     summary = stream_text(nb, "7d2e4f10")
     assert re.search(r"budget 48: blocks 16 \+ samples 32 -> [\d.]+;  blocks 32 \+ samples 16 -> [\d.]+", summary)
     assert len(re.findall(r"^layer \d+: fastest setting", summary, flags=re.M)) == 2
 
 
 CLICK = """
-clicked = 2 * H + 5  # layer 2, head 5: the trace index plotly's front end reports for that cell
-overview._js2py_pointsCallback = {"event_type": "plotly_click", "device_state": {},
-    "points": {"trace_indexes": [clicked], "point_indexes": [[1, 2]], "xs": [2], "ys": [1]}}
+clicked = 2 * H + 5  # layer 2, head 5: the curve number the page reports for that cell
+message = {"event": "click", "panel": "overview",
+           "points": [{"trace": "layer 2 head 5", "curve": clicked, "index": [1, 2], "x": 2, "y": 1, "customdata": None}]}
+overview._handle_custom_msg(message, [])  # what ipywidgets does with the page's message
 print("opened", explorer.controls["layer"].value, explorer.controls["head"].value, "|", opened.value)
+"""
+CAUSAL_PANEL = """
+import numpy as np
+from kdeformer.widgets.figures import unpack
+heavy = causal_explorer.figure_dicts()["heavy"]
+z = unpack(next(t for t in heavy["data"] if t.get("name") == "attention")["z"])  # (N, N), token order
+upper, lower = z[np.triu_indices(len(z), 1)], z[np.tril_indices(len(z))]
+print(f"drawn: upper triangle empty {bool(np.isnan(upper).all())}, lower triangle drawn {bool(np.isfinite(lower).all())}")
 """
 
 
@@ -110,9 +124,18 @@ def check_live_attention(nb):
     lines = re.findall(r"(\w+) at 16 / 32 \(cost ([\d.]+) of exact\): mean cosine to exact ([\d.]+)",
                        stream_text(nb, "5e8b0c22"))
     got = {name: (float(cost), float(cos)) for name, cost, cos in lines}
-    assert set(got) == {"column_norm", "value_norm"}, got
-    assert got["column_norm"][0] < 1  # the widget's starting setting is cheaper than exact attention
-    assert got["column_norm"][1] > got["value_norm"][1], got
+    assert set(got) == {"pps", "column_norm", "value_norm"}, got
+    assert got["pps"][0] < 1  # the widget's starting setting (the default scheme) is cheaper than exact
+    assert got["pps"][1] > got["value_norm"][1] and got["column_norm"][1] > got["value_norm"][1], got
+
+    decoder = stream_text(nb, "9d1c4e02")
+    diff = numbers(r"max \|logit difference\| to eager ([\d.e+-]+)", decoder)
+    assert diff and diff[0][0] < 1e-4, decoder  # exact-equivalent settings reproduce eager's logits
+    assert "logits finite: True" in decoder and "same tokens as eager: True" in decoder, decoder
+    causal = stream_text(nb, "9d1c4e04")
+    assert re.search(r"entries above the diagonal: 0 of \d+", causal), causal
+    assert float(re.search(r"max \|A @ v - output\| = ([\d.e+-]+)", causal).group(1)) < 1e-5
+    assert stream_text(nb, "causal-panel").strip() == "drawn: upper triangle empty True, lower triangle drawn True"
 
 
 def check_paper_replay(nb):
@@ -128,7 +151,7 @@ def check_paper_replay(nb):
 
 CHECKS = {"01_walkthrough": check_walkthrough, "02_tuning": check_tuning,
           "03_live_attention": check_live_attention, "04_paper_replay": check_paper_replay}
-EXTRA_CELLS = {"03_live_attention": [("click-check", CLICK)]}
+EXTRA_CELLS = {"03_live_attention": [("click-check", CLICK), ("causal-panel", CAUSAL_PANEL)]}
 
 
 def no_network_address(nb):
@@ -159,3 +182,63 @@ def test_notebook_runs(path, tmp_path):
     no_network_address(nb)
     if path.stem in CHECKS:
         CHECKS[path.stem](nb)
+
+
+OVERVIEW_CELL = ".draglayer .x30y30 .nsewdrag"  # subplot 30 of 6 x 12: row 3, column 6 = layer 2, head 5
+NON_LOOPBACK = re.compile(r"^(?!https?://(127\.0\.0\.1|localhost)[:/])[a-z][a-z0-9+.-]*://")
+OVERVIEW_DRAWN = """() => { const plot = document.querySelector('.draglayer .x72y72')?.closest('.js-plotly-plot');
+  return !!plot && plot.querySelectorAll('g.hm image').length >= 72; }"""
+
+
+def settled_box(page, locator, quiet_ms: int = 1000, timeout_s: float = 60) -> dict:
+    """The element's box once it has not moved for `quiet_ms` (widgets drawn later shift the page)."""
+    t0, last = time.monotonic(), None
+    while time.monotonic() - t0 < timeout_s:
+        box = locator.bounding_box()
+        if box == last:
+            return box
+        last = box
+        page.wait_for_timeout(quiet_ms)
+    raise TimeoutError(f"{locator} kept moving")
+
+
+@pytest.mark.browser
+@pytest.mark.slow
+def test_overview_click_opens_head_in_voila(tmp_path):
+    """Notebook 03 served by Voila in Chromium (anywidget's default deadlines): a click on the overview's
+    layer 2 / head 5 cell reaches the kernel, and the explorer below shows that layer and head."""
+    tb = pytest.importorskip("test_browser")  # the browser tests' server helpers (free port, start, stop)
+    if not os.path.exists(tb.CHROMIUM):
+        msg = f"{tb.CHROMIUM} is missing: install it with `apt-get install -y chromium` (Debian package)"
+        pytest.fail(msg) if os.environ.get("CI") else pytest.skip(msg)
+    from playwright.sync_api import sync_playwright
+
+    notebook = REPO / "notebooks" / "03_live_attention.ipynb"
+    shutil.copy(notebook, tmp_path / notebook.name)
+    port = tb.free_port()
+    proc = tb.start(tb.voila_command(port, notebook.name), tmp_path, tb.jupyter_env(tmp_path / "home"),
+                    f"http://127.0.0.1:{port}/voila/static/", tmp_path / "voila.log")
+    blocked = []
+    try:
+        with sync_playwright() as pw:
+            browser = pw.chromium.launch(executable_path=tb.CHROMIUM, args=tb.CHROMIUM_ARGS)
+            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            page.route(NON_LOOPBACK, lambda route: (blocked.append(route.request.url), route.abort()))
+            page.set_default_timeout(240_000)  # the whole notebook runs first (MiniLM, 72 heads, embeddings)
+            page.goto(f"http://127.0.0.1:{port}/")
+            page.locator(".kde-explorer .kde-control-head .widget-readout").first.wait_for()
+            page.wait_for_function(OVERVIEW_DRAWN)  # all 72 heads drawn, so the click lands on a head
+            cell = page.locator(OVERVIEW_CELL).first
+            cell.scroll_into_view_if_needed()
+            box = settled_box(page, cell)
+            page.mouse.click(box["x"] + box["width"] / 2, box["y"] + box["height"] / 2)
+            page.get_by_text("opened layer 2, head 5 in the explorer below").wait_for(timeout=60_000)
+            readout = {name: page.locator(f".kde-explorer .kde-control-{name} .widget-readout").first.inner_text()
+                       for name in ("layer", "head")}
+            browser.close()
+    finally:
+        tb.stop(proc)
+    assert readout == {"layer": "2", "head": "5"}, readout
+    allowed = getattr(tb, "ALLOWED_BLOCKED", None)  # Voila's own template links (the browser tests' list)
+    unexpected = [u for u in blocked if not (allowed and allowed.match(u))]
+    assert not unexpected, f"notebook 03 asked for non-loopback resources: {unexpected}"
