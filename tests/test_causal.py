@@ -203,6 +203,17 @@ def test_gradients_flow(sampling):
         assert x.grad is not None and bool(torch.isfinite(x.grad).all()) and float(x.grad.abs().sum()) > 0
 
 
+def test_gradients_at_the_exact_limit_match_sdpa():
+    q, k, v = (x.requires_grad_() for x in qkv(2, 30, 45))
+    out, _ = run(q, k, v, bucket_size=45, sampling="column_norm", return_trace=False)
+    weights = torch.randn(out.shape, generator=torch.Generator().manual_seed(2), dtype=out.dtype)
+    ours = torch.autograd.grad((out * weights).sum(), (q, k, v))
+    ref = F.scaled_dot_product_attention(q, k, v, attn_mask=visible(30, 45))
+    theirs = torch.autograd.grad((ref * weights).sum(), (q, k, v))
+    for a, b in zip(ours, theirs):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
 @pytest.mark.parametrize("sign", [1.0, -1.0])
 def test_finite_at_huge_logits(sign):
     q, k, v = qkv(2, 64, 64, dtype=torch.float32)
