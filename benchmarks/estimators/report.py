@@ -54,6 +54,11 @@ DESCRIPTIONS = {
 }
 
 
+def plain(text: str) -> str:
+    """A description safe inside a markdown table cell (norm bars would split the row)."""
+    return text.replace("||", "‖").replace("|", "/")
+
+
 def cell(recs) -> str:
     if not recs:
         return ""
@@ -66,7 +71,7 @@ def variant_table(records, texts, budgets) -> str:
     names = list(dict.fromkeys(r["variant"] for r in records if r["data"] in texts))
     rows = []
     for name in names:
-        row = [name, DESCRIPTIONS.get(name, "")]
+        row = [name, plain(DESCRIPTIONS.get(name, ""))]
         for b in budgets:
             row.append(cell([r for r in records if r["variant"] == name and r["budget"] == b and r["data"] in texts]))
         rows.append(row)
@@ -148,39 +153,51 @@ LSH key block. Multiply-adds per head: ng Nk D + nqb Bq C (D + Dv + 1) + Nq 7 (D
 with ng = min(nqb, floor(Nq b (D + Dv + 1) / (8 Nk D))) and C the largest that keeps this <= Nq b (D + Dv + 1);
 hashing the queries (Nq D r; keys are not hashed) is on top: 5.4 % at b = 64 on MiniLM.
 
-**What each step bought** (default text, b = 64 / 128, one seed; same harness):
-- per-block centroid + capped PPS + systematic sampling, no key block (pps-centroid): 0.397 / 0.244,
-  against today's column_norm 0.485 / 0.325 (0.533 / 0.360 when its estimation is counted);
-- value factor ||[v_j, 1]|| instead of ||v_j - o_b||: 0.349 / 0.227 (the centred factor is the right
-  one for a ratio estimate, but it costs 2 Nk Dv per block, i.e. 16 of 64 columns at b = 64);
-- exact window +-1 / +-2 / +-3: 0.291 / 0.185, 0.269 / 0.168, 0.254 / 0.156 (MiniLM heads attend to
-  neighbours; a window is cheap: shifted element-wise products, no gather);
-- estimates limited to 1/8 of the budget: equal at 64 / 128, better at 32 (fewer estimates, more columns);
-- token-order blocks instead of LSH order: 0.211 / 0.111 (MiniLM is largely positional); the per-head
-  choice by block spread: 0.205 at 64 (choosing the better order per head with hindsight: 0.203).
+**What each step bought** (mean over the four search texts, seeds 0 and 1, b = 64 / 128; the table
+below has every figure):
+- per-block centroid + capped PPS + systematic sampling, LSH-order blocks, no key block (pps-centroid):
+  0.391 / 0.237, against today's column_norm 0.472 / 0.320 (0.516 / 0.351 with its estimation counted);
+- value factor ||[v_j, 1]|| instead of ||v_j - o_b|| (pps-norm): 0.340 / 0.221 -- the centred factor is the
+  right one for a ratio estimate, but costs 2 Nk Dv per block (16 of the 64 columns at b = 64);
+  ||[v_j - mean v, 1]|| changes nothing (0.252 / 0.153 vs 0.253 / 0.153 with window 3);
+- exact window +-1 / +-2 / +-3 / +-4: 0.282 / 0.179, 0.262 / 0.162, 0.253 / 0.153, 0.248 / 0.149 (MiniLM
+  heads attend to their neighbours; a window is cheap: shifted element-wise products, no gather);
+- estimates limited to 1/8 of the budget (groups of blocks at large N): equal at 64 / 128 (0.253 / 0.153),
+  better at 32 (0.398 vs 0.419: fewer estimates, more columns); 1/16 costs accuracy at 64 (0.257);
+- token-order blocks instead of LSH order: 0.203 / 0.108 (MiniLM is largely positional); per head the
+  order with the smaller block spread: 0.200 / 0.107 -- better than sampling the LSH-order blocks from their
+  exact column norms (oracle-norm-w2: 0.222 / 0.107);
+- the winner as ported (winner.py: the same rule, queries-only hashing, the spreads paid from the budget):
+  0.205 / 0.109; its neighbours: window +-2 0.203 / 0.108, +-4 0.208 / 0.108, +-6 0.214 / 0.110, own token only
+  0.228 / 0.125; blocks of 16 0.201 / 0.093 (more accurate at 128, but 16-row GEMMs are slower: kept 32),
+  blocks of 64 0.227 / 0.130; estimates <= 1/4 of the budget 0.205 / 0.109, <= 1/16 0.221 / 0.109.
 
 **What did not work, and why:**
-- sampling with replacement (multinomial, weights 1/(C p)): 0.462 / 0.327 vs 0.397 / 0.244 without
-  replacement: duplicates waste columns and heavy columns are drawn many times instead of being exact;
-- stratified PPS (one uniform per slot): 0.413 / 0.286, worse than systematic (one uniform per block):
-  a column straddling two strata can be drawn twice; Poisson sampling equals systematic on average
-  (0.268 / 0.167 vs 0.269 / 0.168) but has a random column count, so a fixed-shape GEMM cannot use it;
-- the LSH key block (16 keys of the paired key block, exact): 0.480 / 0.260 vs 0.397 / 0.244 -- on MiniLM
-  the LSH blocks hold little more mass than random blocks, and the same columns are better spent on
-  the centroid's favourites;
-- diagonal query-spread (Jensen) correction of the centroid, log w_j += sum_d var_d k_jd^2: 0.497 / 0.296 vs
-  0.397 / 0.244 (it over-corrects: the 32 dims' spread is large and not Gaussian);
-- one exact attention row per block instead of the centroid: 0.407 / 0.272 (vs 0.269 / 0.168): one row
-  costs Nk (D + Dv + 1) and sees one query; two rows 0.580 / 0.358;
-- blocks of 64: 0.312 / 0.200 vs 0.291 / 0.185 (blocks of 32, window 1); blocks of 16 are a little more
-  accurate with the winner (see best-bq16) but make small GEMMs; 32 is the default for speed;
-- one shared draw per group of blocks instead of one per block: 0.280 vs 0.266 at b = 64 (share 1/16):
+- sampling with replacement (multinomial, weights 1/(C p)): 0.320 / 0.237 vs 0.262 / 0.162 for the same
+  scheme without replacement (pps-norm-w2): duplicates waste columns and heavy columns are drawn many times
+  instead of being exact (at b = 256: 0.179 vs 0.081);
+- stratified PPS (one uniform per slot): 0.277 / 0.191 -- a column straddling two strata can be drawn twice;
+  Poisson sampling (independent draws) matches systematic on average (0.264 / 0.162) but has a random
+  column count, which a fixed-shape GEMM cannot use;
+- an exact LSH key block (16 keys of the paired sorted key block): 0.303 / 0.171 vs 0.262 / 0.162 -- on
+  MiniLM the LSH blocks hold little more mass than random blocks; the columns are better spent on the
+  centroid's favourites (at b = 32 it is a disaster, 0.867: the key block eats half the columns);
+- a diagonal query-spread (Jensen) correction of the centroid, log w_j += sum_d var_d k_jd^2: 0.337 / 0.199
+  vs 0.262 / 0.162 -- it over-corrects (the 32 dims' spread is large and not Gaussian);
+- one exact attention row per block instead of the centroid: 0.407 / 0.265 -- a row costs Nk (D + Dv + 1)
+  and sees one query (two rows per block, first exploration: 0.580 / 0.358);
+- LSH-order blocks of 64: 0.276 / 0.176; of 16: 0.261 / 0.151 (vs 32: 0.262 / 0.162) but 0.494 at b = 32;
+- one shared draw per group of blocks instead of one per block: 0.267 vs 0.257 at b = 64 (estimates <= 1/16):
   independent draws per block decorrelate the errors, which the spectral norm rewards;
-- centroid temperature 0.8 / 1.2 and a 2 % or 20 % uniform floor: within +-0.01 of the defaults;
-- per-head budgets at a fixed average cost: even an oracle allocation (each head's budget chosen with
-  its measured errors at 32 ... 256, same seeds) only reaches 0.201 at a mean of 64 (uniform 0.209) and
-  0.104 at 128 (0.112): <= 7 % at best, and a batched GEMM runs at the widest head's width, so the
-  saving would not be real; not adopted.
+- centroid logits x 0.8: 0.265 / 0.161 (x 1.2 in the first exploration: no better); a 0 % or 20 % uniform
+  floor instead of 5 % (first exploration, one seed, default text): 0.398 / 0.239 and 0.407 / 0.247 vs
+  0.397 / 0.244 -- kept 5 %, which keeps every unmasked key drawable (unbiasedness);
+- segment-major orders (4 or 8 token segments, LSH inside): 0.238 / 0.139 and 0.221 / 0.121, between LSH
+  order and token order: no gain over choosing per head;
+- per-head budgets at a fixed average cost: even an oracle allocation (each head's budget picked from its
+  measured errors at 32 ... 256, same seeds, default text) only reaches 0.201 at a mean of 64 (uniform
+  0.209) and 0.104 at 128 (0.112): <= 7 %, and a batched GEMM runs at the widest head's width, so the saving
+  would not be real; not adopted.
 
 **Bias.** Numerator and normaliser are unbiased (test_best.py checks both to 5 standard errors over
 3000 draws); the output, their ratio, is not. Measured on 12 heads (2 per layer), 200 seeds:
@@ -188,12 +205,15 @@ hashing the queries (Nq D r; keys are not hashed) is on top: 5.4 % at b = 64 on 
 about 0.03 / 0.015 / 0.008), against a mean error of 0.40 / 0.21 / 0.11: the bias is a small part of the
 error and shrinks about as 1/C.
 
-**GloVe** (Q = K, N = 8192). Against today's column_norm at equal multiply-adds (its honest figure), the
-winner is better everywhere: sharp 0.234 / 0.219 / 0.200 vs 0.301 / 0.239 / 0.205 at b = 64 / 128 / 256
-(10 seeds); medium 0.169 / 0.135 / 0.119 vs 0.322 / 0.194 / 0.138; uniform 0.121 / 0.083 / 0.060 vs
-0.277 / 0.159 / 0.096 (5 seeds). Against today's column_norm as it runs (its estimation outside the
-budget, 17 % more multiply-adds), sharp b = 256 is 0.200 vs 0.198 (10 seeds): level. Performer and
-ScatterBrain still win on near-uniform GloVe (see the table below).
+**GloVe** (Q = K, N = 8192; more seeds than the tables below, run with the same functions). Against
+today's column_norm at equal multiply-adds (shrunk to fit), the winner is better or level everywhere:
+sharp 0.234 / 0.219 / 0.200 vs 0.301 / 0.239 / 0.205 at b = 64 / 128 / 256 (10 seeds); medium
+0.169 / 0.135 / 0.119 vs 0.322 / 0.194 / 0.138; uniform 0.121 / 0.083 / 0.060 vs 0.277 / 0.159 / 0.096
+(5 seeds). Against today's column_norm as it runs (estimation outside the budget, 17 % more
+multiply-adds), sharp b = 256 is 0.200 vs 0.198 (10 seeds; seed-to-seed sd about 0.01): level, not
+better -- on sharp GloVe each query's mass sits on itself (exact in the window, Q = K) and on a few
+neighbours of its own, which a centroid shared by 32+ queries cannot single out. Near-uniform GloVe is
+won by ScatterBrain, Performer and Nystromformer (0.028-0.062 against the winner's 0.060-0.123).
 """
 
 
