@@ -163,3 +163,11 @@ def test_counted_multiply_adds_match_the_matmuls_run():
         assert 0.9 <= counted / ran <= 1.1, (method, counted, ran)
     ran = matmul_macs(lambda: winner.best_attention(q, k, v, 0.25, 32, 0))
     assert ran <= best.multiply_adds(128, 128, 16, 16, 32) <= 128 * 32 * 33  # window and ones: element-wise
+
+
+def test_large_logits_stay_finite():
+    q, k, v, scale = small_case()
+    out, _ = winner.best_attention(q * 3000.0, k, v, scale, 24, seed=0, q_block=16)  # logits ~ +-1e4
+    assert torch.isfinite(out).all()
+    # each output row is a convex combination of value rows: it stays inside their range
+    assert float(out.abs().max()) <= float(v.abs().max()) + 1e-4
