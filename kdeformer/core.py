@@ -326,10 +326,47 @@ def flat_index(index: torch.Tensor, g0: int, n: int) -> torch.Tensor:
     return (index + offsets.view(-1, *([1] * (index.dim() - 1)))).flatten()
 
 
+def sparse_block_sums(q_chunk, k_cols, v_cols, weight, valid, n_exact: int, want_parts: bool, inplace: bool):
+    """A chunk's blocks against their gathered columns -> shift, numerator, normaliser and, for the trace,
+    the exact part of the normaliser and the sampled part of the numerator (see attend_block_columns)."""
+    shift, terms, numerator, normaliser = attend_block_columns(q_chunk, k_cols, v_cols, weight, valid, inplace=inplace)
+    if not want_parts:
+        return shift, numerator, normaliser, None, None
+    return shift, numerator, normaliser, terms[..., :n_exact].sum(-1), torch.bmm(terms[..., n_exact:], v_cols[:, n_exact:])
+
+
+def dense_block_sums(q_chunk, k_heads, v_heads, index, weight, n_exact: int, want_parts: bool, inplace: bool):
+    """Blocks with more columns than keys (C > Nk, draws with repeats): each block's column weights summed
+    per key, and the block against every key of its head in one GEMM (no gather).
+
+    q_chunk (m, Bq, D) scaled, k_heads (h, Nk, D), v_heads (h, Nk, Dv) for the h heads of the chunk (m = h x
+    blocks per head), index / weight (m, C) -> the same sums as `sparse_block_sums`.
+    """
+    heads, n_k = k_heads.shape[:2]
+    m, q_len, dim = q_chunk.shape
+    dense = weight.new_zeros(m, n_k).scatter_add_(1, index, weight)  # (m, Nk) summed weights, 0 unused
+    logits = torch.bmm(q_chunk.reshape(heads, -1, dim), k_heads.mT).view(m, q_len, n_k)  # (m, Bq, Nk)
+    unused = (dense == 0).unsqueeze(1)  # (m, 1, Nk): never the shift (a used term attains it)
+    logits = logits.masked_fill_(unused, float("-inf")) if inplace else logits.masked_fill(unused, float("-inf"))
+    shift = logits.detach().amax(-1)  # (m, Bq)
+    if inplace:
+        terms = logits.sub_(shift.unsqueeze(-1)).exp_().mul_(dense.unsqueeze(1))
+    else:
+        terms = torch.exp(logits - shift.unsqueeze(-1)) * dense.unsqueeze(1)
+    numerator = torch.bmm(terms.view(heads, -1, n_k), v_heads).view(m, q_len, -1)  # (m, Bq, Dv)
+    if not want_parts:
+        return shift, numerator, terms.sum(-1), None, None
+    exact = weight.new_zeros(m, n_k).scatter_(1, index[:, :n_exact], (weight[:, :n_exact] > 0).to(weight.dtype))
+    exact_terms = terms * exact.unsqueeze(1)  # (m, Bq, Nk)
+    sampled = torch.bmm((terms - exact_terms).view(heads, -1, n_k), v_heads).view(m, q_len, -1)
+    return shift, numerator, terms.sum(-1), exact_terms.sum(-1), sampled
+
+
 def attend_columns(q, k, v, scale: float, q_rows: torch.Tensor, cols: Columns, want_parts: bool):
     """Every query block against its columns, chunk by chunk, divided by D~ and written back to token
     order.  q (G, Nq, D), k (G, Nk, D), v (G, Nk, Dv), q_rows (G, nqb, Bq) -> out (G, Nq, Dv) and, when
     asked, the trace's per-query parts (log D~, exact share of D~, sampled part of the output).
+    Blocks with more columns than keys (C > Nk) run dense (`dense_block_sums`).
     """
     groups, n_q, dim = q.shape
     n_k, dim_v, n_cols = k.shape[1], v.shape[-1], cols.index.shape[-1]
@@ -343,16 +380,21 @@ def attend_columns(q, k, v, scale: float, q_rows: torch.Tensor, cols: Columns, w
         rows = flat_index(q_rows[g0:g1, b0:b1], g0, n_q)  # (m*Bq,)
         real = None if b1 < n_blocks else slot_real[b0:b1].expand(g1 - g0, -1, -1).flatten()  # padded slots
         q_chunk = q_flat.index_select(0, rows).view(m, -1, dim) * scale  # scale before the matmul
-        index = flat_index(cols.index[g0:g1, b0:b1], g0, n_k)  # (m*C,)
-        v_cols = v_flat.index_select(0, index).view(m, n_cols, dim_v)  # (m, C, Dv)
-        valid = None if cols.exact_valid is None else cols.exact_valid[g0:g1, b0:b1].reshape(m, cols.n_exact)
-        shift, terms, numerator, normaliser = attend_block_columns(
-            q_chunk, k_flat.index_select(0, index).view(m, n_cols, dim), v_cols,
-            cols.weight[g0:g1, b0:b1].reshape(m, n_cols), valid, inplace=inplace)
+        weight = cols.weight[g0:g1, b0:b1].reshape(m, n_cols)
+        if n_cols > n_k:
+            sums = dense_block_sums(q_chunk, k[g0:g1], v[g0:g1], cols.index[g0:g1, b0:b1].reshape(m, n_cols), weight,
+                                    cols.n_exact, want_parts, inplace)
+        else:
+            index = flat_index(cols.index[g0:g1, b0:b1], g0, n_k)  # (m*C,)
+            valid = None if cols.exact_valid is None else cols.exact_valid[g0:g1, b0:b1].reshape(m, cols.n_exact)
+            sums = sparse_block_sums(q_chunk, k_flat.index_select(0, index).view(m, n_cols, dim),
+                                     v_flat.index_select(0, index).view(m, n_cols, dim_v), weight, valid, cols.n_exact,
+                                     want_parts, inplace)
+        shift, numerator, normaliser, exact_sum, sampled = sums
         piece = [numerator / normaliser.unsqueeze(-1)]
         if want_parts:
-            piece += [(shift + normaliser.log()).unsqueeze(-1), (terms[..., : cols.n_exact].sum(-1) / normaliser).unsqueeze(-1),
-                      torch.bmm(terms[..., cols.n_exact:], v_cols[:, cols.n_exact:]) / normaliser.unsqueeze(-1)]
+            piece += [(shift + normaliser.log()).unsqueeze(-1), (exact_sum / normaliser).unsqueeze(-1),
+                      sampled / normaliser.unsqueeze(-1)]
         piece = torch.cat([p.reshape(-1, p.shape[-1]) for p in piece], -1)  # (m*Bq, Dv [+ 2 + Dv])
         if real is not None and not bool(real.all()):  # a padded slot repeats a real row: write it once
             piece, rows = piece[real], rows[real]
@@ -635,7 +677,7 @@ def kde_multiply_adds(n_queries: int, n_keys: int, dim: int, dim_v: int, *, incl
     """Multiply-adds one head of `kde_attention` performs for these shapes and options.
 
     Counted from the shapes the code uses: every query slot of every block (padded slots included)
-    against its C = Bk + h + s' columns, D for the logit and Dv + 1 for the value and the normaliser;
+    against its C = Bk + h + s' columns (all Nk keys once when C > Nk: that pass runs dense), D for the logit and Dv + 1 for the value and the normaliser;
     column_norm's estimation rows (R x Nk logits); with include_hashing, (Nq + Nk) * D * r for hashing.
     """
     opts = check_kde_options(**options)
@@ -653,7 +695,7 @@ def kde_multiply_adds(n_queries: int, n_keys: int, dim: int, dim_v: int, *, incl
         return int(total)
     else:
         plan = plan_blocks(n_queries, n_keys, opts.bucket_size)
-        columns = plan.key_slots + opts.sample_size
+        columns = min(n_keys, plan.key_slots + opts.sample_size)  # more columns than keys: dense (every key once)
         total = plan.num_q_blocks * plan.q_block_len * columns * (dim + dim_v + 1)
         total += schemes.estimation_multiply_adds(opts, plan, n_queries, n_keys, dim)
     if include_hashing:

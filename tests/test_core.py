@@ -107,6 +107,20 @@ def test_trace_reproduces_output(nq, nk, bucket):
     torch.testing.assert_close(t.attention_matrix().sum(-1), torch.ones(2, 2, nq, dtype=torch.float64))
 
 
+@pytest.mark.parametrize("sampling", ["column_norm", "value_norm", "uniform"])
+def test_more_columns_than_keys_runs_dense_and_is_the_same_estimator(sampling):
+    """Bk + s > Nk (the explorer's corner bucket 1 / many samples): the dense pass (each block's repeated
+    columns summed per key, no gather) gives the estimator the trace describes, with and without grad."""
+    q, k, v = qkv(2, nq=30, nk=20, seed=2)
+    kw = dict(bucket_size=1, sample_size=48, sampling=sampling, generator=gen(3))
+    out, t = K.kde_attention(q, k, v, return_trace=True, **kw)
+    assert t.block_cols.shape[-1] > 20
+    torch.testing.assert_close(t.attention_matrix() @ v, out, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(t.heavy_output + t.sampled_output, out, rtol=1e-10, atol=1e-12)
+    slow = K.kde_attention(q.clone().requires_grad_(), k, v, **{**kw, "generator": gen(3)})
+    torch.testing.assert_close(slow.detach(), out, rtol=1e-12, atol=1e-12)
+
+
 def test_trace_blocks_are_contiguous_runs_of_the_sorted_order():
     q, k, v = qkv(1, nq=64, nk=64)
     _, t = K.kde_attention(q, k, v, bucket_size=16, sampling="column_norm", generator=gen(2), return_trace=True)

@@ -236,6 +236,9 @@ def test_multiply_adds_count_the_real_shapes():
         105 * 47 * 13 + 14 * 100 * 8
     assert kde_multiply_adds(100, 100, 8, 4, bucket_size=16, sample_size=32, sampling="uniform",
                              include_hashing=True) == 105 * 47 * 13 + 200 * 8 * 7
+    # more columns than keys (Bk + s = 4 + 32 > 20): every slot against the 20 keys once (the dense pass);
+    # 5 blocks of 4 keys, 5 query blocks of 4 slots
+    assert kde_multiply_adds(20, 20, 8, 4, bucket_size=4, sample_size=32, sampling="value_norm") == 20 * 20 * 13
     # pps, budget b = 16 + 32 = 48 columns per query, D + Dv + 1 = 13: 4 query blocks of 25 slots, window
     # w = 3 (7 columns, 7 <= b / 4), ng = 4 centroids (4 x 100 x 8 <= b 13 100 / 8), value-row norms 100 x 4,
     # spreads of two orders 2 x 100 x 8; C = 37 columns per block fill the rest: exactly 100 x 48 x 13
