@@ -27,10 +27,12 @@ lab: setup
 	.venv/bin/jupyter lab --allow-root notebooks/01_walkthrough.ipynb
 
 ## app: the explorer as a standalone Voila app on loopback (no code cells); the kde-offline template drops
-## Voila's CDN links, and a preheated kernel has run the notebook before the page asks for it
+## Voila's CDN links, a preheated kernel has run the notebook before the page asks for it, and the unused
+## jupyterlab-plotly front end is not loaded (the explorer's PlotBoard brings plotly.js itself)
 app: setup
 	JUPYTER_PATH=widgets/share/jupyter .venv/bin/voila --no-browser --Voila.ip=127.0.0.1 --template=kde-offline \
-		--preheat_kernel=True --VoilaKernelManager.fill_delay=30 notebooks/explorer_app.ipynb
+		--preheat_kernel=True --VoilaKernelManager.fill_delay=30 \
+		--VoilaConfiguration.extension_denylist=jupyterlab-plotly notebooks/explorer_app.ipynb
 
 ## test: the whole test suite (browser tests are skipped with a message where Chromium is missing)
 test: setup

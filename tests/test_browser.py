@@ -123,9 +123,11 @@ VOILA_TEMPLATES = REPO / "widgets" / "share" / "jupyter"  # the kde-offline temp
 
 def voila_command(port: int, notebook: str) -> list[str]:
     # the same flags as `make app` (whose JUPYTER_PATH points at VOILA_TEMPLATES too): the template without
-    # CDN links, and a kernel that has run the notebook before the first page asks for it
+    # CDN links, a kernel that has run the notebook before the first page asks for it, and no
+    # jupyterlab-plotly front end (a second 4.8 MB plotly.js the app never uses: PlotBoard brings its own)
     return [str(BIN / "voila"), notebook, "--no-browser", "--Voila.ip=127.0.0.1", f"--port={port}",
-            "--template=kde-offline", "--preheat_kernel=True", "--VoilaKernelManager.fill_delay=30"]
+            "--template=kde-offline", "--preheat_kernel=True", "--VoilaKernelManager.fill_delay=30",
+            "--VoilaConfiguration.extension_denylist=jupyterlab-plotly"]
 
 
 def wait_quiet(proc: subprocess.Popen, timeout: float = 240, quiet_cpu_s: float = 0.15) -> float:
@@ -453,9 +455,11 @@ def test_voila_app_renders_and_responds(voila_url, page):
     assert p.locator(".jp-CodeMirrorEditor, .jp-InputArea-editor").count() == 0, "the app must not show code"
     assert "AttentionExplorer(" not in p.locator("body").inner_text()
     p.screenshot(path=str(SHOTS / "voila-page.png"))
-    if os.environ.get("KDE_UPDATE_SCREENSHOT") == "1":
-        box = p.locator(".kde-explorer").bounding_box()  # the part in view: controls, readout, first panels
-        clip = dict(x=box["x"], y=box["y"], width=box["width"], height=min(box["height"], 1000 - box["y"]))
+    if os.environ.get("KDE_UPDATE_SCREENSHOT") == "1":  # controls, readout, buckets and exact-entries panels
+        p.set_viewport_size({"width": 1600, "height": 1750})
+        p.wait_for_timeout(1500)
+        box = p.locator(".kde-explorer").bounding_box()
+        clip = dict(x=box["x"], y=box["y"], width=box["width"], height=min(box["height"], 1750 - box["y"]))
         p.screenshot(path=str(REPO / "docs" / "explorer.png"), clip=clip)
     check_layout(p, 1600, "voila")
     check_layout(p, 1000, "voila")

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import kdeformer
-from kdeformer.core import SAMPLINGS
+from kdeformer.core import SAMPLINGS, kde_multiply_adds
 from kdeformer.defaults import KDE_DEFAULTS
 from kdeformer.widgets import AttentionExplorer, source_from_tensors, toy_source
 from kdeformer.widgets import panels
@@ -370,13 +370,15 @@ def test_bucket_size_at_or_above_n_is_exact(ex):
 
 
 def test_cost_above_one_is_shown_as_more_than_exact(src):
-    ex = AttentionExplorer(src, bucket_size=49, sample_size=128, seeds=1)  # 49 + 128 columns of 96 keys
-    assert re.search(r"cost 1\.\d\d of exact — <b>more than exact</b>", ex.status.value), ex.status.value
+    ex = AttentionExplorer(src, bucket_size=49, sample_size=128, sampling="column_norm", seeds=1)  # 49 + 128 of 96
+    want = kde_multiply_adds(N, N, 16, 16, bucket_size=49, sample_size=128, sampling="column_norm") / (N * N * 33)
+    assert want > 1 and f"cost {want:.2f} of exact — <b>more than exact</b>" in ex.status.value, ex.status.value
 
 
 def test_effective_block_size_is_shown(src):
     ex = AttentionExplorer(src, bucket_size=40, sample_size=16, seeds=1)  # 96 keys: 3 balanced blocks of 32
-    assert "block of 32 keys (bucket_size 40: 3 balanced blocks of ≤32)" in ex.status.value
+    ex.set(sampling="column_norm")
+    assert "block of 32 keys (bucket_size 40: 3 blocks of ≤32)" in ex.status.value
 
 
 def test_bucket_size_one_draws_no_wall_of_lines(src):
@@ -736,6 +738,7 @@ def test_causal_source_shows_the_lower_triangle_only():
                                       is_causal=True, sampling=ex.settings().sampling,
                                       generator=torch.Generator().manual_seed(0), return_trace=True)
     torch.testing.assert_close(ex._result.out, out)
-    used = float((tr.row_columns(torch.arange(120))[1] > 0).sum())
-    assert f"cost {used / (120 * 121 / 2):.2f} of exact" in ex.status.value
+    want = kde_multiply_adds(120, 120, 16, 16, bucket_size=16, sample_size=16, sampling=ex.settings().sampling,
+                             is_causal=True) / kdeformer.multiply_adds("exact", 120, 120, 16, 16, is_causal=True)
+    assert f"cost {want:.2f} of exact" in ex.status.value and "lower triangle" in ex.status.value
     assert "causal: the local window" in panels.caption(ex.figures["heavy"])

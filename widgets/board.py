@@ -13,7 +13,7 @@ own, `z_<name>_<trace>`, sent only when they change); the kernel changes several
 one move is ONE message, and the page redraws every changed panel in the same
 animation frame. `stamps` (panel -> text) is written on each panel's container after it is drawn
 (`data-stamp`), so a test can tell a stale panel from a current one. A panel's caption
-(`layout.meta.caption`) is shown as HTML above its figure, so long explanations wrap at any width. Clicks on any point come back as
+(`layout.meta.caption`) is shown as HTML under its figure, so long explanations wrap at any width. Clicks on any point come back as
 messages (`on_click(panel, callback)`). Figures use the output's full width and follow it.
 """
 from __future__ import annotations
@@ -69,7 +69,7 @@ function render({model, el}) {
     caption.className = "kde-caption";
     const div = document.createElement("div");
     div.className = "kde-plot";
-    box.append(caption, div);
+    box.append(div, caption);
     el.appendChild(box);
     boxes[name] = box;
     captions[name] = caption;
@@ -129,7 +129,7 @@ CSS = """
 .kde-board { width: 100%; min-width: 0; }
 .kde-board .kde-figure { width: 100%; min-width: 0; margin-top: 10px; }
 .kde-board .kde-plot { width: 100%; min-width: 0; }
-.kde-board .kde-caption { font-size: 13px; color: #333; padding: 0 8px; overflow-wrap: anywhere; }
+.kde-board .kde-caption { font-size: 13px; color: #333; padding: 2px 8px 6px; overflow-wrap: anywhere; }
 """
 
 

@@ -440,7 +440,7 @@ class AttentionExplorer(widgets.VBox):
         return f"<table style='font-size:13px' data-stamp='{html.escape(stamp)}'>{body}</table>"
 
     def _cost_text(self, s: Settings, tr) -> str:
-        """Cost of the shown method as a fraction of exact attention, with what it is made of."""
+        """Cost of the shown method as a fraction of exact attention (multiply-adds), with what it is made of."""
         cost = self.engine.cost(s, tr)
         nk = tr.key.shape[-2]
         if s.method == "exact":
@@ -448,17 +448,18 @@ class AttentionExplorer(widgets.VBox):
         elif s.method != "kdeformer":
             detail = f"budget {s.budget} columns per query"
         elif self.engine.is_causal:
-            detail = (f"causal: columns used over the lower triangle; window and {s.sample_size} samples per query, "
-                      f"of up to {nk} keys")
+            detail = f"causal: local window + {s.sample_size} samples per query, counted on the lower triangle"
         elif tr.num_blocks <= 1:
             detail = "one block: exact attention"
         else:
             eff = int(tr.key_block_len.max())
             block = f"block of {eff} keys" + ("" if eff == s.bucket_size else
-                                              f" (bucket_size {s.bucket_size}: {tr.num_blocks} balanced blocks of ≤{eff})")
+                                              f" (bucket_size {s.bucket_size}: {tr.num_blocks} blocks of ≤{eff})")
             detail = f"{block} + {s.sample_size} samples per query, of {nk} keys"
+        if cost is None:
+            return f"cost n/a ({html.escape(detail)})"
         more = " — <b>more than exact</b>" if cost > 1.0 + 1e-9 else ""
-        return f"cost {cost:.2f} of exact{more} ({html.escape(detail)})"
+        return f"cost {cost:.2f} of exact{more} (multiply-adds; {html.escape(detail)})"
 
     def _write_status(self, s: Settings, res, seconds: float, stamp: str):
         tr = res.kde_trace

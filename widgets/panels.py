@@ -165,7 +165,7 @@ def group_draws(trace) -> np.ndarray:
 
 def set_title(upd: PanelUpdate, title: str, caption: str) -> None:
     """A short plotly title (fits any width) and the panel's caption: the page shows it as wrapping HTML
-    above the figure (PlotBoard reads layout.meta.caption), exports as text."""
+    under the figure (PlotBoard reads layout.meta.caption), exports as text."""
     upd.layout["title.text"] = title
     upd.layout["meta"] = {"caption": caption}
 

@@ -535,28 +535,27 @@ class Engine:
         return self.memo("heavy mass", s.key(KDE_KEYS), make)
 
     # ---------------------------------------------------------------- cost
-    def cost(self, s: Settings, trace) -> float:
-        """Key columns each query pays for, as a fraction of exact attention's Nk (hashing and the
-        column-norm estimation rows not counted); above 1 when block + samples exceed Nk."""
-        nk = trace.key.shape[-2]
-        if s.method == "kdeformer" and self.is_causal:
-            return self.causal_cost(trace)
-        if s.method == "exact" or (s.method == "kdeformer" and trace.num_blocks <= 1):
-            return 1.0
-        if s.method == "kdeformer":
-            return (float(trace.key_block_len.max()) + s.sample_size) / nk
-        return s.budget / nk
-
-
-    @staticmethod
-    def causal_cost(trace) -> float:
-        """Causal: the columns the queries use (the trace's row_columns), over the keys they may see (the
-        lower triangle, sum_i (Nk - Nq + i + 1)); exact causal attention is 1."""
+    def cost(self, s: Settings, trace) -> float | None:
+        """Multiply-adds of the shown method for this head, as a fraction of exact attention's (both from
+        kdeformer.multiply_adds: KDEformer's estimation rows included, hashing not; causal: the lower
+        triangle). Above 1 when the setting pays more than exact. None where a method has no count."""
         nq, nk = trace.query.shape[-2], trace.key.shape[-2]
-        _, weights, _ = trace.row_columns(torch.arange(nq))
-        used = float((weights > 0).sum())
-        visible = float(sum(min(nk, max(0, nk - nq + i + 1)) for i in range(nq)))
-        return used / max(visible, 1.0)
+        d, dv = self.src.q.shape[-1], self.src.v.shape[-1]
+        causal = self.is_causal
+        exact = kdeformer.multiply_adds("exact", nq, nk, d, dv, is_causal=causal)
+        if s.method == "exact" or (s.method == "kdeformer" and trace.num_blocks <= 1 and not causal):
+            return 1.0  # one block: the core runs exact attention
+        try:
+            if s.method == "kdeformer":
+                from kdeformer.core import kde_multiply_adds
+
+                ours = kde_multiply_adds(nq, nk, d, dv, bucket_size=s.bucket_size, sample_size=s.sample_size,
+                                         num_projs=s.num_projs, sampling=s.sampling, is_causal=causal)
+            else:
+                ours = kdeformer.multiply_adds(s.method, nq, nk, d, dv, budget=s.budget, is_causal=causal)
+        except (ValueError, TypeError, KeyError):
+            return None
+        return ours / exact
 
 
 kde_call_code = call_code  # the old name (it writes exact and peer calls too)
