@@ -82,6 +82,12 @@ class CausalPlan:
     heavy: int  # h: heavy columns per chunk
     draws: int  # s': sampled columns per chunk
     estimate_rows: int  # R: estimation rows per head (column_norm), 0 otherwise
+    offset: torch.Tensor  # (G,) empty slots before query 0, so chunks start at key positions cL
+    first_chunk: torch.Tensor  # (G,) absolute index (own-token position // L) of each head's first chunk
+
+    @property
+    def num_slots(self) -> int:
+        return self.num_chunks * self.chunk_len
 
     @property
     def shared_cols(self) -> int:
@@ -108,22 +114,38 @@ def plan_causal(limits: torch.Tensor, n_keys: int, *, bucket_size, sample_size, 
     window = default_local_window(bucket_size) if local_window is None else max(1, local_window)
     chunk_len = default_chunk_len(bucket_size) if chunk_len is None else chunk_len
     bucket = bucket_size if bucket is None else bucket
-    num_chunks = math.ceil(n_queries / chunk_len)
-    starts = pool_starts(padded_limits(limits, num_chunks * chunk_len), chunk_len, window)  # (G, nc)
-    last = padded_limits(limits, num_chunks * chunk_len)[:, chunk_len - 1 :: chunk_len]  # (G, nc)
+    own = limits[:, 0] - 1  # (G,) key position of query 0's own token
+    offset, first_chunk = own % chunk_len, own // chunk_len
+    num_chunks = math.ceil((n_queries + int(offset.max())) / chunk_len)
+    limit = slot_limits(limits, offset, num_chunks * chunk_len)  # (G, nc*L)
+    starts = pool_starts(limit, chunk_len, window)  # (G, nc)
+    last = limit[:, chunk_len - 1 :: chunk_len]  # (G, nc)
     local_slots = max(1, min(n_keys, int((last - starts).max())))
     heavy_columns = colnorm.check_scheme_options(sampling, sample_size, heavy_columns, estimate_rows)[0]
     heavy, draws = min(heavy_columns, n_keys), sample_size - heavy_columns  # heavy ones are paid out of s
     rows = 0
     if sampling == "column_norm":
         rows = estimate_rows or colnorm.default_estimate_rows(sample_size, n_queries, n_keys)
-    return CausalPlan(chunk_len, num_chunks, window, local_slots, min(bucket, n_keys), heavy, draws, rows)
+    return CausalPlan(chunk_len, num_chunks, window, local_slots, min(bucket, n_keys), heavy, draws, rows,
+                      offset, first_chunk)
 
 
-def padded_limits(limits: torch.Tensor, length: int) -> torch.Tensor:
-    """Limits of `length` query slots, the slots past Nq repeating the last query.  # (G, length)"""
-    pos = torch.arange(length, device=limits.device).clamp_max(limits.shape[-1] - 1)
-    return limits[:, pos]
+def slot_queries(offset: torch.Tensor, n_queries: int, n_slots: int) -> torch.Tensor:
+    """Query held by each slot: slot t holds query t - offset (empty slots repeat the nearest query).
+
+    Slots put the queries of a head where their own tokens fall, so chunk boundaries sit at key positions
+    that are multiples of L whatever Nq is: a KV-cache step sees the same chunk as the full sequence.
+    offset (G,) -> (G, n_slots) int64
+    """
+    t = torch.arange(n_slots, device=offset.device)
+    return (t - offset.unsqueeze(-1)).clamp(0, n_queries - 1)
+
+
+def slot_limits(limits: torch.Tensor, offset: torch.Tensor, n_slots: int) -> torch.Tensor:
+    """limits of every slot; an empty slot before query 0 gets the limit its position would have, so a
+    chunk's pool start depends on its position only.  (G, Nq) -> (G, n_slots)"""
+    before = (torch.arange(n_slots, device=limits.device) - offset.unsqueeze(-1)).clamp_max(0)  # (G, n_slots) <= 0
+    return torch.gather(limits, 1, slot_queries(offset, limits.shape[1], n_slots)) + before
 
 
 def pool_starts(limits: torch.Tensor, chunk_len: int, window: int) -> torch.Tensor:
@@ -188,13 +210,13 @@ def estimation_prefix(q, k, rows, limits, scale):
     return torch.cat([torch.zeros_like(prefix[:, :1]), prefix], 1)
 
 
-def head_state(q, k, v, limits, starts, projections, ranks, draws: Draws, plan: CausalPlan, scale) -> HeadState:
+def head_state(q, k, v, limits, starts, offset, projections, ranks, draws: Draws, plan: CausalPlan, scale) -> HeadState:
     """Hash and sort the keys, rank the queries, and (column_norm) prepare the estimation rows.
 
-    starts (gb, nc) = p_c, the pool size of each chunk.
+    starts (gb, nc) = p_c, the pool size of each chunk; offset (gb,) empty slots before query 0.
     """
     q_rank = hash_ranks(q if scale >= 0 else -q, projections, ranks)  # (gb, Nq)
-    q_rank = padded_limits(q_rank, plan.num_chunks * plan.chunk_len)  # (gb, nc*L): pads repeat the last
+    q_rank = torch.gather(q_rank, 1, slot_queries(offset, q.shape[1], plan.num_slots))  # (gb, nc*L)
     k_rank = hash_ranks(k, projections, ranks)  # (gb, Nk)
     k_order, rank_start, sorted_pos = sort_keys(k_rank, ranks.numel())
     positions = torch.arange(k.shape[1], device=k.device).expand_as(k_rank).contiguous()
@@ -204,8 +226,8 @@ def head_state(q, k, v, limits, starts, projections, ranks, draws: Draws, plan: 
     rows_before = rows = tables = None
     if plan.estimate_rows:
         rows = estimation_rows(draws, plan.estimate_rows, q.shape[1])  # (gb, R)
-        first = torch.arange(plan.num_chunks, device=q.device) * plan.chunk_len  # (nc,)
-        rows_before = torch.searchsorted(rows, first.expand(rows.shape[0], -1).contiguous(), right=True)
+        first = torch.arange(plan.num_chunks, device=q.device) * plan.chunk_len - offset.unsqueeze(-1)  # (gb, nc)
+        rows_before = torch.searchsorted(rows, first.contiguous(), right=True)  # rows at or before each start
         importance = row_importance(estimation_prefix(q, k, rows, limits, scale), norms)  # (gb, R+1, Nk)
         tables = row_tables(importance, starts, rows_before, plan.heavy)
     return HeadState(k_order, k_rank, rank_start, sorted_pos, entry_chunk, q_rank, norms, norm_prefix,
@@ -580,9 +602,9 @@ def causal_kde(q, k, v, *, limits, scale, bucket_size, sample_size, num_projs, s
     length, n_chunks = plan.chunk_len, plan.num_chunks
     projections = draws.normal("projections", (dim, num_projs))  # (G, D, r) float32
     ranks = bucket_ranks(num_projs, bucket_order, q.device)  # (2^r,)
-    limit = padded_limits(limits, n_chunks * length)  # (G, nc*L)
+    limit = slot_limits(limits, plan.offset, plan.num_slots)  # (G, nc*L)
     starts = pool_starts(limit, length, plan.window)  # (G, nc)
-    q_pad = q[:, torch.arange(n_chunks * length, device=q.device).clamp_max(n_q - 1)]  # (G, nc*L, D)
+    q_pad = gather_rows(q, slot_queries(plan.offset, n_q, plan.num_slots))  # (G, nc*L, D)
     tables = return_trace  # chunks x Nk probability tables are built for the trace only
     heads_per_batch, chunks_per_batch = batch_sizes(groups, plan, n_k, dim + dim_v, tables)
     outs, pieces, states = [], [], []
@@ -590,8 +612,8 @@ def causal_kde(q, k, v, *, limits, scale, bucket_size, sample_size, num_projs, s
         g1 = min(groups, g0 + heads_per_batch)
         sub = draws.subset(torch.arange(g0, g1, device=q.device))
         state = head_state(q[g0:g1].detach(), k[g0:g1].detach(), v[g0:g1].detach(), limits[g0:g1],
-                           starts[g0:g1], projections[g0:g1], ranks, sub, plan, scale)
-        uniforms = sub.uniform("samples", (n_chunks, plan.draws))  # (gb, nc, s')
+                           starts[g0:g1], plan.offset[g0:g1], projections[g0:g1], ranks, sub, plan, scale)
+        uniforms = chunk_uniforms(sub, plan.first_chunk[g0:g1], n_chunks, plan.draws)  # (gb, nc, s')
         head_outs, head_pieces = [], []
         for c0 in range(0, n_chunks, chunks_per_batch):
             chunks = slice(c0, min(n_chunks, c0 + chunks_per_batch))
@@ -608,17 +630,34 @@ def causal_kde(q, k, v, *, limits, scale, bucket_size, sample_size, num_projs, s
         outs.append(torch.cat(head_outs, 1))
         pieces.append(head_pieces)
         states.append(state)
-    out = torch.cat(outs, 0)[:, :n_q]  # (G, Nq, Dv)
+    out = query_rows(torch.cat(outs, 0), plan.offset, n_q)  # (G, Nq, Dv)
     if not return_trace:
         return out, None
     return out, causal_trace_parts(join_pieces(pieces), states, q if scale >= 0 else -q, k, out, projections, starts, plan)
+
+
+def chunk_uniforms(draws: Draws, first_chunk: torch.Tensor, n_chunks: int, n_draws: int) -> torch.Tensor:
+    """The draws' uniforms of each head's chunks, addressed by absolute chunk (own-token position // L).
+
+    first_chunk (gb,) -> (gb, nc, s') float64
+    """
+    every = draws.uniform("samples", (int(first_chunk.max()) + n_chunks, n_draws))  # (gb, all chunks, s')
+    index = first_chunk.view(-1, 1) + torch.arange(n_chunks, device=first_chunk.device)  # (gb, nc)
+    return torch.gather(every, 1, index.unsqueeze(-1).expand(*index.shape, n_draws))
+
+
+def query_rows(x: torch.Tensor, offset: torch.Tensor, n_queries: int) -> torch.Tensor:
+    """Per-slot rows back in query order (query i sits in slot i + offset).  x (G, nc*L, ...) -> (G, Nq, ...)"""
+    index = torch.arange(n_queries, device=x.device) + offset.unsqueeze(-1)  # (G, Nq)
+    index = index.view(*index.shape, *([1] * (x.dim() - 2))).expand(*index.shape, *x.shape[2:])
+    return torch.gather(x, 1, index)
 
 
 def causal_trace_parts(joined: dict, states: list[HeadState], q, k, out, projections, starts, plan: CausalPlan) -> dict:
     """The parts dict the trace is built from (every field (G, ...), see `causal_kde`); q as hashed."""
     groups, n_q = q.shape[:2]
     dtype, device = q.dtype, q.device
-    parts = {name: x[:, :n_q] for name, x in joined.items() if name in
+    parts = {name: query_rows(x, plan.offset, n_q) for name, x in joined.items() if name in
              ("block_cols", "block_weights", "log_normalizer", "heavy_fraction", "sampled_output")}
     parts["heavy_output"] = out - parts["sampled_output"]
     n_draws = joined["sampled"].shape[-1]
@@ -634,7 +673,7 @@ def causal_trace_parts(joined: dict, states: list[HeadState], q, k, out, project
         weights=joined["weights"].flatten(1).to(dtype),
         sample_group=chunk_of_draw.expand(groups, -1),
         group_probs=joined["group_probs"].to(dtype),
-        q_groups=(torch.arange(n_q, device=device) // plan.chunk_len).expand(groups, n_q),
+        q_groups=(torch.arange(n_q, device=device) + plan.offset.unsqueeze(-1)) // plan.chunk_len,
         num_groups=plan.num_chunks,
         extras={
             "heavy_columns": joined["heavy_columns"], "heavy_columns_valid": joined["heavy_columns_valid"],

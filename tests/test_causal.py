@@ -158,6 +158,21 @@ def test_later_tokens_never_change_earlier_outputs(sampling, dtype, n_q, n_k):
         assert not torch.equal(out2[:, t + 1 :], out[:, t + 1 :])
 
 
+@pytest.mark.parametrize("sampling", ["value_norm", "uniform"])
+def test_kv_cache_steps_reproduce_the_full_sequence(sampling):
+    """Chunks sit at key positions and draws are addressed by absolute chunk, so a chunked prefill (the
+    last queries against every key) and single-token decode steps (query t against keys [0, t]) give the
+    full sequence's rows. (column_norm's estimation rows are the call's own queries: not so there.)"""
+    q, k, v = qkv(2, 120, 120)
+    kw = dict(sampling=sampling, bucket_size=16, sample_size=16, return_trace=False)
+    full, _ = run(q, k, v, **kw)
+    tail, _ = run(q[:, 83:], k, v, **kw)
+    torch.testing.assert_close(tail, full[:, 83:], rtol=1e-12, atol=1e-12)
+    for t in (0, 5, 16, 47, 119):
+        step, _ = run(q[:, t : t + 1], k[:, : t + 1], v[:, : t + 1], **kw)
+        torch.testing.assert_close(step, full[:, t : t + 1], rtol=1e-12, atol=1e-12)
+
+
 @pytest.mark.parametrize("sampling", SAMPLINGS)
 def test_sampled_sums_are_unbiased_under_the_causal_mask(sampling):
     """z-tests over 3000 heads (each its own draws and hash), |z| < 4.5: every entry of the sampled
