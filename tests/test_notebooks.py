@@ -98,7 +98,10 @@ def check_tuning(nb):
                       stream_text(nb, "33c74de0"))
     assert below and below.group(1) == below.group(2) == "2", stream_text(nb, "33c74de0")  # both FAST layers
     summary = stream_text(nb, "7d2e4f10")
-    assert re.search(r"budget 48: blocks 16 \+ samples 32 -> [\d.]+;  blocks 32 \+ samples 16 -> [\d.]+", summary)
+    assert re.search(r"column_norm, budget 48: blocks 16 \+ samples 32 -> [\d.]+;  blocks 32 \+ samples 16 -> [\d.]+",
+                     summary), summary
+    half = re.search(r"best error at cost <= 0.50 \(mean over layers\): pps ([\d.]+), column_norm ([\d.]+)", summary)
+    assert half and float(half.group(1)) < float(half.group(2)), summary  # the default wins at equal cost
     assert len(re.findall(r"^layer \d+: fastest setting", summary, flags=re.M)) == 2
 
 
