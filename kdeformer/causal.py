@@ -2,15 +2,17 @@
 
 Shape legend (inputs are flattened, checked and compacted by `kde_attention`; no masks reach here):
     G   groups (batch x heads)   Nq queries   Nk keys   D head dim   Dv value dim   r hash bits
-    L   queries per chunk (bucket_size / 4)     nc chunks = ceil(Nq / L)
+    L   query slots per chunk (bucket_size / 4) nc chunks = ceil((Nq + offset) / L)
     W   local key slots per chunk (L - 1 + w)   B bucket keys per query (= bucket_size)
     h   heavy columns per chunk (column_norm)   s' draws per chunk (sample_size - h)
     gb, nb  heads and chunks of one batch of work
 
-Query i sees keys [0, limits[i]) (bottom-right causal: limits = Nk - Nq + i + 1). Queries are cut by
-position into chunks of L; chunk c starts at query cL and splits the keys it may see into a *pool*
-[0, p_c), p_c = max(0, limits[cL] - w) with w = `local_window` (default bucket_size), and the *local*
-keys [p_c, ...):
+Query i sees keys [0, limits[i]) (bottom-right causal: limits = Nk - Nq + i + 1). Queries are laid
+in slots, query i in slot i + offset with offset = (limits[0] - 1) mod L, and cut into chunks of L
+slots, so chunk boundaries sit at own-token positions that are multiples of L whatever Nq is (a KV-cache
+step falls in the same chunk as in the full sequence). Chunk c splits the keys its first slot may see
+into a *pool* [0, p_c), p_c = max(0, limit of that slot - w) with w = `local_window` (default
+bucket_size), and the *local* keys [p_c, ...):
 
 1. local part (exact): query i computes the keys [p_c, limits[i]) exactly: its own token and at least
    the w keys before it, so its normaliser is never empty;
@@ -22,18 +24,22 @@ keys [p_c, ...):
    own bucket falls. No query is sorted with any other: a query's exact set depends on it alone;
 3. sampled part: chunk c draws s' columns with replacement from its pool with probabilities p that
    depend only on pool keys ("value_norm", "uniform": closed forms over prefix sums, no table) or also
-   on estimation rows taken among queries <= cL ("column_norm": a chunks x Nk table; its h largest
-   estimated columns are computed exactly instead). A draw adds weight 1 / (s' p) for every query of
+   on estimation rows taken among the queries up to the chunk's first ("column_norm": one importance
+   table per count of rows seen, shared by the chunks that saw it; the h largest estimated columns of
+   the first such pool are computed exactly instead). A draw adds weight 1 / (s' p) for every query of
    the chunk whose exact set does not already hold it, so the sampled part is unbiased for the rest;
 4. logits are shifted by the per-row maximum before exp; output = numerator / normaliser.
 
 Output i therefore depends on q_i, the keys and values before limits[i], earlier queries (through the
 estimation rows) and the counter-based draws, never on a later token. Every random number comes from
 `kdeformer.random.Draws`, addressed by (head, chunk, draw): the projections from stream "projections"
-(D, r) as in the non-causal path, the draws from "samples" (nc, s'), the estimation rows from
-"estimate_rows" (R,). Probabilities and hashes are computed in float32 from inputs cast to float32, so
-float32 and float64 inputs that are exactly representable draw the same columns. Sampling
-probabilities are treated as constants by autograd (gradients flow through the attended terms).
+(D, r) as in the non-causal path, the draws from "samples" (absolute chunk, s'), the estimation rows
+from "estimate_rows" (R,). With "value_norm" and "uniform", a chunked prefill or a single-token decode
+step therefore reproduces the full sequence's rows (to float rounding); "column_norm" estimates from
+the call's own earlier queries, so its decode steps are a different (still unbiased) estimate.
+Probabilities and hashes are computed in float32 from inputs cast to float32, so float32 and float64
+inputs that are exactly representable draw the same columns. Sampling probabilities are treated as
+constants by autograd (gradients flow through the attended terms).
 
 bucket_size >= Nk gives exact causal attention: every pool has at most Nk <= B keys, all in the bucket.
 """
