@@ -81,6 +81,7 @@ VARIANTS = {
     "no recent-row mix": ("column_norm", None, {"RECENT_MIX": 0.0}),
     "bucket off, B more samples": ("column_norm", None, {"bucket": lambda b: 0}),
     "value_norm, bucket off, B more samples": ("value_norm", None, {"bucket": lambda b: 0}),
+    "bucket off, B more heavy columns": ("column_norm", None, {"bucket": lambda b: 0, "heavy": True}),
 }
 
 
@@ -92,19 +93,21 @@ def variant_error(data, name: str, budget: int, seeds) -> tuple[float, int]:
 
     q, k, v, scale, limits, exact = data
     sampling, window, overrides = VARIANTS[name]
+    overrides = dict(overrides)
     bucket = budget // 2
     sample = budget + (bucket if "bucket" in overrides else 0)
+    heavy = sample // 4 + bucket if overrides.pop("heavy", False) else None  # the bucket's B columns go exact
     window = None if window is None else window(bucket)
-    with variant(**dict(overrides)) as plan:
+    with variant(**overrides) as plan:
         errors = []
         for seed in seeds:
             out, _ = causal_kde(q, k, v, limits=limits, scale=scale, bucket_size=bucket, sample_size=sample,
                                 num_projs=7, sampling=sampling, bucket_order="gray", local_window=window,
-                                heavy_columns=None, estimate_rows=None, draws=Draws(seed, torch.arange(72) % 12),
+                                heavy_columns=heavy, estimate_rows=None, draws=Draws(seed, torch.arange(72) % 12),
                                 return_trace=False)
             errors.append(relative_spectral_error(out, exact))
         cols = plan(limits, k.shape[1], bucket_size=bucket, sample_size=sample, local_window=window,
-                    sampling=sampling, heavy_columns=None, estimate_rows=None).n_cols
+                    sampling=sampling, heavy_columns=heavy, estimate_rows=None).n_cols
     return sum(errors) / len(errors), cols
 
 
