@@ -46,3 +46,14 @@ def run_peer(heads, method: str, budget: int, seed: int):
     out = approximate(method, heads.q, heads.k, heads.v, budget=budget, scale=heads.scale,
                       generator=torch.Generator().manual_seed(seed))
     return out, cost.peer(method, *dims, params) / dims[0]
+
+
+def run_core_default(heads, budget: int, seed: int):
+    """The core's default estimator as users meet it: approximate("kdeformer", budget=b), its cost from
+    kdeformer.multiply_adds (the port of the winner is checked against `best` with this).  -> out, MACs/query."""
+    from kdeformer import multiply_adds
+
+    dims = (heads.q.shape[1], heads.k.shape[1], heads.q.shape[2], heads.v.shape[2])
+    out = approximate("kdeformer", heads.q, heads.k, heads.v, budget=budget, scale=heads.scale,
+                      generator=torch.Generator().manual_seed(seed))
+    return out, multiply_adds("kdeformer", *dims, budget=budget) / dims[0]

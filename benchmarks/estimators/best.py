@@ -26,8 +26,9 @@ The block's queries attend their C columns in one GEMM with the weights (1 exact
 window); numerator / normaliser is the ratio of two unbiased estimates (the output itself is a ratio
 estimate: consistent, with a small bias measured in RESULTS.md).
 
-Cost (`multiply_adds`, per head): ng Nk D [centroid logits] + nqb Bq C (D + Dv + 1) [block GEMMs]
-+ Nq (2w + 1) (D + Dv + 1) [window] + 2 Nq D [block spreads of the two orders]; hashing the queries
+Cost (`multiply_adds`, per head): ng Nk D [centroid logits] + Nk Dv [value-row norms]
++ nqb Bq C (D + Dv + 1) [block GEMMs] + Nq (2w + 1) (D + Dv + 1) [window] + 2 Nq D [block spreads of
+the two orders]; hashing the queries
 Nq D r (keys are not hashed: there is no key block) and the sort are on top.  `columns_for_budget` gives
 the C that keeps the total within b (D + Dv + 1) per query.
 Probabilities are computed in float32 from inputs cast to float32.
@@ -240,7 +241,7 @@ def columns_for_budget(n_queries: int, n_keys: int, dim: int, dim_v: int, budget
     bq = -(-n_queries // nqb)
     per_col = dim + dim_v + 1
     ng = plan_estimates(nqb, n_queries, n_keys, dim, dim_v, budget, share)
-    fixed = ng * n_keys * dim + n_queries * (2 * window + 1) * per_col + 2 * n_queries * dim
+    fixed = ng * n_keys * dim + n_keys * dim_v + n_queries * (2 * window + 1) * per_col + 2 * n_queries * dim
     return max(1, min(n_keys, (n_queries * budget * per_col - fixed) // (nqb * bq * per_col)))
 
 
@@ -254,5 +255,5 @@ def multiply_adds(n_queries: int, n_keys: int, dim: int, dim_v: int, budget: int
     per_col = dim + dim_v + 1
     ng = plan_estimates(nqb, n_queries, n_keys, dim, dim_v, budget, share)
     count = columns_for_budget(n_queries, n_keys, dim, dim_v, budget, q_block=q_block, window=window, share=share)
-    return (ng * n_keys * dim + nqb * bq * count * per_col + n_queries * (2 * window + 1) * per_col
+    return (ng * n_keys * dim + n_keys * dim_v + nqb * bq * count * per_col + n_queries * (2 * window + 1) * per_col
             + 2 * n_queries * dim)

@@ -21,6 +21,7 @@ HERE = Path(__file__).resolve().parent
 
 DESCRIPTIONS = {
     "best": "**winner** (best.py): auto order, Bq 32, centroid estimates <= 1/8 of the budget, capped PPS, systematic, window +-3",
+    "core-default": "the core's default as ported (kdeformer/pps.py), approximate('kdeformer', budget=b)",
     "best-bq16": "winner, blocks of 16 queries", "best-bq64": "winner, blocks of 64 queries",
     "best-w2": "winner, window +-2", "best-w4": "winner, window +-4", "best-w6": "winner, window +-6",
     "best-w0": "winner, window 0 (the query's own token only)",
@@ -149,7 +150,7 @@ exact (sinks become exact columns by themselves, as many as each group needs), a
 own C columns by systematic sampling from ONE uniform (column j is in the sample with probability exactly
 pi_j, never twice; weight 1/pi_j: Horvitz-Thompson, unbiased numerator and normaliser). Each query also
 computes its +-3 token neighbours exactly (a drawn column inside its window gets weight 0 for it). No
-LSH key block. Multiply-adds per head: ng Nk D + nqb Bq C (D + Dv + 1) + Nq 7 (D + Dv + 1) + 2 Nq D,
+LSH key block. Multiply-adds per head: ng Nk D + Nk Dv + nqb Bq C (D + Dv + 1) + Nq 7 (D + Dv + 1) + 2 Nq D,
 with ng = min(nqb, floor(Nq b (D + Dv + 1) / (8 Nk D))) and C the largest that keeps this <= Nq b (D + Dv + 1);
 hashing the queries (Nq D r; keys are not hashed) is on top: 5.4 % at b = 64 on MiniLM.
 

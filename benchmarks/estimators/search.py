@@ -71,7 +71,7 @@ BEST = {  # the port-ready scheme (benchmarks/estimators/best.py via winner.py),
     "best-w2": {"window": 2}, "best-w4": {"window": 4}, "best-w6": {"window": 6}, "best-w0": {"window": 0},
     "best-share16": {"share": 1 / 16}, "best-share4": {"share": 1 / 4},
 }
-ALL = ("best",) + tuple(SCHEMES) + TODAY + PEERS + tuple(n for n in BEST if n != "best")
+ALL = ("best", "core-default") + tuple(SCHEMES) + TODAY + PEERS + tuple(n for n in BEST if n != "best")
 
 
 def run(name: str, heads, budget: int, seed: int):
@@ -80,6 +80,8 @@ def run(name: str, heads, budget: int, seed: int):
         return best_attention(heads.q, heads.k, heads.v, heads.scale, budget, seed, **BEST[name])
     if name in SCHEMES:
         return run_plan(SCHEMES[name], heads.q, heads.k, heads.v, heads.scale, budget, seed)
+    if name == "core-default":
+        return baselines.run_core_default(heads, budget, seed)
     if name.startswith("today-"):
         sampling = name.split("-")[1]
         return baselines.run_core(heads, budget, sampling, seed, honest=name.endswith("-honest"))
