@@ -419,31 +419,35 @@ def exclude_window(logits, cols, centre, window: int, n_keys: int, inplace: bool
     return logits.scatter_add_(-1, pos, minus) if inplace else logits.scatter_add(-1, pos, minus)
 
 
-def weigh_drawn_block(logits, v_cols, weight, exact, *, want_parts: bool, inplace: bool, out=None):
-    """The sums of a chunk of m query blocks over their drawn columns.  logits (m, Bq, C) (window columns
-    already -inf), v_cols (m, C, Dv), weight (m, C), exact (m, C) bool; out (m, Bq, Dv) or None.
-    -> [numerator (m, Bq, Dv), (shift, normaliser) (m, Bq, 2)] and, with want_parts, the exact part of
-    the normaliser (m, Bq, 1) and the sampled part of the numerator (m, Bq, Dv)."""
-    row_max = logits.detach().amax(-1).clamp_min(-3e38)  # (m, Bq); finite even if every column is excluded
-    if inplace:
-        terms = logits.sub_(row_max.unsqueeze(-1)).exp_().mul_(weight.unsqueeze(-2))
-    else:
-        terms = torch.exp(logits - row_max.unsqueeze(-1)) * weight.unsqueeze(-2)
-    sums = [torch.bmm(terms, v_cols, out=out), torch.stack([row_max, terms.sum(-1)], -1)]
+def weighted_values(v_cols, weight, exact, want_parts: bool) -> torch.Tensor:
+    """Each column's value row and 1 times its weight, [w v_c, w] (m, C, Dv + 1), so one GEMM gives the
+    numerator and the normaliser; for the trace also [w 1{exact}, w 1{sampled} v_c] (m, C, 2 Dv + 2)."""
+    w = weight.unsqueeze(-1)  # (m, C, 1)
+    parts = [v_cols * w, w]
     if want_parts:
-        exact_f = exact.to(terms.dtype).unsqueeze(-2)  # (m, 1, C)
-        sums += [(terms * exact_f).sum(-1, keepdim=True), torch.bmm(terms * (1 - exact_f), v_cols)]
-    return sums
+        exact_w = w * exact.unsqueeze(-1)
+        parts += [exact_w, v_cols * (w - exact_w)]
+    return torch.cat(parts, -1)
+
+
+def weigh_drawn_block(logits, values, *, inplace: bool, out=None):
+    """A chunk of m query blocks over their drawn columns.  logits (m, Bq, C) (window columns already
+    -inf), values (m, C, width) from `weighted_values`; out (m, Bq, width) or None.
+    -> shift (m, Bq) and the weighted sums exp(logits - shift) @ values (m, Bq, width)."""
+    row_max = logits.detach().amax(-1).clamp_min(-3e38)  # (m, Bq); finite even if every column is excluded
+    terms = logits.sub_(row_max.unsqueeze(-1)).exp_() if inplace else torch.exp(logits - row_max.unsqueeze(-1))
+    return row_max, torch.bmm(terms, values, out=out)
 
 
 def attend_blocks(q, k, v, scale: float, plan, want_parts: bool, inplace: bool) -> list:
     """Every query block against its drawn columns, chunk by chunk, in block order.
-    -> [numerator (G, nqb*Bq, Dv), (shift, normaliser) (G, nqb*Bq, 2)] (+ the two trace parts)."""
+    -> [sums (G, nqb*Bq, width) (numerator, normaliser, trace parts: see `weighted_values`), shift (G, nqb*Bq, 1)]."""
     groups, n_q, dim = q.shape
     n_k, dim_v, layout = k.shape[1], v.shape[-1], plan.layout
     n_blocks, q_len, n_cols, window = layout.num_q_blocks, layout.q_block_len, layout.columns, layout.window
     k_flat, v_flat = k.reshape(-1, dim), v.reshape(-1, dim_v)
-    numerator = q.new_empty(groups, n_blocks, q_len, dim_v) if inplace else None
+    width = 2 * dim_v + 2 if want_parts else dim_v + 1
+    buffer = q.new_empty(groups, n_blocks, q_len, width) if inplace else None
     pieces = []
     for g0, g1, b0, b1 in chunk_ranges(groups, n_blocks, q_len):
         m = (g1 - g0) * (b1 - b0)
@@ -453,18 +457,17 @@ def attend_blocks(q, k, v, scale: float, plan, want_parts: bool, inplace: bool) 
         if layout.window_len:
             centre = plan.rows[g0:g1, b0:b1].reshape(m, q_len) + (n_k - n_q)
             logits = exclude_window(logits, plan.cols[g0:g1, b0:b1].reshape(m, n_cols), centre, window, n_k, inplace)
-        sums = weigh_drawn_block(logits, v_flat.index_select(0, index).view(m, n_cols, dim_v),
+        values = weighted_values(v_flat.index_select(0, index).view(m, n_cols, dim_v),
                                  plan.weights[g0:g1, b0:b1].reshape(m, n_cols).to(q.dtype),
-                                 plan.exact[g0:g1, b0:b1].reshape(m, n_cols), want_parts=want_parts,
-                                 inplace=inplace, out=None if numerator is None else
-                                 numerator[g0:g1, b0:b1].view(m, q_len, dim_v))
-        pieces.append([x.reshape(g1 - g0, -1, x.shape[-1]) for x in sums])
-    widths = [x.shape[-1] for x in pieces[0]]  # chunks run head-major, block-minor: flattened, they join in order
-    joined = [torch.cat([p[i].reshape(-1, w) for p in pieces]).view(groups, n_blocks * q_len, w)
-              for i, w in enumerate(widths)]
-    if numerator is not None:
-        joined[0] = numerator.view(groups, n_blocks * q_len, dim_v)
-    return joined
+                                 plan.exact[g0:g1, b0:b1].reshape(m, n_cols), want_parts)
+        shift, sums = weigh_drawn_block(logits, values, inplace=inplace,
+                                        out=None if buffer is None else buffer[g0:g1, b0:b1].view(m, q_len, width))
+        pieces.append((sums.reshape(-1, width), shift.reshape(-1, 1)))
+    # chunks run head-major, block-minor: flattened, they join in order
+    shift = torch.cat([p[1] for p in pieces]).view(groups, n_blocks * q_len, 1)
+    sums = buffer.view(groups, n_blocks * q_len, width) if buffer is not None else \
+        torch.cat([p[0] for p in pieces]).view(groups, n_blocks * q_len, width)
+    return [sums, shift]
 
 
 def attend_pps(q, k, v, scale: float, plan, want_parts: bool):
@@ -477,23 +480,33 @@ def attend_pps(q, k, v, scale: float, plan, want_parts: bool):
     slots = pps.slot_of_tokens(plan.order)  # (G, Nq) position of each query among the block slots
     step = max(1, CHUNK_ROWS // groups)
     window = plan.layout.window if plan.layout.window_len else None
-    pieces = [merge_window(q, k, v, scale, window, [gather_rows(x, slots[:, r0:r0 + step]) for x in sums], r0,
-                           want_parts, inplace) for r0 in range(0, n_q, step)]
-    out = torch.cat([p[0] for p in pieces], 1) if len(pieces) > 1 else pieces[0][0]
+    out = q.new_empty(groups, n_q, v.shape[-1]) if inplace and not want_parts else None
+    pieces = []
+    for r0 in range(0, n_q, step):
+        piece = merge_window(q, k, v, scale, window, [gather_rows(x, slots[:, r0:r0 + step]) for x in sums], r0,
+                             want_parts, inplace)
+        if out is None:
+            pieces.append(piece)
+        else:
+            out[:, r0:r0 + step] = piece[0]
+    if out is not None:
+        return out, None
+    out = torch.cat([p[0] for p in pieces], 1)
     if not want_parts:
         return out, None
-    names = ("log_normalizer", "heavy_fraction", "sampled_output")
-    parts = {name: torch.cat([p[1][name] for p in pieces], 1) for name in names}
+    parts = {name: torch.cat([p[1][name] for p in pieces], 1) for name in ("log_normalizer", "heavy_fraction",
+                                                                          "sampled_output")}
     parts["heavy_output"] = out - parts["sampled_output"]
     return out, parts
 
 
 def merge_window(q, k, v, scale: float, window: int | None, sums: list, r0: int, want_parts: bool, inplace: bool):
-    """Queries r0..r0+R-1: their block sums [numerator (G, R, Dv), (shift, normaliser) (G, R, 2), and for
-    the trace exact normaliser (G, R, 1), sampled numerator (G, R, Dv)] plus their exact +-w window (None:
-    no window), merged under one shift and divided.  -> out (G, R, Dv), the trace's parts or None."""
-    numerator, shift, normaliser = sums[0], sums[1][..., 0], sums[1][..., 1]
-    exact_sum, sampled = (sums[2][..., 0], sums[3]) if want_parts else (None, None)
+    """Queries r0..r0+R-1: their block sums [sums (G, R, width) (numerator, normaliser and for the trace
+    the exact normaliser and the sampled numerator, see `weighted_values`), shift (G, R, 1)] plus their
+    exact +-w window (None: no window), merged under one shift and divided.  -> out (G, R, Dv), parts or None."""
+    dim_v = v.shape[-1]
+    numerator, normaliser, shift = sums[0][..., :dim_v], sums[0][..., dim_v], sums[1][..., 0]
+    exact_sum, sampled = (sums[0][..., dim_v + 1], sums[0][..., dim_v + 2:]) if want_parts else (None, None)
     if window is not None:
         logits = pps.window_logits(q, k, scale, window, r0, r0 + numerator.shape[1])  # (G, R, W)
         new_shift = torch.maximum(shift, logits.detach().amax(-1))  # (G, R)

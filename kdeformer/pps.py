@@ -145,8 +145,9 @@ def block_fit(q32: torch.Tensor, order: torch.Tensor, layout: PPSLayout) -> torc
     rows = block_rows(order, layout)  # (G, nqb, Bq)
     chosen = torch.linspace(0, layout.num_q_blocks - 1, min(FIT_BLOCKS, layout.num_q_blocks), device=q32.device).long()
     counts = block_counts(layout, n_q, q32.device)[chosen]
-    blocks = torch.gather(q32, 1, rows[:, chosen].flatten(1).unsqueeze(-1).expand(-1, -1, q32.shape[-1]))
-    blocks = blocks.view(q32.shape[0], chosen.numel(), layout.q_block_len, -1)  # (G, nf, Bq, D)
+    from .core import gather_rows
+
+    blocks = gather_rows(q32, rows[:, chosen])  # (G, nf, Bq, D)
     sums = blocks.sum(2)
     last = chosen == layout.num_q_blocks - 1
     if bool(last.any()):  # the last block's repeated slots counted once
@@ -212,7 +213,7 @@ def inclusion_probabilities(weight: torch.Tensor, count: int) -> torch.Tensor:
     if n == weight.shape[-1]:
         return torch.ones_like(weight)
     top = weight.topk(n, dim=-1).values.double()  # (..., n) descending
-    rest = weight.sum(-1, keepdim=True, dtype=torch.float64) - (top.cumsum(-1) - top)  # sum of w_(k), w_(k+1), ...
+    rest = weight.sum(-1, keepdim=True).double() - (top.cumsum(-1) - top)  # sum of w_(k), w_(k+1), ...
     scale = (n - torch.arange(n, device=weight.device, dtype=torch.float64)) / rest  # (..., n)
     first = (scale * top <= 1 + 1e-6).to(torch.int8).argmax(-1, keepdim=True)  # k = n - 1 always fits
     return weight.mul_(torch.gather(scale, -1, first).float()).clamp_max_(1.0)
@@ -293,7 +294,9 @@ def plan_pps(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float,
     q32 = q.detach().float()
     order, token_order = query_order(q32, lsh_order, layout)
     rows = block_rows(order, layout)  # (G, nqb, Bq)
-    q_blocks = torch.gather(q, 1, rows.flatten(1).unsqueeze(-1).expand(-1, -1, dim)).view(*rows.shape, dim)
+    from .core import gather_rows
+
+    q_blocks = gather_rows(q, rows)  # (G, nqb, Bq, D)
     block_group = group_of_blocks(layout.num_q_blocks, layout.num_groups, q.device)  # (nqb,)
     plan = PPSPlan(layout, rows, q_blocks, None, None, None, order, token_order, q_codes, block_group, None)
     if layout.exact:
@@ -321,40 +324,43 @@ def window_keys(n_queries: int, n_keys: int, window: int, device=None) -> torch.
     return torch.where((index >= 0) & (index < n_keys), index, -1)
 
 
-def offset_span(offset: int, n_queries: int, n_keys: int, r0: int, r1: int) -> tuple[int, int, int]:
-    """(i0, i1, j0): the queries i0..i1-1 of r0..r1-1 whose key i + Nk - Nq + offset exists, from key j0."""
-    shift = n_keys - n_queries + offset
-    i0, i1 = max(r0, -shift), min(r1, n_keys - shift)
-    return i0, max(i0, i1), i0 + shift
+def window_slab(x: torch.Tensor, n_queries: int, window: int, r0: int, r1: int) -> tuple[torch.Tensor, bool]:
+    """Rows i + Nk - Nq - w .. i + Nk - Nq + w of x for the queries r0..r1-1, zero-padded outside the keys.
+    x (G, Nk, C) -> slab (G, R + 2w, C) (row o + i - r0 serves query i at offset o - w), padded or not."""
+    n_k = x.shape[1]
+    lo, hi = r0 + n_k - n_queries - window, r1 + n_k - n_queries + window
+    start, end = min(max(lo, 0), n_k), min(max(hi, 0), n_k)
+    slab = x[:, start:end]
+    if start == lo and end == hi:
+        return slab, False
+    return torch.nn.functional.pad(slab, (0, 0, start - lo, hi - end)), True
 
 
 def window_logits(q: torch.Tensor, k: torch.Tensor, scale: float, window: int, r0: int, r1: int) -> torch.Tensor:
-    """Logits of the windows of queries r0..r1-1, -inf outside the keys: one shifted element-wise product
-    per offset, in token order (no gather).  q (G, Nq, D) unscaled, k (G, Nk, D) -> (G, R, W)."""
-    n_q, n_k = q.shape[1], k.shape[1]
-    out = q.new_full((q.shape[0], r1 - r0, 2 * window + 1), float("-inf"))
-    for slot, offset in enumerate(range(-window, window + 1)):
-        i0, i1, j0 = offset_span(offset, n_q, n_k, r0, r1)
-        if i1 > i0:  # a slice assignment: autograd-safe (out is a fresh tensor, nothing saved reads it)
-            out[:, i0 - r0:i1 - r0, slot] = (q[:, i0:i1] * k[:, j0:j0 + i1 - i0]).sum(-1) * scale
-    return out
+    """Logits of the windows of queries r0..r1-1, -inf outside the keys: the queries against a sliding
+    view of the keys (token order, no gather).  q (G, Nq, D) unscaled, k (G, Nk, D) -> (G, R, W)."""
+    n_q, n_k, width = q.shape[1], k.shape[1], 2 * window + 1
+    slab, padded = window_slab(k, n_q, window, r0, r1)  # (G, R + 2w, D)
+    logits = (q[:, r0:r1].unsqueeze(-1) * slab.unfold(1, width, 1)).sum(-2) * scale  # (G, R, D, W) -> (G, R, W)
+    if padded:
+        keys = torch.arange(r0, r1, device=q.device).unsqueeze(-1) + (n_k - n_q) + torch.arange(-window, window + 1,
+                                                                                                 device=q.device)
+        logits = logits.masked_fill((keys < 0) | (keys >= n_k), float("-inf"))
+    return logits
 
 
 def window_values(terms: torch.Tensor, v: torch.Tensor, n_queries: int, window: int, r0: int,
                   inplace: bool) -> torch.Tensor:
     """sum_o terms[:, i, o] v[:, i + Nk - Nq + o] for the queries r0..r0+R-1.  terms (G, R, W) (0 outside
     the keys), v (G, Nk, Dv) -> (G, R, Dv); accumulated in place when autograd is not recording."""
-    r1, n_k = r0 + terms.shape[1], v.shape[1]
-    total = v.new_zeros(terms.shape[0], terms.shape[1], v.shape[-1])
-    for slot, offset in enumerate(range(-window, window + 1)):
-        i0, i1, j0 = offset_span(offset, n_queries, n_k, r0, r1)
-        if i1 == i0:
-            continue
-        weight, rows = terms[:, i0 - r0:i1 - r0, slot: slot + 1], v[:, j0:j0 + i1 - i0]  # (G, n, 1), (G, n, Dv)
+    rows = terms.shape[1]
+    slab, _ = window_slab(v, n_queries, window, r0, r0 + rows)  # (G, R + 2w, Dv)
+    total = terms[..., :1] * slab[:, :rows]
+    for slot in range(1, 2 * window + 1):
         if inplace:
-            total[:, i0 - r0:i1 - r0].addcmul_(weight, rows)
+            total.addcmul_(terms[..., slot:slot + 1], slab[:, slot:slot + rows])
         else:
-            total = total + torch.nn.functional.pad(weight * rows, (0, 0, i0 - r0, r1 - i1))
+            total = total + terms[..., slot:slot + 1] * slab[:, slot:slot + rows]
     return total
 
 
