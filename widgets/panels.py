@@ -373,7 +373,7 @@ def rect_shapes(rects, grid_r: Grid, grid_c: Grid, xref: str, yref: str, color: 
     return shapes
 
 
-def heavy_matrix_traces(view: View, upd: PanelUpdate) -> dict:
+def heavy_matrix_traces(view: View, upd: PanelUpdate, exact_entries: int) -> dict:
     """The exact matrix (pooled, cached per sort order and view) and the exact entries marked."""
     tr, d = view.trace, view.display
     ri, ci, gr, gc = matrix_grids(view, view.max_cells)
@@ -391,9 +391,11 @@ def heavy_matrix_traces(view: View, upd: PanelUpdate) -> dict:
     shapes = rect_shapes(rects, gr, gc, "x", "y")
     outlined = d["order"] == "sorted" and len(shapes) <= MAX_OUTLINES
     upd.layout["shapes"] = shapes if outlined else []
-    # shade every exactly computed entry that no outline shows (heavy columns, local window; all of
-    # them in token order or when hundreds of outlines would swamp the view)
-    block_only = outlined and heavy_column_count(tr) == 0
+    # shade the exactly computed entries unless the outlines show every one of them (heavy columns, a
+    # local window or other exact entries are shaded; so is everything in token order or when hundreds
+    # of outlines would swamp the view)
+    outlined_entries = sum((r1 - r0) * (c1 - c0) for r0, r1, c0, c1, _ in rects)
+    block_only = outlined and outlined_entries == exact_entries
     shade = (marks > 0).astype(np.uint8)  # 0 is transparent in the overlay's colour scale
     upd.traces["heavy overlay"] = dict(visible=not block_only, z=packed(shade), x=xl, y=yl)
     upd.info.update(rects=rects, shapes=shapes, grid_rows=gr, grid_cols=gc, pooled=exact, marks=marks,
@@ -405,8 +407,8 @@ def heavy_update(view: View) -> PanelUpdate:
     tr = view.trace
     nq, nk = tr.query.shape[-2], tr.key.shape[-2]
     upd = PanelUpdate()
-    grids = heavy_matrix_traces(view, upd)
     mass, count = view.engine.heavy_mass(view.settings, tr)
+    grids = heavy_matrix_traces(view, upd, int(count.sum()))
     ri = upd.info["row_index"]
     est = to_np(tr.heavy_fraction)
     p = np.arange(nq)[:: max(1, math.ceil(nq / 1024))]
