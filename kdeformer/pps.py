@@ -188,18 +188,18 @@ def group_centroids(q_blocks: torch.Tensor, layout: PPSLayout, n_queries: int, s
 
 
 def column_importance(centroids: torch.Tensor | None, k32: torch.Tensor, value_norm: torch.Tensor) -> torch.Tensor:
-    """Sampling weights with the floor: (1 - FLOOR) w / sum w + FLOOR / Nk, w_j = exp(<c, k_j> - max) ||v~_j||.
+    """Sampling weights with the floor, up to a factor per row: w_j + FLOOR / (1 - FLOOR) mean(w), i.e.
+    proportional to (1 - FLOOR) w / sum w + FLOOR / Nk, with w_j = exp(<c, k_j> - max) ||v~_j||.
 
     centroids (G, ng, D) scaled (None: no estimate, w = ||v~||), k32 (G, Nk, D), value_norm (G, Nk)
-    -> (G, ng or 1, Nk) float32, every entry > 0.
+    -> (G, ng or 1, Nk) float32, every entry > 0 (`inclusion_probabilities` scales each row).
     """
     if centroids is None:
         weight = value_norm.unsqueeze(1).clone()  # (G, 1, Nk)
     else:
         weight = torch.bmm(centroids, k32.mT)  # (G, ng, Nk)
         weight = weight.sub_(weight.amax(-1, keepdim=True)).exp_().mul_(value_norm.unsqueeze(1))
-    weight = weight.mul_((1 - FLOOR) / weight.sum(-1, keepdim=True))
-    return weight.add_(FLOOR / weight.shape[-1])
+    return weight.add_(weight.mean(-1, keepdim=True) * (FLOOR / (1 - FLOOR)))
 
 
 # --------------------------------------------------------------------------- 4-5. sampling
@@ -225,23 +225,24 @@ def systematic_sample(pi: torch.Tensor, count: int, uniform: torch.Tensor, block
     pi (G, ng, Nk) float32, uniform (G, nqb) in (0, 1), block_group (nqb,) consecutive runs.
     Returns cols (G, nqb, C) int64, non-decreasing along C (an unused slot repeats the last used column),
     weights (G, nqb, C) float64 = 1/pi (0 for an unused slot) and exact (G, nqb, C) bool (pi = 1).
-    The cumulative pi (float64) of all groups are searched as one increasing row (group g offset by
-    g (C + 1)), so a column's chance is its pi to float64 rounding and 1/pi is its exact weight.
+    One float64 cumulative sum runs over all groups of a head (group g starts where g - 1 ends), so a
+    column's chance is its pi to float64 rounding and 1/pi is its exact weight.
     """
     groups, num_groups, n_keys = pi.shape
-    offset = torch.arange(num_groups, device=pi.device, dtype=torch.float64) * (count + 1)  # (ng,)
-    cum = pi.cumsum(-1, dtype=torch.float64)  # (G, ng, Nk)
-    total = cum[..., -1][:, block_group]  # (G, nqb) sum of pi of each block's group
-    cum = cum.add_(offset.unsqueeze(-1)).view(groups, -1)  # (G, ng*Nk) increasing
-    target = uniform.unsqueeze(-1) + torch.arange(count, device=pi.device, dtype=torch.float64)  # (G, nqb, C)
-    used = target < total.unsqueeze(-1)
+    cum = pi.view(groups, -1).cumsum(-1, dtype=torch.float64)  # (G, ng*Nk) increasing
+    ends = cum[:, n_keys - 1::n_keys]  # (G, ng) where each group's interval ends
+    start = torch.nn.functional.pad(ends[:, :-1], (1, 0))[:, block_group]  # (G, nqb) where each block's group starts
+    end = ends[:, block_group]
+    target = (uniform + start).unsqueeze(-1) + torch.arange(count, device=pi.device, dtype=torch.float64)  # (G, nqb, C)
+    used = target < end.unsqueeze(-1)
     used[..., 0] = True  # u < 1 <= C: the first slot always holds a column (whatever the rounding of the total)
-    found = torch.searchsorted(cum, (target + offset[block_group].view(1, -1, 1)).flatten(1), right=True)
-    cols = (found.view_as(target) - (block_group * n_keys).view(1, -1, 1)).clamp_(0, n_keys - 1)
+    offsets = (block_group * n_keys).view(1, -1, 1)  # first flat index of each block's group
+    cols = torch.searchsorted(cum, target.flatten(1), right=True).view_as(target).sub_(offsets)
+    cols = cols.clamp_(0, n_keys - 1)
     used[..., 1:] &= cols[..., 1:] != cols[..., :-1]  # rounding can land twice in one pi = 1 interval
     last = cols.masked_fill(~used, -1).amax(-1, keepdim=True)  # (G, nqb, 1) slot 0 is always used
     cols = torch.where(used, cols, last)
-    p = torch.gather(pi.view(groups, -1), 1, (cols + (block_group * n_keys).view(1, -1, 1)).flatten(1)).view_as(cols)
+    p = torch.gather(pi.view(groups, -1), 1, (cols + offsets).flatten(1)).view_as(cols)
     return cols, torch.where(used, 1.0 / p.double(), 0.0), used & (p >= 1.0)
 
 
