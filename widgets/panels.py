@@ -266,8 +266,9 @@ def bucket_size_traces(view: View, upd: PanelUpdate, ranks: np.ndarray) -> np.nd
     """Queries and keys per non-empty bucket, buckets in rank order. Returns the codes shown."""
     tr = view.trace
     r = tr.projections.shape[-1]
-    qc, kc, kblk = to_np(tr.q_buckets), to_np(tr.k_buckets), to_np(tr.k_blocks)
-    kc_real = kc[kblk >= 0]
+    qc, kc = to_np(tr.q_buckets), to_np(tr.k_buckets)
+    real = np.ones(len(kc), dtype=bool) if tr.key_mask is None else to_np(tr.key_mask).reshape(-1).astype(bool)
+    kc_real = kc[real]  # masked keys are not counted
     codes = np.union1d(qc, kc_real)
     codes = codes[np.argsort(ranks[codes])]
     q_count = np.bincount(qc, minlength=2**r)[codes]
