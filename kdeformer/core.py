@@ -274,6 +274,7 @@ def assemble_columns(plan: BlockPlan, keys: tuple, k_blocks: torch.Tensor, sp, d
 # Work is done in chunks of about this many query rows: the temporaries stay in cache and below the
 # allocator's mmap threshold (a fresh 30 MB buffer costs more in page faults than its exp).
 CHUNK_ROWS = 4096
+MERGE_ROWS = 2048  # token rows (all heads) per chunk of the pps window merge: its (R, D, W) view product stays small
 
 
 def attend_block_columns(q_blocks, k_cols, v_cols, col_weight, exact_valid, *, inplace: bool = True):
@@ -439,20 +440,31 @@ def weigh_drawn_block(logits, values, *, inplace: bool, out=None):
     return row_max, torch.bmm(terms, values, out=out)
 
 
+def to_token_rows(pieces: list, widths: list, total: int, like: torch.Tensor, buffers: list | None) -> list:
+    """Per-chunk block results carried to token rows: `buffers` were written in place (no autograd),
+    else the pieces [(rows (n,), [values (n, width), ...]), ...] are joined once (autograd-safe)."""
+    if buffers is not None:
+        return buffers
+    rows = torch.cat([r for r, _ in pieces])
+    return [like.new_zeros(total, w).index_copy(0, rows, torch.cat([p[i] for _, p in pieces])) for i, w in enumerate(widths)]
+
+
 def attend_blocks(q, k, v, scale: float, plan, want_parts: bool, inplace: bool) -> list:
-    """Every query block against its drawn columns, chunk by chunk, in block order.
-    -> [sums (G, nqb*Bq, width) (numerator, normaliser, trace parts: see `weighted_values`), shift (G, nqb*Bq, 1)]."""
+    """Every query block against its drawn columns, chunk by chunk, written to token rows.
+    -> [numerator (G*Nq, Dv), (shift, normaliser[, exact normaliser]) (G*Nq, 2 or 3)[, sampled numerator (G*Nq, Dv)]]."""
     groups, n_q, dim = q.shape
     n_k, dim_v, layout = k.shape[1], v.shape[-1], plan.layout
     n_blocks, q_len, n_cols, window = layout.num_q_blocks, layout.q_block_len, layout.columns, layout.window
-    k_flat, v_flat = k.reshape(-1, dim), v.reshape(-1, dim_v)
-    width = 2 * dim_v + 2 if want_parts else dim_v + 1
-    buffer = q.new_empty(groups, n_blocks, q_len, width) if inplace else None
+    q_flat, k_flat, v_flat = q.reshape(-1, dim), k.reshape(-1, dim), v.reshape(-1, dim_v)
+    widths = [dim_v, 3, dim_v] if want_parts else [dim_v, 2]
+    buffers = [q.new_empty(groups * n_q, w) for w in widths] if inplace else None
+    slot_real = torch.arange(n_blocks * q_len, device=q.device).view(n_blocks, q_len) < n_q  # (nqb, Bq)
     pieces = []
     for g0, g1, b0, b1 in chunk_ranges(groups, n_blocks, q_len):
         m = (g1 - g0) * (b1 - b0)
+        rows = flat_index(plan.rows[g0:g1, b0:b1], g0, n_q)  # (m*Bq,)
         index = flat_index(plan.cols[g0:g1, b0:b1], g0, n_k)  # (m*C,)
-        q_chunk = plan.q_blocks[g0:g1, b0:b1].reshape(m, q_len, dim) * scale
+        q_chunk = q_flat.index_select(0, rows).view(m, q_len, dim) * scale
         logits = torch.bmm(q_chunk, k_flat.index_select(0, index).view(m, n_cols, dim).mT)  # (m, Bq, C)
         if layout.window_len:
             centre = plan.rows[g0:g1, b0:b1].reshape(m, q_len) + (n_k - n_q)
@@ -460,37 +472,35 @@ def attend_blocks(q, k, v, scale: float, plan, want_parts: bool, inplace: bool) 
         values = weighted_values(v_flat.index_select(0, index).view(m, n_cols, dim_v),
                                  plan.weights[g0:g1, b0:b1].reshape(m, n_cols).to(q.dtype),
                                  plan.exact[g0:g1, b0:b1].reshape(m, n_cols), want_parts)
-        shift, sums = weigh_drawn_block(logits, values, inplace=inplace,
-                                        out=None if buffer is None else buffer[g0:g1, b0:b1].view(m, q_len, width))
-        pieces.append((sums.reshape(-1, width), shift.reshape(-1, 1)))
-    # chunks run head-major, block-minor: flattened, they join in order
-    shift = torch.cat([p[1] for p in pieces]).view(groups, n_blocks * q_len, 1)
-    sums = buffer.view(groups, n_blocks * q_len, width) if buffer is not None else \
-        torch.cat([p[0] for p in pieces]).view(groups, n_blocks * q_len, width)
-    return [sums, shift]
+        shift, sums = weigh_drawn_block(logits, values, inplace=inplace)  # (m, Bq), (m, Bq, width)
+        sums = sums.view(-1, sums.shape[-1])
+        stats = torch.cat([shift.view(-1, 1), sums[:, dim_v:dim_v + widths[1] - 1]], -1)  # (m*Bq, 2 or 3)
+        values = [sums[:, :dim_v], stats] + ([sums[:, dim_v + 2:]] if want_parts else [])
+        if buffers is not None:  # a padded slot repeats a real row of its block: writing it twice is harmless
+            for buffer, x in zip(buffers, values):
+                buffer.index_copy_(0, rows, x)
+            continue
+        real = None if b1 < n_blocks else slot_real[b0:b1].expand(g1 - g0, -1, -1).flatten()
+        if real is not None and not bool(real.all()):
+            rows, values = rows[real], [x[real] for x in values]
+        pieces.append((rows, values))
+    return to_token_rows(pieces, widths, groups * n_q, q, buffers)
 
 
 def attend_pps(q, k, v, scale: float, plan, want_parts: bool):
-    """Block sums (block order), then per chunk of token rows: the block sums of each query, its exact
-    window merged under one shift, and the division.  q (G, Nq, D), k (G, Nk, D), v (G, Nk, Dv)
-    unscaled -> out (G, Nq, Dv) and the trace's parts (or None)."""
+    """Block sums written to token rows, then per chunk of token rows each query's exact window merged
+    under one shift, and the division.  q (G, Nq, D), k (G, Nk, D), v (G, Nk, Dv) unscaled
+    -> out (G, Nq, Dv) and the trace's parts (or None)."""
     groups, n_q, _ = q.shape
+    dim_v = v.shape[-1]
     inplace = not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad))
-    sums = attend_blocks(q, k, v, scale, plan, want_parts, inplace)
-    slots = pps.slot_of_tokens(plan.order)  # (G, Nq) position of each query among the block slots
-    step = max(1, CHUNK_ROWS // groups)
+    sums = [x.view(groups, n_q, -1) for x in attend_blocks(q, k, v, scale, plan, want_parts, inplace)]
     window = plan.layout.window if plan.layout.window_len else None
-    out = q.new_empty(groups, n_q, v.shape[-1]) if inplace and not want_parts else None
-    pieces = []
-    for r0 in range(0, n_q, step):
-        piece = merge_window(q, k, v, scale, window, [gather_rows(x, slots[:, r0:r0 + step]) for x in sums], r0,
-                             want_parts, inplace)
-        if out is None:
-            pieces.append(piece)
-        else:
-            out[:, r0:r0 + step] = piece[0]
-    if out is not None:
-        return out, None
+    step = max(1, MERGE_ROWS // groups)
+    pieces = [merge_window(q, k, v, scale, window, [x[:, r0:r0 + step] for x in sums], r0, want_parts, inplace)
+              for r0 in range(0, n_q, step)]
+    if inplace and not want_parts:
+        return sums[0], None  # divided in place
     out = torch.cat([p[0] for p in pieces], 1)
     if not want_parts:
         return out, None
@@ -501,24 +511,26 @@ def attend_pps(q, k, v, scale: float, plan, want_parts: bool):
 
 
 def merge_window(q, k, v, scale: float, window: int | None, sums: list, r0: int, want_parts: bool, inplace: bool):
-    """Queries r0..r0+R-1: their block sums [sums (G, R, width) (numerator, normaliser and for the trace
-    the exact normaliser and the sampled numerator, see `weighted_values`), shift (G, R, 1)] plus their
-    exact +-w window (None: no window), merged under one shift and divided.  -> out (G, R, Dv), parts or None."""
-    dim_v = v.shape[-1]
-    numerator, normaliser, shift = sums[0][..., :dim_v], sums[0][..., dim_v], sums[1][..., 0]
-    exact_sum, sampled = (sums[0][..., dim_v + 1], sums[0][..., dim_v + 2:]) if want_parts else (None, None)
+    """Queries r0..r0+R-1: their block sums [numerator (G, R, Dv), (shift, normaliser[, exact normaliser])
+    (G, R, 2 or 3)[, sampled numerator (G, R, Dv)]] plus their exact +-w window (None: no window), merged
+    under one shift and divided (in place into the numerator when autograd is not recording).
+    -> out (G, R, Dv), the trace's parts or None."""
+    numerator, shift, normaliser = sums[0], sums[1][..., 0], sums[1][..., 1]
+    exact_sum, sampled = (sums[1][..., 2], sums[2]) if want_parts else (None, None)
     if window is not None:
         logits = pps.window_logits(q, k, scale, window, r0, r0 + numerator.shape[1])  # (G, R, W)
         new_shift = torch.maximum(shift, logits.detach().amax(-1))  # (G, R)
         rescale = torch.exp(shift - new_shift)
         terms = torch.exp(logits - new_shift.unsqueeze(-1))  # (G, R, W), 0 outside the keys
         window_sum = terms.sum(-1)
-        numerator = numerator * rescale.unsqueeze(-1) + pps.window_values(terms, v, q.shape[1], window, r0, inplace)
+        extra = pps.window_values(terms, v, q.shape[1], window, r0, inplace)  # (G, R, Dv)
+        numerator = numerator.mul_(rescale.unsqueeze(-1)).add_(extra) if inplace else \
+            numerator * rescale.unsqueeze(-1) + extra
         normaliser = normaliser * rescale + window_sum
         if want_parts:
             exact_sum, sampled = exact_sum * rescale + window_sum, sampled * rescale.unsqueeze(-1)
         shift = new_shift
-    out = numerator / normaliser.unsqueeze(-1)
+    out = numerator.div_(normaliser.unsqueeze(-1)) if inplace else numerator / normaliser.unsqueeze(-1)
     if not want_parts:
         return out, None
     return out, {"log_normalizer": shift + normaliser.log(), "heavy_fraction": exact_sum / normaliser,

@@ -178,8 +178,8 @@ def group_of_blocks(num_q_blocks: int, num_groups: int, device=None) -> torch.Te
 
 
 def group_centroids(q_blocks: torch.Tensor, layout: PPSLayout, n_queries: int, scale: float) -> torch.Tensor:
-    """Mean scaled query of each group of consecutive blocks.  q_blocks (G, nqb, Bq, D) -> (G, ng, D) float32."""
-    sums = block_sums(q_blocks.float(), n_queries)  # (G, nqb, D)
+    """Mean scaled query of each group of consecutive blocks.  q_blocks (G, nqb, Bq, D) float32 -> (G, ng, D)."""
+    sums = block_sums(q_blocks, n_queries)  # (G, nqb, D)
     block_group = group_of_blocks(layout.num_q_blocks, layout.num_groups, q_blocks.device)
     counts = block_counts(layout, n_queries, q_blocks.device)
     group_sums = sums.new_zeros(sums.shape[0], layout.num_groups, sums.shape[-1]).index_add_(1, block_group, sums)
@@ -253,7 +253,6 @@ class PPSPlan:
 
     layout: PPSLayout
     rows: torch.Tensor  # (G, nqb, Bq) token index of each block slot
-    q_blocks: torch.Tensor  # (G, nqb, Bq, D) the queries of each block slot (working dtype, unscaled)
     cols: torch.Tensor  # (G, nqb, C) key index of each block column, non-decreasing
     weights: torch.Tensor  # (G, nqb, C) float64: 1 exact, 1/pi sampled, 0 unused
     exact: torch.Tensor  # (G, nqb, C) bool: pi = 1
@@ -271,16 +270,19 @@ def exact_columns(groups: int, n_keys: int, layout: PPSLayout, device) -> tuple:
     return cols, ones, ones.bool(), torch.ones(groups, 1, n_keys, device=device)
 
 
-def draw_block_columns(q_blocks, k32, value_norm, layout: PPSLayout, uniform, scale: float, n_queries: int,
-                       keep_pi: bool) -> tuple:
+def draw_block_columns(q32, k32, value_norm, rows, layout: PPSLayout, uniform, scale: float, keep_pi: bool) -> tuple:
     """Steps 2-5 for a chunk of heads: centroids, importance, pi, systematic draws.
 
-    q_blocks (g, nqb, Bq, D), k32 (g, Nk, D), value_norm (g, Nk), uniform (g, nqb) -> cols, weights,
-    exact (g, nqb, C) and pi (g, ng, Nk) or None.
+    q32 (g, Nq, D), k32 (g, Nk, D), value_norm (g, Nk), rows (g, nqb, Bq), uniform (g, nqb) -> cols,
+    weights, exact (g, nqb, C) and pi (g, ng, Nk) or None.
     """
-    centroids = group_centroids(q_blocks, layout, n_queries, scale) if layout.num_groups else None  # (g, ng, D)
+    centroids = None
+    if layout.num_groups:
+        from .core import gather_rows
+
+        centroids = group_centroids(gather_rows(q32, rows), layout, q32.shape[1], scale)  # (g, ng, D)
     pi = inclusion_probabilities(column_importance(centroids, k32, value_norm), layout.columns)  # (g, ng, Nk)
-    block_group = group_of_blocks(layout.num_q_blocks, layout.num_groups, q_blocks.device)
+    block_group = group_of_blocks(layout.num_q_blocks, layout.num_groups, q32.device)
     cols, weights, exact = systematic_sample(pi, layout.columns, uniform, block_group)
     return cols, weights, exact, pi if keep_pi else None
 
@@ -295,21 +297,18 @@ def plan_pps(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float,
     q32 = q.detach().float()
     order, token_order = query_order(q32, lsh_order, layout)
     rows = block_rows(order, layout)  # (G, nqb, Bq)
-    from .core import gather_rows
-
-    q_blocks = gather_rows(q, rows)  # (G, nqb, Bq, D)
     block_group = group_of_blocks(layout.num_q_blocks, layout.num_groups, q.device)  # (nqb,)
-    plan = PPSPlan(layout, rows, q_blocks, None, None, None, order, token_order, q_codes, block_group, None)
+    plan = PPSPlan(layout, rows, None, None, None, order, token_order, q_codes, block_group, None)
     if layout.exact:
         plan.cols, plan.weights, plan.exact, plan.pi = exact_columns(groups, n_k, layout, q.device)
         return plan
-    k32, blocks32 = k.detach().float(), q_blocks.detach().float()
+    k32 = k.detach().float()
     value_norm = torch.linalg.vector_norm(v.detach().float(), dim=-1).square_().add_(1.0).sqrt_() \
         if layout.value_weights else torch.ones(groups, n_k, device=q.device)  # (G, Nk)
     uniform = draws.uniform("systematic", (layout.num_q_blocks,))  # (G, nqb) one per block
     step = max(1, PLAN_ELEMENTS // (max(1, layout.num_groups) * n_k))
-    pieces = [draw_block_columns(blocks32[g0:g0 + step], k32[g0:g0 + step], value_norm[g0:g0 + step], layout,
-                                 uniform[g0:g0 + step], scale, n_q, keep_pi) for g0 in range(0, groups, step)]
+    pieces = [draw_block_columns(q32[g0:g0 + step], k32[g0:g0 + step], value_norm[g0:g0 + step], rows[g0:g0 + step],
+                                 layout, uniform[g0:g0 + step], scale, keep_pi) for g0 in range(0, groups, step)]
     plan.cols, plan.weights, plan.exact = (torch.cat([p[i] for p in pieces]) if len(pieces) > 1 else pieces[0][i]
                                            for i in range(3))
     plan.pi = torch.cat([p[3] for p in pieces]) if keep_pi else None
