@@ -81,7 +81,7 @@ def check_walkthrough(nb):
     assert stats["oracle (column norms of D⁻¹A)"][1] < stats["uniform"][1]  # the oracle's spread is smaller
 
     default = re.search(r"default sampling: '(\w+)'", stream_text(nb, "c0a1e6d7")).group(1)
-    assert default == "pps", default  # the prose of sections 6 and 8 describes pps as the default
+    assert default == "pps", default  # section 6 of the walkthrough describes pps as the default
     lines = re.findall(r"^budget \d+ \+ \d+: (.*?)   cost", stream_text(nb, "c0a1e6d5"), flags=re.M)
     assert len(lines) == 2  # the FAST settings
     for line in lines:
