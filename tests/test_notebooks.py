@@ -205,11 +205,26 @@ def settled_box(page, locator, quiet_ms: int = 1000, timeout_s: float = 60) -> d
     raise TimeoutError(f"{locator} kept moving")
 
 
+def click_overview_head(page) -> dict:
+    """Wait for 03's overview and explorer, click layer 2 / head 5, wait for the confirmation; return the
+    explorer's layer and head readouts."""
+    page.locator(".kde-explorer .kde-control-head .widget-readout").first.wait_for()
+    page.wait_for_function(OVERVIEW_DRAWN)  # all 72 heads drawn, so the click lands on a head
+    cell = page.locator(OVERVIEW_CELL).first
+    cell.scroll_into_view_if_needed()
+    box = settled_box(page, cell)
+    page.mouse.click(box["x"] + box["width"] / 2, box["y"] + box["height"] / 2)
+    page.get_by_text("opened layer 2, head 5 in the explorer below").wait_for(timeout=60_000)
+    return {name: page.locator(f".kde-explorer .kde-control-{name} .widget-readout").first.inner_text()
+            for name in ("layer", "head")}
+
+
 @pytest.mark.browser
 @pytest.mark.slow
-def test_overview_click_opens_head_in_voila(tmp_path):
-    """Notebook 03 served by Voila in Chromium (anywidget's default deadlines): a click on the overview's
-    layer 2 / head 5 cell reaches the kernel, and the explorer below shows that layer and head."""
+@pytest.mark.parametrize("front_end", ["voila", "lab"])
+def test_overview_click_opens_head(front_end, tmp_path):
+    """Notebook 03 in Voila and in JupyterLab (Chromium, anywidget's default deadlines): a click on the
+    overview's layer 2 / head 5 cell reaches the kernel, and the explorer below shows that layer and head."""
     tb = pytest.importorskip("test_browser")  # the browser tests' server helpers (free port, start, stop)
     if not os.path.exists(tb.CHROMIUM):
         msg = f"{tb.CHROMIUM} is missing: install it with `apt-get install -y chromium` (Debian package)"
@@ -219,8 +234,13 @@ def test_overview_click_opens_head_in_voila(tmp_path):
     notebook = REPO / "notebooks" / "03_live_attention.ipynb"
     shutil.copy(notebook, tmp_path / notebook.name)
     port = tb.free_port()
-    proc = tb.start(tb.voila_command(port, notebook.name), tmp_path, tb.jupyter_env(tmp_path / "home"),
-                    f"http://127.0.0.1:{port}/voila/static/", tmp_path / "voila.log")
+    if front_end == "voila":
+        cmd, ready, url = (tb.voila_command(port, notebook.name), f"http://127.0.0.1:{port}/voila/static/",
+                           f"http://127.0.0.1:{port}/")
+    else:
+        cmd, ready = tb.lab_command(port, tmp_path), f"http://127.0.0.1:{port}/api/status?token={tb.TOKEN}"
+        url = f"http://127.0.0.1:{port}/lab/tree/{notebook.name}?token={tb.TOKEN}&reset"
+    proc = tb.start(cmd, tmp_path, tb.jupyter_env(tmp_path / "home"), ready, tmp_path / f"{front_end}.log")
     blocked = []
     try:
         with sync_playwright() as pw:
@@ -228,20 +248,14 @@ def test_overview_click_opens_head_in_voila(tmp_path):
             page = browser.new_page(viewport={"width": 1400, "height": 1000})
             page.route(NON_LOOPBACK, lambda route: (blocked.append(route.request.url), route.abort()))
             page.set_default_timeout(240_000)  # the whole notebook runs first (MiniLM, 72 heads, embeddings)
-            page.goto(f"http://127.0.0.1:{port}/")
-            page.locator(".kde-explorer .kde-control-head .widget-readout").first.wait_for()
-            page.wait_for_function(OVERVIEW_DRAWN)  # all 72 heads drawn, so the click lands on a head
-            cell = page.locator(OVERVIEW_CELL).first
-            cell.scroll_into_view_if_needed()
-            box = settled_box(page, cell)
-            page.mouse.click(box["x"] + box["width"] / 2, box["y"] + box["height"] / 2)
-            page.get_by_text("opened layer 2, head 5 in the explorer below").wait_for(timeout=60_000)
-            readout = {name: page.locator(f".kde-explorer .kde-control-{name} .widget-readout").first.inner_text()
-                       for name in ("layer", "head")}
+            page.goto(url)
+            if front_end == "lab":  # run every cell once the kernel is connected and idle
+                page.get_by_text(re.compile(r"Python 3 \(ipykernel\) \| Idle")).wait_for()
+                page.get_by_role("menuitem", name="Run", exact=True).click()
+                page.get_by_role("menuitem", name=re.compile(r"^Run All Cells")).click()
+            readout = click_overview_head(page)
             browser.close()
     finally:
         tb.stop(proc)
     assert readout == {"layer": "2", "head": "5"}, readout
-    allowed = getattr(tb, "ALLOWED_BLOCKED", None)  # Voila's own template links (the browser tests' list)
-    unexpected = [u for u in blocked if not (allowed and allowed.match(u))]
-    assert not unexpected, f"notebook 03 asked for non-loopback resources: {unexpected}"
+    assert not blocked, f"notebook 03 asked for non-loopback resources: {blocked}"
