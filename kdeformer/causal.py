@@ -182,6 +182,16 @@ def hash_ranks(x: torch.Tensor, projections: torch.Tensor, ranks: torch.Tensor) 
     return ranks[hash_codes(x.float(), projections)]
 
 
+def dense_ranks(q_rank: torch.Tensor, k_rank: torch.Tensor):
+    """Renumber the bucket ranks that occur as 0, 1, ... in the same order, so the per-chunk histograms
+    have at most Nq + Nk columns, not 2^r (the order, and so every window, is unchanged).
+
+    -> q_rank (gb, Nq), k_rank (gb, Nk), number of ranks
+    """
+    present = torch.unique(torch.cat([q_rank.flatten(), k_rank.flatten()]))  # sorted
+    return torch.searchsorted(present, q_rank), torch.searchsorted(present, k_rank), present.numel()
+
+
 def sort_keys(k_rank: torch.Tensor, n_ranks: int):
     """Sort keys by (rank, position).  -> order (gb, Nk), start of each rank's run (gb, 2^r + 1), sorted
     place of each key (gb, Nk)."""
@@ -221,10 +231,10 @@ def head_state(q, k, v, limits, starts, offset, projections, ranks, draws: Draws
 
     starts (gb, nc) = p_c, the pool size of each chunk; offset (gb,) empty slots before query 0.
     """
-    q_rank = hash_ranks(q if scale >= 0 else -q, projections, ranks)  # (gb, Nq)
+    q_rank, k_rank, n_ranks = dense_ranks(hash_ranks(q if scale >= 0 else -q, projections, ranks),
+                                          hash_ranks(k, projections, ranks))  # (gb, Nq), (gb, Nk)
     q_rank = torch.gather(q_rank, 1, slot_queries(offset, q.shape[1], plan.num_slots))  # (gb, nc*L)
-    k_rank = hash_ranks(k, projections, ranks)  # (gb, Nk)
-    k_order, rank_start, sorted_pos = sort_keys(k_rank, ranks.numel())
+    k_order, rank_start, sorted_pos = sort_keys(k_rank, n_ranks)
     positions = torch.arange(k.shape[1], device=k.device).expand_as(k_rank).contiguous()
     entry_chunk = torch.searchsorted(starts, positions, right=True)  # (gb, Nk): chunks with p_c <= j
     norms = colnorm.value_row_norms(v.float()).to(torch.float64)  # (gb, Nk)
@@ -548,13 +558,14 @@ def attend_chunk(q_chunk, k, v, cols: ChunkColumns):
 
 
 # --------------------------------------------------------------------------- the entry point
-def batch_sizes(groups: int, plan: CausalPlan, n_keys: int, width: int, tables: bool) -> tuple[int, int]:
+def batch_sizes(groups: int, plan: CausalPlan, n_keys: int, width: int, n_ranks: int, tables: bool) -> tuple[int, int]:
     """Heads per batch and chunks per batch, so one batch's temporaries stay near BATCH_ENTRIES.
 
-    width = D + Dv; `tables`: the batch builds chunks x Nk probability tables (for a trace).
+    width = D + Dv; n_ranks = 2^r (each chunk's pool histogram); `tables`: the batch builds chunks x Nk
+    probability tables (for a trace).
     """
     per_chunk = (plan.chunk_len * plan.bucket + plan.shared_cols) * width + 3 * plan.chunk_len * plan.n_cols
-    per_chunk += 6 * n_keys if tables else 0
+    per_chunk += 3 * n_ranks + (6 * n_keys if tables else 0)
     chunks = max(1, min(plan.num_chunks, BATCH_ENTRIES // per_chunk))
     per_head = max(chunks * per_chunk, (5 * plan.estimate_rows + 8) * n_keys)
     heads = max(1, min(groups, BATCH_ENTRIES // per_head)) if chunks == plan.num_chunks else 1
@@ -612,7 +623,7 @@ def causal_kde(q, k, v, *, limits, scale, bucket_size, sample_size, num_projs, s
     starts = pool_starts(limit, length, plan.window)  # (G, nc)
     q_pad = gather_rows(q, slot_queries(plan.offset, n_q, plan.num_slots))  # (G, nc*L, D)
     tables = return_trace  # chunks x Nk probability tables are built for the trace only
-    heads_per_batch, chunks_per_batch = batch_sizes(groups, plan, n_k, dim + dim_v, tables)
+    heads_per_batch, chunks_per_batch = batch_sizes(groups, plan, n_k, dim + dim_v, min(ranks.numel(), n_q + n_k), tables)
     outs, pieces, states = [], [], []
     for g0 in range(0, groups, heads_per_batch):
         g1 = min(groups, g0 + heads_per_batch)
