@@ -219,6 +219,13 @@ def inclusion_probabilities(weight: torch.Tensor, count: int) -> torch.Tensor:
     return weight.mul_(torch.gather(scale, -1, first).float()).clamp_max_(1.0)
 
 
+def block_slots(block_group: torch.Tensor, num_groups: int) -> tuple[torch.Tensor, int]:
+    """Position of each block inside its (consecutive) group, and the most blocks a group has.  # (nqb,)"""
+    counts = torch.bincount(block_group, minlength=num_groups)  # (ng,)
+    first = torch.cumsum(counts, 0) - counts  # (ng,) first block of each group
+    return torch.arange(block_group.numel(), device=block_group.device) - first[block_group], int(counts.max())
+
+
 def systematic_sample(pi: torch.Tensor, count: int, uniform: torch.Tensor, block_group: torch.Tensor):
     """`count` distinct columns per block from its group's pi with one uniform per block.
 
@@ -226,22 +233,25 @@ def systematic_sample(pi: torch.Tensor, count: int, uniform: torch.Tensor, block
     Returns cols (G, nqb, C) int64, non-decreasing along C (an unused slot repeats the last used column),
     weights (G, nqb, C) float64 = 1/pi (0 for an unused slot) and exact (G, nqb, C) bool (pi = 1).
     One float64 cumulative sum runs over all groups of a head (group g starts where g - 1 ends), so a
-    column's chance is its pi to float64 rounding and 1/pi is its exact weight.
+    column's chance is its pi to float64 rounding and 1/pi is its exact weight; each group's targets
+    are searched in its own row (a cache-sized search, not one over all groups).
     """
     groups, num_groups, n_keys = pi.shape
-    cum = pi.view(groups, -1).cumsum(-1, dtype=torch.float64)  # (G, ng*Nk) increasing
-    ends = cum[:, n_keys - 1::n_keys]  # (G, ng) where each group's interval ends
+    cum = pi.view(groups, -1).cumsum(-1, dtype=torch.float64).view(groups, num_groups, n_keys)  # increasing
+    ends = cum[..., -1]  # (G, ng) where each group's interval ends
     start = torch.nn.functional.pad(ends[:, :-1], (1, 0))[:, block_group]  # (G, nqb) where each block's group starts
-    end = ends[:, block_group]
     target = (uniform + start).unsqueeze(-1) + torch.arange(count, device=pi.device, dtype=torch.float64)  # (G, nqb, C)
-    used = target < end.unsqueeze(-1)
+    used = target < ends[:, block_group].unsqueeze(-1)
     used[..., 0] = True  # u < 1 <= C: the first slot always holds a column (whatever the rounding of the total)
-    offsets = (block_group * n_keys).view(1, -1, 1)  # first flat index of each block's group
-    cols = torch.searchsorted(cum, target.flatten(1), right=True).view_as(target).sub_(offsets)
-    cols = cols.clamp_(0, n_keys - 1)
+    slot, per_group = block_slots(block_group, num_groups)
+    grouped = target.new_zeros(groups, num_groups, per_group, count)
+    grouped[:, block_group, slot] = target  # (G, ng, bpg, C): each group's blocks side by side
+    found = torch.searchsorted(cum, grouped.view(groups, num_groups, -1), right=True)  # (G, ng, bpg*C)
+    cols = found.view(groups, num_groups, per_group, count)[:, block_group, slot].clamp_(0, n_keys - 1)
     used[..., 1:] &= cols[..., 1:] != cols[..., :-1]  # rounding can land twice in one pi = 1 interval
     last = cols.masked_fill(~used, -1).amax(-1, keepdim=True)  # (G, nqb, 1) slot 0 is always used
     cols = torch.where(used, cols, last)
+    offsets = (block_group * n_keys).view(1, -1, 1)  # first flat index of each block's group
     p = torch.gather(pi.view(groups, -1), 1, (cols + offsets).flatten(1)).view_as(cols)
     return cols, torch.where(used, 1.0 / p.double(), 0.0), used & (p >= 1.0)
 
