@@ -270,3 +270,33 @@ def test_multiply_adds():
     assert count < exact / 5
     with_rows = causal_multiply_adds(n, n, d, dv, bucket_size=b, sample_size=s, sampling="column_norm", estimate_rows=64)
     assert with_rows == count + 64 * n * d  # the s // 4 heavy columns are paid out of the s columns
+
+
+@pytest.mark.parametrize("sampling", SAMPLINGS)
+def test_batching_does_not_change_the_result(sampling, monkeypatch):
+    """Small work batches (several head batches, several chunk batches per head) give the same output and
+    trace as one batch."""
+    import kdeformer.causal as C
+
+    q, k, v = qkv(5, 90, 90)
+    one, p_one = run(q, k, v, sampling=sampling)
+    monkeypatch.setattr(C, "BATCH_ENTRIES", 1 << 12)
+    plan = C.plan_causal(bottom_right_limits(90, 90), 90, bucket_size=8, sample_size=8, local_window=None,
+                         sampling=sampling, heavy_columns=None, estimate_rows=None)
+    heads, chunks = C.batch_sizes(5, plan, 90, 12, 16, True)
+    assert heads == 1 and 1 < chunks < plan.num_chunks  # five head batches, each of several chunk batches
+    many, p_many = run(q, k, v, sampling=sampling)
+    torch.testing.assert_close(many, one, rtol=1e-12, atol=1e-12)
+    for name in ("block_cols", "sampled", "k_order"):
+        assert torch.equal(p_many[name], p_one[name]), name
+    torch.testing.assert_close(p_many["group_probs"], p_one["group_probs"])
+
+
+@pytest.mark.parametrize("bucket_size,sample_size,num_projs", [(1, 1, 16), (2, 3, 1), (500, 4, 7)])
+def test_extreme_settings(bucket_size, sample_size, num_projs):
+    q, k, v = qkv(2, 75, 75)
+    for sampling in SAMPLINGS:
+        out, parts = run(q, k, v, sampling=sampling, bucket_size=bucket_size, sample_size=sample_size, num_projs=num_projs)
+        a = matrix_from_parts(q, k, parts, 1 / math.sqrt(8))
+        torch.testing.assert_close(a @ v, out, rtol=1e-10, atol=1e-12)
+        assert bool((a[:, ~visible(75, 75)] == 0).all()) and bool(torch.isfinite(out).all())
