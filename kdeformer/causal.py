@@ -5,6 +5,7 @@ Shape legend (inputs are flattened, checked and compacted by `kde_attention`; no
     L   query slots per chunk (bucket_size / 4) nc chunks = ceil((Nq + offset) / L)
     W   local key slots per chunk (L - 1 + w)   B bucket keys per query (= bucket_size)
     h   heavy columns per chunk (column_norm)   s' draws per chunk (sample_size - h)
+    nr  bucket ranks that occur (at most min(2^r, Nq + Nk): `dense_ranks` renumbers them)
     gb, nb  heads and chunks of one batch of work
 
 Query i sees keys [0, limits[i]) (bottom-right causal: limits = Nk - Nq + i + 1). Queries are laid
@@ -166,7 +167,7 @@ class HeadState:
 
     k_order: torch.Tensor  # (gb, Nk) keys sorted by (bucket rank, position)
     k_rank: torch.Tensor  # (gb, Nk) bucket rank of each key
-    rank_start: torch.Tensor  # (gb, 2^r + 1) where each rank's run starts in the sorted order
+    rank_start: torch.Tensor  # (gb, nr + 1) where each rank's run starts in the sorted order
     sorted_pos: torch.Tensor  # (gb, Nk) place of each key (token order) in the sorted order
     entry_chunk: torch.Tensor  # (gb, Nk) first chunk whose pool holds the key (nc: none)
     q_rank: torch.Tensor  # (gb, nc*L) bucket rank of each (padded) query
@@ -193,12 +194,12 @@ def dense_ranks(q_rank: torch.Tensor, k_rank: torch.Tensor):
 
 
 def sort_keys(k_rank: torch.Tensor, n_ranks: int):
-    """Sort keys by (rank, position).  -> order (gb, Nk), start of each rank's run (gb, 2^r + 1), sorted
+    """Sort keys by (rank, position).  -> order (gb, Nk), start of each rank's run (gb, nr + 1), sorted
     place of each key (gb, Nk)."""
     order = torch.sort(k_rank, dim=-1, stable=True).indices
     counts = torch.zeros(k_rank.shape[0], n_ranks, dtype=torch.int64, device=k_rank.device)
     counts.scatter_add_(1, k_rank, torch.ones_like(k_rank))
-    start = torch.nn.functional.pad(counts.cumsum(-1), (1, 0))  # (gb, 2^r + 1)
+    start = torch.nn.functional.pad(counts.cumsum(-1), (1, 0))  # (gb, nr + 1)
     place = torch.empty_like(order).scatter_(-1, order, torch.arange(order.shape[-1], device=order.device).expand_as(order))
     return order, start, place
 
@@ -252,7 +253,7 @@ def head_state(q, k, v, limits, starts, offset, projections, ranks, draws: Draws
 
 # --------------------------------------------------------------------------- per batch of chunks
 def pool_rank_counts(state: HeadState, chunks: slice) -> torch.Tensor:
-    """Pool keys of each chunk with a bucket rank below rho, for every rho.  -> (gb, nb, 2^r + 1)
+    """Pool keys of each chunk with a bucket rank below rho, for every rho.  -> (gb, nb, nr + 1)
 
     Counted from each key's entry chunk (a histogram per chunk, summed over the chunks), so nothing of
     size chunks x Nk is built; the last column is the pool size p_c.
@@ -263,14 +264,14 @@ def pool_rank_counts(state: HeadState, chunks: slice) -> torch.Tensor:
     row = torch.where(state.entry_chunk < chunks.stop, row, nb)  # later keys go to a junk row
     hist = torch.zeros(gb, (nb + 1) * n_ranks, dtype=torch.int64, device=row.device)
     hist.scatter_add_(1, row * n_ranks + state.k_rank, torch.ones_like(row))
-    counts = hist.view(gb, nb + 1, n_ranks)[:, :nb].cumsum(1)  # (gb, nb, 2^r) pool keys of each rank
+    counts = hist.view(gb, nb + 1, n_ranks)[:, :nb].cumsum(1)  # (gb, nb, nr) pool keys of each rank
     return torch.nn.functional.pad(counts.cumsum(-1), (1, 0))
 
 
 def pool_keys(state: HeadState, below: torch.Tensor, pool_rank: torch.Tensor) -> torch.Tensor:
     """Token index of the key at each rank within its chunk's pool (sorted by (bucket, position)).
 
-    below (gb, nb, 2^r + 1) from `pool_rank_counts`, pool_rank (gb, nb, X) in [0, p_c) -> (gb, nb, X)
+    below (gb, nb, nr + 1) from `pool_rank_counts`, pool_rank (gb, nb, X) in [0, p_c) -> (gb, nb, X)
     """
     gb, nb, width = pool_rank.shape
     rho = torch.searchsorted(below, pool_rank, right=True) - 1  # (gb, nb, X) bucket rank of that key
@@ -515,7 +516,7 @@ def chunk_columns(state: HeadState, plan: CausalPlan, chunks: slice, starts, lim
     starts (gb, nb), limit (gb, nb, L), uniforms (gb, nb, s').
     """
     gb, nb = starts.shape
-    below = pool_rank_counts(state, chunks)  # (gb, nb, 2^r + 1)
+    below = pool_rank_counts(state, chunks)  # (gb, nb, nr + 1)
     q_rank = state.q_rank[:, chunks.start * plan.chunk_len : chunks.stop * plan.chunk_len].view(gb, nb, -1)
     first, bucket, bucket_valid = bucket_windows(state, below, q_rank, starts, plan.bucket)
     local, local_visible = local_columns(starts, limit, plan.local_slots, state.k_order.shape[-1])
