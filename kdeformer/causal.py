@@ -562,7 +562,7 @@ def attend_chunk(q_chunk, k, v, cols: ChunkColumns):
 def batch_sizes(groups: int, plan: CausalPlan, n_keys: int, width: int, n_ranks: int, tables: bool) -> tuple[int, int]:
     """Heads per batch and chunks per batch, so one batch's temporaries stay near BATCH_ENTRIES.
 
-    width = D + Dv; n_ranks = 2^r (each chunk's pool histogram); `tables`: the batch builds chunks x Nk
+    width = D + Dv; n_ranks: columns of each chunk's pool histogram; `tables`: the batch builds chunks x Nk
     probability tables (for a trace).
     """
     per_chunk = (plan.chunk_len * plan.bucket + plan.shared_cols) * width + 3 * plan.chunk_len * plan.n_cols
