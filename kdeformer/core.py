@@ -274,7 +274,8 @@ def assemble_columns(plan: BlockPlan, keys: tuple, k_blocks: torch.Tensor, sp, d
 # Work is done in chunks of about this many query rows: the temporaries stay in cache and below the
 # allocator's mmap threshold (a fresh 30 MB buffer costs more in page faults than its exp).
 CHUNK_ROWS = 4096
-MERGE_ROWS = 2048  # token rows (all heads) per chunk of the pps window merge: its (R, D, W) view product stays small
+PPS_CHUNK_ROWS = 8192  # pps: fewer, larger chunks (its blocks hold ~C = b columns: temporaries ~ 8192 x C)
+MERGE_ROWS = 4096  # token rows (all heads) per chunk of the pps window merge: its (R, D, W) product stays small
 
 
 def attend_block_columns(q_blocks, k_cols, v_cols, col_weight, exact_valid, *, inplace: bool = True):
@@ -308,9 +309,10 @@ def attend_block_columns(q_blocks, k_cols, v_cols, col_weight, exact_valid, *, i
     return shift, terms, numerator, normaliser
 
 
-def chunk_ranges(groups: int, num_q_blocks: int, q_block_len: int):
-    """Yield (g0, g1, b0, b1): either one head and a run of its query blocks, or whole heads."""
-    blocks_per_chunk = max(1, CHUNK_ROWS // q_block_len)
+def chunk_ranges(groups: int, num_q_blocks: int, q_block_len: int, rows: int = CHUNK_ROWS):
+    """Yield (g0, g1, b0, b1): either one head and a run of its query blocks, or whole heads (about `rows`
+    query rows a chunk)."""
+    blocks_per_chunk = max(1, rows // q_block_len)
     if blocks_per_chunk >= num_q_blocks:
         heads = max(1, blocks_per_chunk // num_q_blocks)
         for g0 in range(0, groups, heads):
@@ -460,7 +462,7 @@ def attend_blocks(q, k, v, scale: float, plan, want_parts: bool, inplace: bool) 
     buffers = [q.new_empty(groups * n_q, w) for w in widths] if inplace else None
     slot_real = torch.arange(n_blocks * q_len, device=q.device).view(n_blocks, q_len) < n_q  # (nqb, Bq)
     pieces = []
-    for g0, g1, b0, b1 in chunk_ranges(groups, n_blocks, q_len):
+    for g0, g1, b0, b1 in chunk_ranges(groups, n_blocks, q_len, PPS_CHUNK_ROWS):
         m = (g1 - g0) * (b1 - b0)
         rows = flat_index(plan.rows[g0:g1, b0:b1], g0, n_q)  # (m*Bq,)
         index = flat_index(plan.cols[g0:g1, b0:b1], g0, n_k)  # (m*C,)
