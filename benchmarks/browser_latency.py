@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import shutil
 import statistics
 import sys
 import tempfile
@@ -114,7 +115,9 @@ def run_front_end(name: str, moves: int, home: Path) -> tuple[dict, float | None
 
     env = jupyter_env(home / name, fast=False)
     port = free_port()
-    root = APP_NOTEBOOK.parent
+    root = home / "notebooks"  # a scratch copy: Lab's autosave and checkpoints never touch the repo
+    root.mkdir(exist_ok=True)
+    shutil.copy(APP_NOTEBOOK, root / APP_NOTEBOOK.name)
     if name == "voila":
         proc = start(voila_command(port, APP_NOTEBOOK.name), root, env, f"http://127.0.0.1:{port}/voila/static/",
                      home / "voila.log")
