@@ -1,25 +1,35 @@
-"""Speed and peak memory of kde_attention against torch SDPA and a plain softmax(QK^T)V.
+"""Speed and peak memory of kde_attention (every sampling scheme) against torch SDPA.
 
     python -m benchmarks.speed            # N in 1024 ... 32768, writes benchmarks/RESULTS.md
     python -m benchmarks.speed --quick    # N in 1024, 4096 only
+    python -m benchmarks.speed --corners  # only the explorer's corner settings at N = 512
 
-Setting (issue 2): D = 64, 4 heads, float32, bucket_size = 64, sample_size = 128. Times are medians of
-several runs after a warm-up, reported as ratios to SDPA measured in the same run. Peak memory is the
-rise of the process's peak resident set (VmHWM, reset through /proc/self/clear_refs just before
-the call) while one call runs.
+Setting (issue 2): D = 64, 4 heads, float32, bucket_size = 64, sample_size = 128. For each N the
+schemes and SDPA run interleaved (scheme 1, scheme 2, ..., SDPA, again) REPEATS times after a warm-up,
+so machine noise hits them alike; times are medians, reported as ratios to SDPA's median. Peak memory is
+the rise of the process's peak resident set (VmHWM, reset through /proc/self/clear_refs just before the
+call). The FLOP limit is the default estimator's multiply-adds over exact attention's
+(`kdeformer.core.kde_multiply_adds`, its estimates included): the time ratio could reach it only if
+both ran at the same FLOP rate. The profile's top operators of the default estimator at the largest N
+show where the rest goes. The medians carry the noise of a shared machine; the best-of-runs ratio of
+the default estimator (its fastest run over SDPA's fastest) is reported beside them.
+
+The explorer's corners: every scheme at N = 512 (one MiniLM-sized head, D = 32) at the corners of the
+slider ranges (bucket_size 1 / 256 / 512, sample_size 1 / 1024 / 2048, num_projs 1 / 16), with the
+trace the explorer draws from; the target is < 100 ms a setting.
 """
 from __future__ import annotations
 
 import argparse
 import json
-import math
+import statistics
 import time
 
 import torch
 
 from benchmarks._report import markdown_table, write_section
 
-HEADS, DIM, BUCKET, SAMPLES = 4, 64, 64, 128
+HEADS, DIM, BUCKET, SAMPLES, REPEATS = 4, 64, 64, 128, 7
 
 
 def inputs(n: int, seed: int = 0):
@@ -28,86 +38,127 @@ def inputs(n: int, seed: int = 0):
     return tuple(torch.randn(shape, generator=g) for _ in range(3))
 
 
-def run(method: str, q, k, v):
+def call(method: str, q, k, v):
+    """One call of a scheme ("pps", "column_norm", "value_norm", "uniform") or of SDPA."""
     import kdeformer as K
 
-    if method == "kdeformer":
-        return K.kde_attention(q, k, v, bucket_size=BUCKET, sample_size=SAMPLES, generator=torch.Generator().manual_seed(0))
     if method == "sdpa":
         return torch.nn.functional.scaled_dot_product_attention(q, k, v)
-    if method == "naive":
-        return torch.softmax(q @ k.mT / math.sqrt(q.shape[-1]), -1) @ v
-    raise ValueError(method)
+    with torch.no_grad():
+        return K.kde_attention(q, k, v, bucket_size=BUCKET, sample_size=SAMPLES, sampling=method,
+                               generator=torch.Generator().manual_seed(0))
 
 
-def median_time(method: str, n: int, repeats: int) -> float:
-    q, k, v = inputs(n)
-    run(method, q, k, v)  # warm-up
-    times = []
+def interleaved_times(methods, q, k, v, repeats: int) -> dict:
+    """Seconds of each run of each method, the methods run in turn `repeats` times after one warm-up each."""
+    times = {m: [] for m in methods}
+    for m in methods:
+        call(m, q, k, v)
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        run(method, q, k, v)
-        times.append(time.perf_counter() - t0)
-    times.sort()
-    return times[len(times) // 2]
+        for m in methods:
+            t0 = time.perf_counter()
+            call(m, q, k, v)
+            times[m].append(time.perf_counter() - t0)
+    return times
 
 
-def peak_memory_mib(method: str, n: int) -> float:
-    """Peak resident-set rise of one call (VmHWM reset through /proc/self/clear_refs, as in peers)."""
+CORNERS = [(1, 2048), (1, 1024), (1, 1), (256, 1), (256, 1024), (512, 1), (64, 128)]
+
+
+def corner_table(repeats: int = 3) -> str:
+    """Kernel time (best of `repeats`, trace included) of every scheme at the explorer's corners, N = 512."""
+    import kdeformer as K
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(512, 32, generator=g) * 2 for _ in range(3))  # (N, D): one head
+    rows = []
+    for bucket, samples in CORNERS:
+        for projs in (1, 16):
+            row = [bucket, samples, projs]
+            for sampling in K.SAMPLINGS:
+                best = float("inf")
+                for _ in range(repeats):
+                    t0 = time.perf_counter()
+                    K.kde_attention(q, k, v, bucket_size=bucket, sample_size=samples, num_projs=projs, sampling=sampling,
+                                    generator=torch.Generator().manual_seed(0), return_trace=True)
+                    best = min(best, time.perf_counter() - t0)
+                row.append(f"{best * 1e3:.0f}")
+            rows.append(row)
+    return markdown_table(["bucket_size", "sample_size", "num_projs"] + [f"{s} ms" for s in K.SAMPLINGS], rows)
+
+
+def peak_memory_mib(method: str, q, k, v) -> float:
     from benchmarks.peers import peak_memory_mib as measure
 
-    q, k, v = inputs(n)
-    mib = measure(lambda: run(method, q, k, v), torch.device("cpu"))[1]
+    mib = measure(lambda: call(method, q, k, v), torch.device("cpu"))[1]
     return float("nan") if mib is None else mib
 
 
-def flop_ratio(n: int) -> float:
-    """Multiply-adds of exact attention over those of the heavy blocks plus the samples."""
-    return n / (BUCKET + SAMPLES)
+def flop_limit(n: int, sampling: str) -> float:
+    """The scheme's multiply-adds over exact attention's (2 N^2 D + N^2 for the normaliser)."""
+    from kdeformer.core import kde_multiply_adds
+
+    ours = kde_multiply_adds(n, n, DIM, DIM, bucket_size=BUCKET, sample_size=SAMPLES, sampling=sampling)
+    return ours / (n * n * (DIM + DIM + 1))
+
+
+def profile_top(n: int, sampling: str, rows: int = 8) -> str:
+    """The top operators by self CPU time of one call, as a markdown table."""
+    from torch.profiler import ProfilerActivity, profile
+
+    q, k, v = inputs(n)
+    call(sampling, q, k, v)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        call(sampling, q, k, v)
+    events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)[:rows]
+    total = sum(e.self_cpu_time_total for e in prof.key_averages())
+    body = [[e.key, f"{e.self_cpu_time_total / 1e3:.1f}", f"{100 * e.self_cpu_time_total / total:.0f} %", e.count]
+            for e in events]
+    return markdown_table(["operator", "self ms", "share", "calls"], body)
 
 
 def main(argv=None):
+    import kdeformer as K
+
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="N in 1024, 4096 only")
     parser.add_argument("--sizes", type=int, nargs="*", default=None)
+    parser.add_argument("--repeats", type=int, default=REPEATS)
     parser.add_argument("--no-write", action="store_true", help="print only, leave RESULTS.md alone")
+    parser.add_argument("--corners", action="store_true", help="only the explorer's corner settings")
     args = parser.parse_args(argv)
+    if args.corners:
+        print(corner_table())
+        return
     sizes = args.sizes or ([1024, 4096] if args.quick else [1024, 4096, 16384, 32768])
+    schemes = list(K.SAMPLINGS)
+    default = K.KDE_DEFAULTS.sampling
     rows = []
     for n in sizes:
-        repeats = 7 if n <= 4096 else 3
-        t_kde = median_time("kdeformer", n, repeats)
-        t_sdpa = median_time("sdpa", n, max(2, repeats // 2))
-        t_naive = median_time("naive", n, 2) if n <= 16384 else float("nan")
-        mem = {m: peak_memory_mib(m, n) for m in ("kdeformer", "sdpa")}
-        mem["naive"] = peak_memory_mib("naive", n) if n <= 16384 else float("nan")
-        row = [
-            n,
-            f"{t_sdpa * 1e3:.1f}",
-            f"{t_kde * 1e3:.1f}",
-            f"{t_kde / t_sdpa:.3f}",
-            f"{t_naive / t_sdpa:.2f}" if t_naive == t_naive else "not run (64 GiB of logits)",
-            f"{1 / flop_ratio(n):.3f}",
-            f"{mem['kdeformer']:.0f}",
-            f"{mem['sdpa']:.0f}",
-            f"{mem['naive']:.0f}" if mem["naive"] == mem["naive"] else "-",
-        ]
-        print(json.dumps(dict(zip(["N", "sdpa_ms", "kde_ms", "kde/sdpa", "naive/sdpa", "flop_ratio"], row))), flush=True)
+        q, k, v = inputs(n)
+        times = interleaved_times(schemes + ["sdpa"], q, k, v, args.repeats)
+        med = {m: statistics.median(t) for m, t in times.items()}
+        row = [n, f"{med['sdpa'] * 1e3:.0f}"] + [f"{med[s] / med['sdpa']:.3f}" for s in schemes]
+        row += [f"{min(times[default]) / min(times['sdpa']):.3f}"]
+        row += [f"{flop_limit(n, default):.4f}", f"{peak_memory_mib(default, q, k, v):.0f}",
+                f"{peak_memory_mib('sdpa', q, k, v):.0f}"]
+        print(json.dumps(row), flush=True)
         rows.append(row)
-    header = [
-        "N", "SDPA ms", "KDEformer ms", "KDEformer / SDPA", "naive / SDPA", "FLOP ratio (limit)",
-        "KDEformer peak MiB", "SDPA peak MiB", "naive peak MiB",
-    ]
+    header = (["N", "SDPA ms"] + [f"{s}{' (default)' if s == default else ''} / SDPA" for s in schemes]
+              + [f"{default} best / SDPA best", f"FLOP limit ({default})", f"{default} peak MiB", "SDPA peak MiB"])
     body = (
-        f"float32, D = {DIM}, {HEADS} heads, batch 1, bucket_size = {BUCKET}, sample_size = {SAMPLES}; "
-        "median of several runs after a warm-up, ratios measured in the same run. "
-        "FLOP ratio = (bucket_size + sample_size) / N, the share of exact attention's multiply-adds "
-        "that KDEformer performs: the time ratio could reach it only if both ran at the same FLOP rate. "
-        "Peak MiB = rise of the peak resident set (VmHWM, reset just before) during one call.\n\n"
-        + markdown_table(header, rows)
+        f"float32, D = {DIM}, {HEADS} heads, batch 1, bucket_size = {BUCKET}, sample_size = {SAMPLES}, "
+        f"{torch.get_num_threads()} threads; every scheme and SDPA interleaved, medians of {args.repeats} runs "
+        "after a warm-up, time ratios to SDPA from the same runs. FLOP limit = the default estimator's "
+        "multiply-adds (its estimates included) over exact attention's. Peak MiB = rise of the peak "
+        "resident set (VmHWM, reset just before) during one call.\n\n" + markdown_table(header, rows)
+        + f"\n\nWhere the default estimator's time goes at N = {sizes[-1]} (torch profiler, one call):\n\n"
+        + profile_top(sizes[-1], default)
+        + "\n\nThe explorer's corner settings at N = 512 (one head, D = 32, trace included, best of 3 runs, ms):\n\n"
+        + corner_table()
     )
     if not args.no_write:
-        print("wrote", write_section("speed", "Speed and memory: kde_attention vs SDPA (issue 2)", body))
+        print("wrote", write_section("speed", "Speed and memory: kde_attention vs SDPA", body))
 
 
 if __name__ == "__main__":

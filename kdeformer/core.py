@@ -422,24 +422,29 @@ def exclude_window(logits, cols, centre, window: int, n_keys: int, inplace: bool
     return logits.scatter_add_(-1, pos, minus) if inplace else logits.scatter_add(-1, pos, minus)
 
 
-def weighted_values(v_cols, weight, exact, want_parts: bool) -> torch.Tensor:
-    """Each column's value row and 1 times its weight, [w v_c, w] (m, C, Dv + 1), so one GEMM gives the
-    numerator and the normaliser; for the trace also [w 1{exact}, w 1{sampled} v_c] (m, C, 2 Dv + 2)."""
+def weighted_values(v_cols, weight) -> torch.Tensor:
+    """Each column's value row and 1 times its weight, [w v_c, w] (m, C, Dv + 1): one GEMM gives the
+    numerator and the normaliser."""
     w = weight.unsqueeze(-1)  # (m, C, 1)
-    parts = [v_cols * w, w]
-    if want_parts:
-        exact_w = w * exact.unsqueeze(-1)
-        parts += [exact_w, v_cols * (w - exact_w)]
-    return torch.cat(parts, -1)
+    return torch.cat([v_cols * w, w], -1)
 
 
-def weigh_drawn_block(logits, values, *, inplace: bool, out=None):
+def weigh_drawn_block(logits, values, *, inplace: bool):
     """A chunk of m query blocks over their drawn columns.  logits (m, Bq, C) (window columns already
-    -inf), values (m, C, width) from `weighted_values`; out (m, Bq, width) or None.
-    -> shift (m, Bq) and the weighted sums exp(logits - shift) @ values (m, Bq, width)."""
+    -inf), values (m, C, Dv + 1) from `weighted_values`.
+    -> shift (m, Bq), terms exp(logits - shift) (m, Bq, C) and terms @ values (m, Bq, Dv + 1)."""
     row_max = logits.detach().amax(-1).clamp_min(-3e38)  # (m, Bq); finite even if every column is excluded
     terms = logits.sub_(row_max.unsqueeze(-1)).exp_() if inplace else torch.exp(logits - row_max.unsqueeze(-1))
-    return row_max, torch.bmm(terms, values, out=out)
+    return row_max, terms, torch.bmm(terms, values)
+
+
+def trace_sums(terms, values, exact) -> tuple[torch.Tensor, torch.Tensor]:
+    """For the trace (a separate product, so the output is the same bits with or without it): the exact
+    part of the normaliser (m, Bq, 1) and the sampled part of the numerator (m, Bq, Dv).
+    terms (m, Bq, C), values (m, C, Dv + 1) = [w v, w], exact (m, C) bool."""
+    sampled = values * (~exact).unsqueeze(-1)  # (m, C, Dv + 1): [w v, w] of the sampled columns only
+    parts = torch.bmm(terms, sampled)
+    return (torch.bmm(terms, values[..., -1:]) - parts[..., -1:]), parts[..., :-1]
 
 
 def to_token_rows(pieces: list, widths: list, total: int, like: torch.Tensor, buffers: list | None) -> list:
@@ -472,12 +477,12 @@ def attend_blocks(q, k, v, scale: float, plan, want_parts: bool, inplace: bool) 
             centre = plan.rows[g0:g1, b0:b1].reshape(m, q_len) + (n_k - n_q)
             logits = exclude_window(logits, plan.cols[g0:g1, b0:b1].reshape(m, n_cols), centre, window, n_k, inplace)
         values = weighted_values(v_flat.index_select(0, index).view(m, n_cols, dim_v),
-                                 plan.weights[g0:g1, b0:b1].reshape(m, n_cols).to(q.dtype),
-                                 plan.exact[g0:g1, b0:b1].reshape(m, n_cols), want_parts)
-        shift, sums = weigh_drawn_block(logits, values, inplace=inplace)  # (m, Bq), (m, Bq, width)
-        sums = sums.view(-1, sums.shape[-1])
-        stats = torch.cat([shift.view(-1, 1), sums[:, dim_v:dim_v + widths[1] - 1]], -1)  # (m*Bq, 2 or 3)
-        values = [sums[:, :dim_v], stats] + ([sums[:, dim_v + 2:]] if want_parts else [])
+                                 plan.weights[g0:g1, b0:b1].reshape(m, n_cols).to(q.dtype))  # (m, C, Dv + 1)
+        shift, terms, sums = weigh_drawn_block(logits, values, inplace=inplace)  # (m, Bq), ., (m, Bq, Dv + 1)
+        stats = [shift.view(-1, 1), sums[..., dim_v:].reshape(-1, 1)]
+        extra = trace_sums(terms, values, plan.exact[g0:g1, b0:b1].reshape(m, n_cols)) if want_parts else ()
+        values = [sums[..., :dim_v].reshape(-1, dim_v), torch.cat(stats + [x.reshape(-1, 1) for x in extra[:1]], -1)]
+        values += [x.reshape(-1, dim_v) for x in extra[1:]]
         if buffers is not None:  # a padded slot repeats a real row of its block: writing it twice is harmless
             for buffer, x in zip(buffers, values):
                 buffer.index_copy_(0, rows, x)
