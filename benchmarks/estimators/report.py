@@ -168,10 +168,12 @@ below has every figure):
 - token-order blocks instead of LSH order: 0.203 / 0.108 (MiniLM is largely positional); per head the
   order with the smaller block spread: 0.200 / 0.107 -- better than sampling the LSH-order blocks from their
   exact column norms (oracle-norm-w2: 0.222 / 0.107);
-- the winner as ported (winner.py: the same rule, queries-only hashing, the spreads paid from the budget):
-  0.205 / 0.109; its neighbours: window +-2 0.203 / 0.108, +-4 0.208 / 0.108, +-6 0.214 / 0.110, own token only
-  0.228 / 0.125; blocks of 16 0.201 / 0.093 (more accurate at 128, but 16-row GEMMs are slower: kept 32),
-  blocks of 64 0.227 / 0.130; estimates <= 1/4 of the budget 0.205 / 0.109, <= 1/16 0.221 / 0.109.
+- the winner as ported (winner.py: the same rule, queries-only hashing, the spreads and the value-row norms
+  paid from the budget): 0.205 / 0.110; its neighbours: window +-2 0.204 / 0.108, +-4 0.209 / 0.110,
+  +-6 0.217 / 0.112, own token only 0.231 / 0.125; blocks of 16 0.203 / 0.094 (more accurate at 128, but
+  16-row GEMMs are slower: kept 32), blocks of 64 0.230 / 0.130; estimates <= 1/4 of the budget
+  0.205 / 0.110, <= 1/16 0.223 / 0.110. The core's port (kdeformer/pps.py, `approximate("kdeformer",
+  budget=b)`, row core-default): 0.207 / 0.109.
 
 **What did not work, and why:**
 - sampling with replacement (multinomial, weights 1/(C p)): 0.320 / 0.237 vs 0.262 / 0.162 for the same
@@ -200,22 +202,22 @@ below has every figure):
   0.209) and 0.104 at 128 (0.112): <= 7 %, and a batched GEMM runs at the widest head's width, so the saving
   would not be real; not adopted.
 
-**Bias.** Numerator and normaliser are unbiased (test_best.py checks both to 5 standard errors over
-3000 draws); the output, their ratio, is not. Measured on 12 heads (2 per layer), 200 seeds:
-||E[O~] - O||_2 / ||O||_2 = 0.084 / 0.032 / 0.012 at b = 32 / 64 / 128 (the noise floor of that estimate is
-about 0.03 / 0.015 / 0.008), against a mean error of 0.40 / 0.21 / 0.11: the bias is a small part of the
-error and shrinks about as 1/C.
+**Bias** (`python -m benchmarks.estimators.bias`). Numerator and normaliser are unbiased (test_best.py
+checks both to 5 standard errors over 3000 draws); the output, their ratio, is not. On 12 heads (2 per
+layer), 200 seeds: ||E[O~] - O||_2 / ||O||_2 = 0.087 / 0.034 / 0.014 at b = 32 / 64 / 128 (the mean's own noise
+is about 0.029 / 0.015 / 0.008 of that), against a mean error of 0.41 / 0.21 / 0.11: the bias is a small
+part of the error and shrinks about as 1/C.
 
 **GloVe** (Q = K, N = 8192, 10 seeds for the winner and today's column_norm, 2 for the peers). Against
 today's column_norm at equal multiply-adds (shrunk to fit), the winner is better everywhere: sharp
-0.234 / 0.219 / 0.200 vs 0.301 / 0.239 / 0.205 at b = 64 / 128 / 256; medium 0.170 / 0.136 / 0.116 vs
-0.315 / 0.196 / 0.140; uniform 0.121 / 0.083 / 0.060 vs 0.284 / 0.162 / 0.097. Against today's column_norm as
+0.233 / 0.219 / 0.202 vs 0.301 / 0.239 / 0.205 at b = 64 / 128 / 256; medium 0.177 / 0.137 / 0.114 vs
+0.315 / 0.196 / 0.140; uniform 0.126 / 0.087 / 0.060 vs 0.284 / 0.162 / 0.097. Against today's column_norm as
 it runs (estimation outside the budget, 17 % more multiply-adds) it is better everywhere except sharp
-b = 256: 0.200 vs 0.198 (seed-to-seed sd about 0.01), level. On sharp GloVe each query's mass sits on
+b = 256: 0.202 vs 0.198 (seed-to-seed sd about 0.01), level. On sharp GloVe each query's mass sits on
 itself (exact in the window, as Q = K) and on a few neighbours of its own, which a centroid shared by 32+
 queries cannot single out; an exact LSH key block of 32 or 64 keys does not help either (0.206 / 0.205 vs
 0.205, 3 seeds, the variants prototype). Near-uniform GloVe is won by ScatterBrain, Nystromformer and
-Performer (0.028-0.072 against the winner's 0.060-0.121).
+Performer (0.028-0.072 against the winner's 0.060-0.126).
 """
 
 
