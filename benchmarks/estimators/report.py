@@ -85,10 +85,12 @@ def targets_table(records, texts) -> str:
         def err(name, b):
             hit = [r for r in records if r["variant"] == name and r["budget"] == b and r["data"] == text]
             return f"{hit[0]['error']:.3f}" if hit else ""
-        rows.append([text, err("best", 64), err("best", 128), err("peer-nystrom", 64), err("peer-nystrom", 128),
+        rows.append([text, err("best", 64), err("best", 128), err("core-default", 64), err("core-default", 128),
+                     err("peer-nystrom", 64), err("peer-nystrom", 128),
                      err("today-column_norm", 64), err("today-column_norm", 128),
                      err("today-column_norm-honest", 64), err("today-column_norm-honest", 128)])
-    return markdown_table(["text", "winner b=64 (target <= 0.33)", "winner b=128 (<= 0.26)", "Nystrom 64", "Nystrom 128",
+    return markdown_table(["text", "winner b=64 (target <= 0.33)", "winner b=128 (<= 0.26)", "core port 64", "128",
+                           "Nystrom 64", "Nystrom 128",
                            "today column_norm 64", "128", "today honest 64", "128"], rows)
 
 
