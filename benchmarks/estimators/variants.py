@@ -18,7 +18,6 @@ Options (`Scheme` fields):
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, replace
 
 import torch
@@ -118,7 +117,7 @@ def centroid_importance(centroids, key, value, allowed, value_factor: str = "nor
 
 
 def estimation_cost(scheme: Scheme, nqb: int, n_k: int, dim: int, dim_v: int) -> int:
-    """Multiply-adds of the importance estimate per head (the oracle is charged like one row)."""
+    """Multiply-adds of the importance estimate per head (the oracle is charged like a centroid)."""
     centered = 2 * n_k * dim_v if scheme.value == "centered" else 0
     if scheme.estimator == "centroid":
         return nqb * (n_k * dim + centered)
@@ -130,7 +129,7 @@ def estimation_cost(scheme: Scheme, nqb: int, n_k: int, dim: int, dim_v: int) ->
     return nqb * (n_k * dim + centered)
 
 
-def row_importance(q_blocks, k, v, scale_free_logits, scheme: Scheme, allowed, generator):
+def row_importance(q_blocks, k, v, scheme: Scheme, allowed, generator):
     """R stratified rows per block: sqrt(mean_i P_ij^2 ||v_j - o_i||^2) (or the chosen value factor)."""
     groups, nqb, bq, dim = q_blocks.shape
     rows = int(scheme.estimator.split(":")[1])
@@ -176,7 +175,7 @@ def importance(scheme, q_blocks, k, v, allowed, generator):
     if scheme.estimator == "centroid_diag":
         return diag_importance(q_blocks, centroids, k, v, scheme, allowed)
     if scheme.estimator.startswith("rows:"):
-        return row_importance(q_blocks, k, v, None, scheme, allowed, generator)
+        return row_importance(q_blocks, k, v, scheme, allowed, generator)
     if scheme.estimator == "oracle":
         return exact_row_importance(q_blocks, k, v, scheme.value, allowed)
     raise ValueError(scheme.estimator)
