@@ -114,9 +114,9 @@ def render(results: dict) -> str:
         "of ||O~ - O||_2 / ||O||_2, float32 inputs, mean over seeds 0 and 1; in brackets the multiply-adds per "
         "query, everything counted (estimation rows, centroids, window, pseudo-inverse iterations...; hashing "
         "and sorting apart). b (D + Dv + 1) = 65 b per query is the budget at b. The research prototypes "
-        "(pps-*, multinomial-*, stratified-*, poisson-*, oracle-*) leave the value-row norms out of their count "
-        "(Nk Dv: 32 per query here, half a column); the winner (best*), the core's port and today's core count "
-        "everything.",
+        "(pps-*, multinomial-*, stratified-*, poisson-*, oracle-*) and today's core (value_norm, column_norm) "
+        "leave the value-row norms out of their count (Nk Dv: 32 per query here, half a column); the winner "
+        "(best*) and the core's port (core-default) count them.",
         "## The targets",
         "Texts: the default text and corpus-a/b/c (the corpus cut in three) were used while searching; "
         "mixed-1/2 (the corpus paragraphs in two seeded random orders) were measured once, after the winner "
