@@ -34,8 +34,9 @@ bucket_size), and the *local* keys [p_c, ...):
 Output i therefore depends on q_i, the keys and values before limits[i], earlier queries (through the
 estimation rows) and the counter-based draws, never on a later token. Every random number comes from
 `kdeformer.random.Draws`, addressed by (head, chunk, draw): the projections from stream "projections"
-(D, r) as in the non-causal path, the draws from "samples" (absolute chunk, s'), the estimation rows
-from "estimate_rows" (R,). With "value_norm" and "uniform", a chunked prefill or a single-token decode
+(D, r) as in the non-causal path, the draws from "samples" (absolute chunk, s'); the estimation rows
+sit at fixed positions (`estimation_schedule`: evenly spaced in doubling spans, independent of the
+length), so a later token never moves them. With "value_norm" and "uniform", a chunked prefill or a single-token decode
 step therefore reproduces the full sequence's rows (to float rounding); "column_norm" estimates from
 the call's own earlier queries, so its decode steps are a different (still unbiased) estimate.
 Probabilities and hashes are computed in float32 from inputs cast to float32, so float32 and float64
@@ -91,6 +92,7 @@ class CausalPlan:
     estimate_rows: int  # R: estimation rows per head (column_norm), 0 otherwise
     offset: torch.Tensor  # (G,) empty slots before query 0, so chunks start at key positions cL
     first_chunk: torch.Tensor  # (G,) absolute index (own-token position // L) of each head's first chunk
+    rows_per_level: int = 0  # column_norm: estimation rows per doubling span (see `estimation_schedule`)
 
     @property
     def num_slots(self) -> int:
@@ -130,11 +132,12 @@ def plan_causal(limits: torch.Tensor, n_keys: int, *, bucket_size, sample_size, 
     local_slots = max(1, min(n_keys, int((last - starts).max())))
     heavy_columns = colnorm.check_scheme_options(sampling, sample_size, heavy_columns, estimate_rows)[0]
     heavy, draws = min(heavy_columns, n_keys), sample_size - heavy_columns  # heavy ones are paid out of s
-    rows = 0
+    rows = per_level = 0
     if sampling == "column_norm":
-        rows = estimate_rows or colnorm.default_estimate_rows(sample_size, n_queries, n_keys)
+        per_level = estimate_rows or default_rows_per_level(sample_size)
+        rows = len(estimation_schedule(n_queries, per_level, chunk_len))
     return CausalPlan(chunk_len, num_chunks, window, local_slots, min(bucket, n_keys), heavy, draws, rows,
-                      offset, first_chunk)
+                      offset, first_chunk, per_level)
 
 
 def slot_queries(offset: torch.Tensor, n_queries: int, n_slots: int) -> torch.Tensor:
@@ -204,26 +207,47 @@ def sort_keys(k_rank: torch.Tensor, n_ranks: int):
     return order, start, place
 
 
-def estimation_rows(draws: Draws, n_rows: int, n_queries: int) -> torch.Tensor:
-    """R stratified query positions per head, one per stretch of ceil(Nq / R), sorted.  # (gb, R)"""
-    stride = math.ceil(n_queries / n_rows)
-    jitter = draws.uniform("estimate_rows", (n_rows,))  # (gb, R)
-    base = torch.arange(n_rows, device=jitter.device) * stride
-    return (base + (jitter * stride).long()).clamp_max(n_queries - 1)
+def estimation_schedule(n_queries: int, per_level: int, chunk_len: int) -> list[int]:
+    """Query positions of the estimation rows: `per_level` evenly spaced rows in each doubling span
+    [0, 2L), [2L, 4L), [4L, 8L), ... (each starting at its span's start), cut at Nq.
+
+    The positions depend on the settings alone, never on Nq or Nk beyond the cut, so a later token (or
+    a later masked key) never moves an earlier row: strictly causal. Dense where few queries precede a
+    chunk, sparse later; R ~ per_level * log2(Nq / L) rows costing about 3 * per_level * Nq * D in all.
+    """
+    rows, start, end = [], 0, 2 * chunk_len
+    while start < n_queries:
+        span = end - start
+        rows += [start + j * span // per_level for j in range(per_level)]  # the first row is query 0
+        start, end = end, 2 * end
+    return sorted({r for r in rows if r < n_queries})
+
+
+def default_rows_per_level(sample_size: int) -> int:
+    """Estimation rows per doubling span: about the non-causal default's share of the cost."""
+    return max(2, sample_size // 12)
+
+
+def estimation_rows(plan, n_queries: int, groups: int, device) -> torch.Tensor:
+    """The scheduled estimation rows of every head.  # (gb, R)"""
+    rows = estimation_schedule(n_queries, plan.rows_per_level, plan.chunk_len)
+    return torch.tensor(rows, dtype=torch.int64, device=device).expand(groups, -1)
 
 
 def estimation_prefix(q, k, rows, limits, scale):
     """Prefix sums over the estimation rows of their squared causal attention rows.
 
-    q (gb, Nq, D), k (gb, Nk, D), rows (gb, R), limits (gb, Nq) -> (gb, R+1, Nk) float64, all in float32
-    before the sum (so every dtype gives the same probabilities).
+    q (gb, Nq, D), k (gb, Nk, D), rows (gb, R), limits (gb, Nq) -> (gb, R+1, Nk) float64. The inputs are
+    cast to float32 (so every dtype gives the same probabilities) and multiplied in float64: a float32
+    GEMM rounds differently for different batch shapes, the float64 one of float32 values does not in
+    practice (each product is exact), so how heads are batched never changes the draws.
     """
-    q_rows = gather_rows(q.float(), rows) * scale  # (gb, R, D)
-    logits = q_rows @ k.float().mT  # (gb, R, Nk)
+    q_rows = gather_rows(q.float(), rows).double() * scale  # (gb, R, D)
+    logits = q_rows @ k.float().double().mT  # (gb, R, Nk)
     row_limit = torch.gather(limits, 1, rows)  # (gb, R)
     visible = torch.arange(k.shape[1], device=k.device) < row_limit.unsqueeze(-1)  # (gb, R, Nk)
     probs = torch.softmax(torch.where(visible, logits, float("-inf")), dim=-1)  # (gb, R, Nk)
-    prefix = probs.square().to(torch.float64).cumsum(1)  # (gb, R, Nk)
+    prefix = probs.square().cumsum(1)  # (gb, R, Nk)
     return torch.cat([torch.zeros_like(prefix[:, :1]), prefix], 1)
 
 
@@ -242,7 +266,7 @@ def head_state(q, k, v, limits, starts, offset, projections, ranks, draws: Draws
     norm_prefix = torch.nn.functional.pad(torch.stack([norms, norms.square()], 1).cumsum(-1), (1, 0))
     rows_before = rows = tables = None
     if plan.estimate_rows:
-        rows = estimation_rows(draws, plan.estimate_rows, q.shape[1])  # (gb, R)
+        rows = estimation_rows(plan, q.shape[1], q.shape[0], q.device)  # (gb, R)
         first = torch.arange(plan.num_chunks, device=q.device) * plan.chunk_len - offset.unsqueeze(-1)  # (gb, nc)
         rows_before = torch.searchsorted(rows, first.contiguous(), right=True)  # rows at or before each start
         importance = row_importance(estimation_prefix(q, k, rows, limits, scale), norms)  # (gb, R+1, Nk)
@@ -394,8 +418,10 @@ def row_tables(importance: torch.Tensor, starts: torch.Tensor, rows_before: torc
     first_chunk = torch.searchsorted(rows_before, count).clamp_max(starts.shape[1] - 1)  # (gb, R+1)
     first_pool = torch.gather(starts, 1, first_chunk)  # (gb, R+1) the smallest pool that uses row r's table
     allowed = torch.arange(n_keys, device=starts.device) < first_pool.unsqueeze(-1)  # (gb, R+1, Nk)
+    allowed = allowed & (importance > 0)  # a key no estimation row has seen yet is never a heavy column
     cols, cols_valid = colnorm.pick_heavy_columns(importance, allowed, heavy)  # (gb, R+1, h)
-    importance = importance.scatter(-1, cols, 0.0)
+    # only the valid picks leave the sampling; which index fills an invalid slot (a tie) must not matter
+    importance = importance.scatter(-1, cols, torch.gather(importance, -1, cols) * ~cols_valid)
     total = importance.sum(-1)  # (gb, R+1)
     cdf = (importance.cumsum(-1) / total.clamp_min(1e-300).unsqueeze(-1)).clamp_max(1) + count.unsqueeze(-1)
     ordered = torch.sort(torch.where(cols_valid, cols, n_keys), -1).values  # (gb, R+1, h)

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from kdeformer.core import bucket_ranks
 from kdeformer.causal import (
     bottom_right_limits, causal_kde, causal_multiply_adds, default_chunk_len, default_local_window,
+    estimation_schedule,
 )
 from kdeformer.random import Draws
 
@@ -268,8 +269,10 @@ def test_multiply_adds():
     assert count == 2 * n * d * 7 + n * (local_slots + b + s) * (d + dv)
     exact = n * (n + 1) // 2 * (d + dv)
     assert count < exact / 5
-    with_rows = causal_multiply_adds(n, n, d, dv, bucket_size=b, sample_size=s, sampling="column_norm", estimate_rows=64)
-    assert with_rows == count + 64 * n * d  # the s // 4 heavy columns are paid out of the s columns
+    with_rows = causal_multiply_adds(n, n, d, dv, bucket_size=b, sample_size=s, sampling="column_norm", estimate_rows=4)
+    # L = 16: 4 rows in each doubling span [0, 32), [32, 64), ..., [2048, 4096): 8 spans, 32 rows
+    assert length == 16 and len(estimation_schedule(n, 4, length)) == 32
+    assert with_rows == count + 32 * n * d  # the s // 4 heavy columns are paid out of the s columns
 
 
 @pytest.mark.parametrize("sampling", SAMPLINGS)

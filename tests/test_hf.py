@@ -490,12 +490,7 @@ def prefill_then_decode(model, ids, steps: int):
     return prefill, torch.cat(decoded, 1)  # (1, N - steps, V), (1, steps, V)
 
 
-CAUSAL_LENGTH_BUG = pytest.mark.xfail(strict=True, reason=(
-    "core: causal column_norm output at position i still depends on the sequence length (reported to the lead; "
-    "value_norm and uniform are strictly causal)"))
-
-
-@pytest.mark.parametrize("sampling", [pytest.param("column_norm", marks=CAUSAL_LENGTH_BUG), "value_norm", "uniform"])
+@pytest.mark.parametrize("sampling", ["column_norm", "value_norm", "uniform"])
 def test_prefill_equals_the_full_sequence_on_the_prompt(decoder, sampling):
     """Strict causality end to end: what follows the prompt never changes the prompt's logits."""
     folder, tok, _ = decoder

@@ -519,10 +519,6 @@ def test_causal_exact_trace_is_lower_triangular(qkv):
     torch.testing.assert_close(matrix @ v, out)
 
 
-KDE_MASK_XFAIL = pytest.mark.xfail(strict=True, reason="core: masking a later key changes earlier outputs of the "
-                                   "causal kde_attention (found here, left to the core's owner)")
-
-
 @pytest.mark.parametrize("name", CAUSAL)
 @pytest.mark.parametrize("n_q,n_k", [(70, 70), (50, 70)])
 @pytest.mark.parametrize("edit_mask", [False, True])
@@ -531,8 +527,6 @@ def test_later_tokens_never_change_earlier_outputs(name, n_q, n_k, edit_mask, ge
     the key mask there); the outputs of the queries that cannot see position t are identical, same generator."""
     if name == "kdeformer":
         pytest.importorskip("kdeformer.causal")
-        if edit_mask:
-            request.applymarker(KDE_MASK_XFAIL)
     q, k, v = qkv(2, n_q=n_q, n_k=n_k, seed=1)
     mask = torch.ones(2, n_k, dtype=torch.bool)
     out = approximate(name, q, k, v, budget=12, key_mask=mask, generator=gen(3), is_causal=True)
