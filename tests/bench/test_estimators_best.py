@@ -1,4 +1,4 @@
-"""Checks of the winning scheme's functions (run: python -m pytest benchmarks/estimators/test_best.py -q).
+"""Checks of the estimator search's winning scheme (benchmarks/estimators/best.py), run with the suite.
 
 Exact values where they exist; the statistical checks use fixed seeds and state their tolerances.
 """
