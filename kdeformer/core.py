@@ -11,6 +11,10 @@ Shape legend (the caller's leading dims are flattened into one group dim G = B *
     -> block_keys -> plan_sampling (kdeformer.sampling: value_norm | uniform | column_norm) -> draw_columns
     -> assemble_columns -> attend_columns (attend_block_columns per chunk of query blocks)
     -> pack_trace (kdeformer.trace)
+sampling="pps" (the default, `kdeformer.pps`) has no key blocks and its own pass (`kde_pps`):
+    hyperplanes -> hash_codes (queries) -> sort_by_bucket -> pps.plan_pps (order, centroids, capped PPS,
+    systematic draws) -> attend_pps (attend_blocks per chunk of query blocks -> merge_window per chunk
+    of token rows: each query's exact +-w window, one shift, the division) -> pps.trace_parts
 Causal attention (`is_causal=True`) takes the same first and last steps around `kdeformer.causal`.
 """
 from __future__ import annotations
