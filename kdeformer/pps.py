@@ -42,7 +42,7 @@ import torch
 Q_BLOCK = 32  # queries per block up to LARGE_N queries (measured best at N = 512)
 LARGE_N = 4096  # above it blocks grow with Nq (Bq = Q_BLOCK Nq / LARGE_N, at most MAX_Q_BLOCK): each block's
 MAX_Q_BLOCK = 128  # C gathered key and value rows are then shared by more queries
-FIT_BLOCKS = 64  # blocks (evenly spaced) whose spread decides between token and LSH order
+FIT_ROWS = 2048  # queries (whole blocks, evenly spaced, at least one) whose spread decides the order
 WINDOW = 3  # exact +-w token neighbours of every query (narrower at budgets below 8 (2 w + 1))
 ESTIMATE_SHARE = 1 / 8  # largest share of the budget the centroid estimates may take
 FLOOR = 0.05  # share of each group's probability spread uniformly over the keys
@@ -92,8 +92,13 @@ def query_block_length(n_queries: int) -> int:
 
 
 def fit_rows(layout: PPSLayout, n_queries: int) -> int:
-    """Queries whose block spread is measured per order (FIT_BLOCKS blocks at most)."""
-    return min(n_queries, FIT_BLOCKS * layout.q_block_len)
+    """Queries whose block spread is measured per order (FIT_ROWS, in whole blocks)."""
+    return min(n_queries, fit_blocks(layout) * layout.q_block_len)
+
+
+def fit_blocks(layout: PPSLayout) -> int:
+    """How many blocks (evenly spaced) the order choice measures."""
+    return min(layout.num_q_blocks, max(1, FIT_ROWS // layout.q_block_len))
 
 
 def fixed_multiply_adds(layout: PPSLayout, n_queries: int, n_keys: int, dim: int, dim_v: int) -> int:
@@ -138,12 +143,12 @@ def block_counts(layout: PPSLayout, n_queries: int, device) -> torch.Tensor:
 
 
 def block_fit(q32: torch.Tensor, order: torch.Tensor, layout: PPSLayout) -> torch.Tensor:
-    """sum_b ||sum of block b||^2 / n_b over FIT_BLOCKS evenly spaced blocks: the spread
+    """sum_b ||sum of block b||^2 / n_b over `fit_blocks` evenly spaced blocks: the spread
     sum_i ||q_i - block mean||^2 is sum_i ||q_i||^2 minus this, so the order with the larger fit has the
     smaller spread.  q32 (G, Nq, D), order (G, Nq) -> (G,)."""
     n_q = q32.shape[1]
     rows = block_rows(order, layout)  # (G, nqb, Bq)
-    chosen = torch.linspace(0, layout.num_q_blocks - 1, min(FIT_BLOCKS, layout.num_q_blocks), device=q32.device).long()
+    chosen = torch.linspace(0, layout.num_q_blocks - 1, fit_blocks(layout), device=q32.device).long()
     counts = block_counts(layout, n_q, q32.device)[chosen]
     from .core import gather_rows
 
