@@ -278,7 +278,7 @@ def assemble_columns(plan: BlockPlan, keys: tuple, k_blocks: torch.Tensor, sp, d
 # Work is done in chunks of about this many query rows: the temporaries stay in cache and below the
 # allocator's mmap threshold (a fresh 30 MB buffer costs more in page faults than its exp).
 CHUNK_ROWS = 4096
-PPS_CHUNK_ROWS = 8192  # pps: fewer, larger chunks (its blocks hold ~C = b columns: temporaries ~ 8192 x C)
+PPS_CHUNK_ROWS = 4096  # pps block pass: query rows a chunk (temporaries ~ 4096 x C; peak ~40 MiB at N = 16384)
 MERGE_ROWS = 4096  # token rows (all heads) per chunk of the pps window merge: its (R, D, W) product stays small
 
 
