@@ -28,9 +28,11 @@ ones) runs exact attention whenever that costs no more multiply-adds than KDEfor
 (:func:`decode_runs_exact`; with the defaults, single-token steps against any cache), and records an
 exact trace (``ExactTrace``) for it; ``exact_decode=False`` keeps KDEformer on every step. Greedy
 ``generate()`` gives eager's tokens at exact-equivalent settings (bucket_size >= the final length), and
-there decode steps reproduce the full-sequence logits; at approximate settings they do not: a step runs
-exact attention (or KDEformer planned for its few queries) where the full sequence's forward pass uses
-its own blocks and samples, so generated text can differ from re-scoring it in one pass.
+there decode steps reproduce the full-sequence logits. At approximate settings an exact step does not
+(the full sequence's forward pass estimates that row); with ``exact_decode=False`` value_norm and uniform
+steps do (the strictly causal core draws a lone query what it drew in the full pass), column_norm and pps
+steps do not (their estimation rows see fewer queries). So generated text can differ from re-scoring it
+in one pass; the prompt's own logits never depend on what follows it.
 
 Determinism: each call draws its random hashing and samples from a fresh ``torch.Generator`` seeded
 with (seed, layer index); the core draws per head from that seed, so the same text gives the same
