@@ -31,7 +31,7 @@ exact trace (``ExactTrace``) for it; ``exact_decode=False`` keeps KDEformer on e
 there decode steps reproduce the full-sequence logits. At approximate settings an exact step does not
 (the full sequence's forward pass estimates that row); with ``exact_decode=False`` value_norm and uniform
 steps do (the strictly causal core draws a lone query what it drew in the full pass), column_norm and pps
-steps do not (their estimation rows see fewer queries). So generated text can differ from re-scoring it
+steps do not (measured on tiny decoders; see tests/test_hf.py). So generated text can differ from re-scoring it
 in one pass; the prompt's own logits never depend on what follows it.
 
 Determinism: each call draws its random hashing and samples from a fresh ``torch.Generator`` seeded

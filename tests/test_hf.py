@@ -513,7 +513,7 @@ def test_decode_steps_reproduce_the_full_sequence_at_exact_settings(decoder, exa
 
 @pytest.mark.parametrize("sampling, exact_decode, reproduces", [
     ("value_norm", False, True), ("uniform", False, True),  # one query planned alone draws what it drew in full
-    ("column_norm", False, False), (KDE_DEFAULTS.sampling, False, False),  # its estimation rows see less
+    ("column_norm", False, False), (KDE_DEFAULTS.sampling, False, False),  # planned alone, they draw otherwise
     ("value_norm", True, False), (KDE_DEFAULTS.sampling, True, False),  # exact steps vs the estimator in full
 ])
 def test_decode_steps_at_approximate_settings(decoder, sampling, exact_decode, reproduces):
