@@ -570,7 +570,10 @@ def speed_table(records, ns, lines) -> str:
 
 # --------------------------------------------------------------------------- plots (plotly, offline)
 COLORS = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22",
-          "#17becf"]
+          "#17becf", "#000080", "#b8860b", "#00ced1", "#ff1493"]
+# Points at the exact limit (a budget that covers every key) have errors at rounding level; on a log axis they
+# would stretch the plot over fifteen decades, so the error-against-cost plots leave them out (the tables keep them).
+EXACT_LIMIT_ERROR = 1e-9
 
 
 def mean_error(acc, dataset: str, key: str, budget, metric: str = "rel") -> float:
@@ -586,6 +589,11 @@ def curve(acc, dataset: str, key: str, x_field: str) -> list[tuple[float, float,
             x = r["macs"] / r["n_q"] if x_field == "macs" else 1e3 * r["seconds"]
             pts.append((x, mean_error(acc, dataset, key, r["budget"]), r["budget"]))
     return sorted(pts)
+
+
+def plotted(pts: list[tuple]) -> list[tuple]:
+    """The points of a curve worth a log axis (exact-limit points left out)."""
+    return [p for p in pts if p[1] > EXACT_LIMIT_ERROR]
 
 
 def pareto_front(points: list[tuple]) -> list[tuple]:
@@ -637,7 +645,7 @@ def plot_against(path: Path, acc, lines_per_ds, color, x_field: str) -> Path:
     for col, (name, lines) in enumerate(lines_per_ds, 1):
         everyone = []
         for e in lines:
-            pts = curve(acc, name, e.key, x_field)
+            pts = plotted(curve(acc, name, e.key, x_field))
             everyone += [(x, y, b, e.label) for x, y, b in pts]
             fig.add_trace(go.Scatter(x=[p[0] for p in pts], y=[p[1] for p in pts], text=[f"budget {p[2]}" for p in pts],
                                      name=e.label, legendgroup=e.key, showlegend=e.key not in shown,
@@ -656,8 +664,9 @@ def plot_against(path: Path, acc, lines_per_ds, color, x_field: str) -> Path:
         fig.update_xaxes(type="log", title_text=x_title, row=1, col=col)
         fig.update_yaxes(type="log", title_text="‖O~−O‖/‖O‖" if col == 1 else None, row=1, col=col)
     what = "multiply-adds: the Pareto front" if x_field == "macs" else "time"
-    fig.update_layout(title=f"Error versus {what} (lower left is better)", height=480,
-                      width=max(700, 380 * len(lines_per_ds)))
+    fig.update_layout(title=f"Error versus {what} (lower left is better; exact-limit points left out)", height=560,
+                      width=max(700, 380 * len(lines_per_ds)),
+                      legend=dict(orientation="h", yanchor="top", y=-0.2, xanchor="left", x=0))
     fig.write_html(path, include_plotlyjs="directory")
     return path
 
@@ -910,7 +919,7 @@ def _run(args) -> int:
     plots = write_plots(plot_dir, res, cfg, lines, datasets, causal_ds)
     png = args.png if args.png is not None else (REPO / "docs" / "pareto.png" if full else None)
     if png is not None and (plot_dir / "peers_pareto.html").exists():
-        save_png(plot_dir / "peers_pareto.html", png, width=max(900, 380 * (len(datasets) + len(causal_ds))))
+        save_png(plot_dir / "peers_pareto.html", png, width=max(900, 380 * (len(datasets) + len(causal_ds))), height=600)
     body = report(cfg, res, lines, datasets, plots, time.perf_counter() - t0)
     causal_body = causal_report(cfg, res, causal_ds)
     if args.json is not None or full:
