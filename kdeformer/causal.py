@@ -231,7 +231,7 @@ def default_rows_per_level(sample_size: int) -> int:
 def estimation_rows(plan, n_queries: int, groups: int, device) -> torch.Tensor:
     """The scheduled estimation rows of every head.  # (gb, R)"""
     rows = estimation_schedule(n_queries, plan.rows_per_level, plan.chunk_len)
-    return torch.tensor(rows, dtype=torch.int64, device=device).expand(groups, -1)
+    return torch.tensor(rows, dtype=torch.int64, device=device).expand(groups, -1).contiguous()
 
 
 def estimation_prefix(q, k, rows, limits, scale):

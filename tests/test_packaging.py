@@ -58,3 +58,11 @@ def test_core_never_imports_ui_code():
         text = path.read_text()
         for ui in ("ipywidgets", "plotly", "kdeformer.widgets", "from .widgets", "anywidget"):
             assert f"import {ui}" not in text and f"from {ui}" not in text, (path, ui)
+
+
+def test_every_package_is_listed_for_a_wheel():
+    """A non-editable install ships only the listed packages: every folder with an __init__.py is one."""
+    listed = set(pyproject()["tool"]["setuptools"]["packages"])
+    found = {".".join(p.parent.relative_to(ROOT).parts) for p in (ROOT / "kdeformer").rglob("__init__.py")}
+    found |= {"kdeformer.widgets"} if (ROOT / "widgets" / "__init__.py").exists() else set()
+    assert found == listed, sorted(found ^ listed)
