@@ -7,7 +7,6 @@ Shape legend: L layers, H heads, N tokens (Nq queries, Nk keys), D head dim, Dv 
 from __future__ import annotations
 
 import math
-from collections import OrderedDict
 from dataclasses import dataclass, replace
 
 import torch
@@ -15,6 +14,7 @@ import torch
 import kdeformer
 from kdeformer import metrics
 from kdeformer.defaults import AUTHORS_SAMPLING, KDE_DEFAULTS
+from kdeformer._cache import LRU  # the project's one bounded cache
 from kdeformer.sources import AttentionSource
 from kdeformer._checks import check_choice, check_index, check_int, check_positive_int
 from kdeformer.core import BUCKET_ORDERS, MAX_PROJS, SAMPLINGS
@@ -297,24 +297,6 @@ class Curve:
     sd: list
     current: int  # index of the current setting
     label: str
-
-
-class LRU(OrderedDict):
-    """A small least-recently-used cache (bounded, so memory stays flat over thousands of updates)."""
-
-    def __init__(self, maxsize: int):
-        super().__init__()
-        self.maxsize = maxsize
-
-    def get_or(self, key, make):
-        if key in self:
-            self.move_to_end(key)
-            return self[key]
-        value = make()
-        self[key] = value
-        while len(self) > self.maxsize:
-            self.popitem(last=False)
-        return value
 
 
 def chunk_rows(rows: torch.Tensor, nk: int, multiple: int = 1):
