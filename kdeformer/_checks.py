@@ -111,6 +111,23 @@ def check_qkv(query, key, value) -> tuple[tuple[int, ...], int, int, int, int]:
     return lead, n_q, n_k, d, value.shape[-1]
 
 
+def check_bool_mask(name: str, mask, lead: tuple[int, ...], n: int, axis: str, meaning: str, device) -> torch.Tensor:
+    """A bool (..., N) mask broadcastable against the leading dims, expanded to (*lead, N)."""
+    if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
+        got = mask.dtype if isinstance(mask, torch.Tensor) else type(mask).__name__
+        raise ValueError(f"{name} must be a bool tensor (True = {meaning}), got {got}")
+    if mask.device != device:
+        raise ValueError(f"{name} must be on {device}, got {mask.device}")
+    want = (*lead, n)
+    wrong = f"{name} must have shape (..., {axis}) broadcastable to {want}, got {tuple(mask.shape)}"
+    if mask.dim() < 1 or mask.shape[-1] != n or mask.dim() > len(want):
+        raise ValueError(wrong)
+    try:
+        return mask.expand(want)
+    except RuntimeError:
+        raise ValueError(wrong) from None
+
+
 def check_key_mask(key_mask, lead: tuple[int, ...], n_keys: int, device) -> torch.Tensor | None:
     """Bool (*lead, Nk), broadcastable against the leading dims; True = attend.
 
@@ -118,20 +135,7 @@ def check_key_mask(key_mask, lead: tuple[int, ...], n_keys: int, device) -> torc
     """
     if key_mask is None:
         return None
-    if not isinstance(key_mask, torch.Tensor) or key_mask.dtype != torch.bool:
-        got = key_mask.dtype if isinstance(key_mask, torch.Tensor) else type(key_mask).__name__
-        raise ValueError(f"key_mask must be a bool tensor (True = attend), got {got}")
-    if key_mask.device != device:
-        raise ValueError(f"key_mask must be on {device}, got {key_mask.device}")
-    want = (*lead, n_keys)
-    if key_mask.dim() < 1 or key_mask.shape[-1] != n_keys or key_mask.dim() > len(want):
-        raise ValueError(f"key_mask must have shape (..., Nk) broadcastable to {want}, got {tuple(key_mask.shape)}")
-    try:
-        expanded = key_mask.expand(want)
-    except RuntimeError:
-        raise ValueError(
-            f"key_mask must have shape (..., Nk) broadcastable to {want}, got {tuple(key_mask.shape)}"
-        ) from None
+    expanded = check_bool_mask("key_mask", key_mask, lead, n_keys, "Nk", "attend", device)
     if not bool(key_mask.any(-1).all()):
         raise ValueError("key_mask masks every key of some row; each row needs at least one True (attended) key")
     return expanded
@@ -154,17 +158,4 @@ def check_query_mask(query_mask, lead: tuple[int, ...], n_queries: int, device) 
     """
     if query_mask is None:
         return None
-    if not isinstance(query_mask, torch.Tensor) or query_mask.dtype != torch.bool:
-        got = query_mask.dtype if isinstance(query_mask, torch.Tensor) else type(query_mask).__name__
-        raise ValueError(f"query_mask must be a bool tensor (True = real query), got {got}")
-    if query_mask.device != device:
-        raise ValueError(f"query_mask must be on {device}, got {query_mask.device}")
-    want = (*lead, n_queries)
-    if query_mask.dim() < 1 or query_mask.shape[-1] != n_queries or query_mask.dim() > len(want):
-        raise ValueError(f"query_mask must have shape (..., Nq) broadcastable to {want}, got {tuple(query_mask.shape)}")
-    try:
-        return query_mask.expand(want)
-    except RuntimeError:
-        raise ValueError(
-            f"query_mask must have shape (..., Nq) broadcastable to {want}, got {tuple(query_mask.shape)}"
-        ) from None
+    return check_bool_mask("query_mask", query_mask, lead, n_queries, "Nq", "real query", device)
