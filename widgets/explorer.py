@@ -29,7 +29,7 @@ from kdeformer.defaults import KDE_DEFAULTS
 from . import panels
 from .board import PlotBoard
 from .figures import TokenLabels, apply
-from .panels import PANELS, View
+from .panels import PANELS, View, exact_structure
 from .state import (
     MATERIALIZE_MAX,
     SAMPLING_LABELS,
@@ -451,6 +451,8 @@ class AttentionExplorer(widgets.VBox):
             detail = f"causal: local window + {s.sample_size} samples per query, counted on the lower triangle"
         elif tr.num_blocks <= 1:
             detail = "one block: exact attention"
+        elif "inclusion_probs" in tr.extras:  # pps: the budget is bucket_size + sample_size columns
+            detail = f"{exact_structure(tr)}, budget {s.bucket_size + s.sample_size} columns per query, of {nk} keys"
         else:
             eff = int(tr.key_block_len.max())
             block = f"block of {eff} keys" + ("" if eff == s.bucket_size else

@@ -151,6 +151,22 @@ def block_len(trace) -> int:
     return int(to_np(trace.key_block_len).max()) if trace.num_blocks > 1 else nk
 
 
+def exact_structure(trace) -> str:
+    """What the run computed exactly, in words, from the trace (one home for the readouts)."""
+    heavy_cols = heavy_column_count(trace)
+    cols = f" + {heavy_cols} heavy columns" if heavy_cols else ""
+    if getattr(trace, "is_causal", False):
+        return f"causal: the local window{cols}"
+    if "inclusion_probs" in trace.extras:  # pps: query blocks with their own columns, no key blocks
+        blocks = int(to_np(trace.row_block).max()) + 1
+        exact = float(to_np((trace.block_exact & (trace.block_weights > 0)).sum(-1)).mean())
+        window = int(trace.extras.get("window", -1))
+        near = f" + ±{window} token window" if window >= 0 else ""
+        return (f"{blocks} query blocks × {trace.block_cols.shape[-1]} columns "
+                f"(on average {exact:.0f} exact, π = 1){near}")
+    return f"{trace.num_blocks} blocks of ≤{block_len(trace)} keys{cols}"
+
+
 def heavy_column_count(trace) -> int:
     """Heavy columns computed exactly per sampling group (column_norm; 0 otherwise)."""
     cols = trace.extras.get("heavy_columns") if trace.extras else None
@@ -424,10 +440,7 @@ def heavy_update(view: View) -> PanelUpdate:
     upd.traces["random entries"] = dict(x=[0, nq - 1], y=[random_share] * 2)
     upd.layout["xaxis2.title.text"] = f"query ({view.display['order']} order)"
     mean_mass = float(mass.mean())
-    heavy_cols = heavy_column_count(tr)
-    cols = f" + {heavy_cols} heavy columns" if heavy_cols else ""
-    what = (f"causal: the local window{cols}" if getattr(tr, "is_causal", False) else
-            f"{tr.num_blocks} blocks of ≤{block_len(tr)} keys{cols}")
+    what = exact_structure(tr)
     set_title(upd, f"exact entries · {view.label()} B{view.settings.bucket_size}",
               f"{what} hold {mean_mass:.1%} of the softmax mass "
               f"(as many random entries: {random_share:.1%}){pooled_note(grids['gr'], grids['gc'])}")
