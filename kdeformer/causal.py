@@ -52,7 +52,7 @@ from dataclasses import dataclass
 
 import torch
 
-from . import sampling as colnorm
+from . import sampling as schemes
 from .core import bucket_ranks, gather_rows, hash_codes
 from .defaults import KDE_DEFAULTS
 from .random import Draws
@@ -130,7 +130,7 @@ def plan_causal(limits: torch.Tensor, n_keys: int, *, bucket_size, sample_size, 
     starts = pool_starts(limit, chunk_len, window)  # (G, nc)
     last = limit[:, chunk_len - 1 :: chunk_len]  # (G, nc)
     local_slots = max(1, min(n_keys, int((last - starts).max())))
-    heavy_columns = colnorm.check_scheme_options(sampling, sample_size, heavy_columns, estimate_rows)[0]
+    heavy_columns = schemes.check_scheme_options(sampling, sample_size, heavy_columns, estimate_rows)[0]
     heavy, draws = min(heavy_columns, n_keys), sample_size - heavy_columns  # heavy ones are paid out of s
     rows = per_level = 0
     if sampling == "column_norm":
@@ -224,14 +224,29 @@ def estimation_schedule(n_queries: int, per_level: int, chunk_len: int) -> list[
 
 
 def default_rows_per_level(sample_size: int) -> int:
-    """Estimation rows per doubling span: about the non-causal default's share of the cost."""
-    return max(2, sample_size // 12)
+    """Estimation rows per doubling span. s // 4 measured on MiniLM under a causal mask (b = 64 / 128,
+    mean of two seeds): 0.153 / 0.084, against 0.167 / 0.090 with s // 6 and 0.190 / 0.095 with s // 12."""
+    return max(2, sample_size // 4)
 
 
 def estimation_rows(plan, n_queries: int, groups: int, device) -> torch.Tensor:
     """The scheduled estimation rows of every head.  # (gb, R)"""
     rows = estimation_schedule(n_queries, plan.rows_per_level, plan.chunk_len)
     return torch.tensor(rows, dtype=torch.int64, device=device).expand(groups, -1).contiguous()
+
+
+def row_spans(row_limit: torch.Tensor, n_keys: int):
+    """Runs of consecutive estimation rows whose causal rows fit in the same power-of-two key prefix:
+    yields (first row, end row, keys). Rows are sorted by position, so their limits grow."""
+    widest = row_limit.max(0).values.tolist()  # (R,) the largest limit of each row over the heads
+    first = 0
+    while first < len(widest):
+        width = min(n_keys, 1 << max(0, math.ceil(math.log2(max(1, widest[first])))))
+        last = first + 1  # widest[first] <= width, and the limits grow with the row
+        while last < len(widest) and widest[last] <= width:
+            last += 1
+        yield first, last, width
+        first = last
 
 
 def estimation_prefix(q, k, rows, limits, scale):
@@ -243,11 +258,15 @@ def estimation_prefix(q, k, rows, limits, scale):
     practice (each product is exact), so how heads are batched never changes the draws.
     """
     q_rows = gather_rows(q.float(), rows).double() * scale  # (gb, R, D)
-    logits = q_rows @ k.float().double().mT  # (gb, R, Nk)
+    keys = k.float().double()  # (gb, Nk, D)
     row_limit = torch.gather(limits, 1, rows)  # (gb, R)
-    visible = torch.arange(k.shape[1], device=k.device) < row_limit.unsqueeze(-1)  # (gb, R, Nk)
-    probs = torch.softmax(torch.where(visible, logits, float("-inf")), dim=-1)  # (gb, R, Nk)
-    prefix = probs.square().cumsum(1)  # (gb, R, Nk)
+    n_keys = k.shape[1]
+    sq = q_rows.new_zeros(rows.shape[0], rows.shape[1], n_keys)  # (gb, R, Nk) squared rows of D^-1 A
+    for first, last, width in row_spans(row_limit, n_keys):  # rows that see at most `width` keys
+        logits = q_rows[:, first:last] @ keys[:, :width].mT  # (gb, r, width): no work past what they see
+        visible = torch.arange(width, device=k.device) < row_limit[:, first:last].unsqueeze(-1)
+        sq[:, first:last, :width] = torch.softmax(torch.where(visible, logits, float("-inf")), dim=-1).square()
+    prefix = sq.cumsum(1)  # (gb, R, Nk)
     return torch.cat([torch.zeros_like(prefix[:, :1]), prefix], 1)
 
 
@@ -262,7 +281,7 @@ def head_state(q, k, v, limits, starts, offset, projections, ranks, draws: Draws
     k_order, rank_start, sorted_pos = sort_keys(k_rank, n_ranks)
     positions = torch.arange(k.shape[1], device=k.device).expand_as(k_rank).contiguous()
     entry_chunk = torch.searchsorted(starts, positions, right=True)  # (gb, Nk): chunks with p_c <= j
-    norms = colnorm.value_row_norms(v.float()).to(torch.float64)  # (gb, Nk)
+    norms = schemes.value_row_norms(v.float()).to(torch.float64)  # (gb, Nk)
     norm_prefix = torch.nn.functional.pad(torch.stack([norms, norms.square()], 1).cumsum(-1), (1, 0))
     rows_before = rows = tables = None
     if plan.estimate_rows:
@@ -419,7 +438,7 @@ def row_tables(importance: torch.Tensor, starts: torch.Tensor, rows_before: torc
     first_pool = torch.gather(starts, 1, first_chunk)  # (gb, R+1) the smallest pool that uses row r's table
     allowed = torch.arange(n_keys, device=starts.device) < first_pool.unsqueeze(-1)  # (gb, R+1, Nk)
     allowed = allowed & (importance > 0)  # a key no estimation row has seen yet is never a heavy column
-    cols, cols_valid = colnorm.pick_heavy_columns(importance, allowed, heavy)  # (gb, R+1, h)
+    cols, cols_valid = schemes.pick_heavy_columns(importance, allowed, heavy)  # (gb, R+1, h)
     # only the valid picks leave the sampling; which index fills an invalid slot (a tie) must not matter
     importance = importance.scatter(-1, cols, torch.gather(importance, -1, cols) * ~cols_valid)
     total = importance.sum(-1)  # (gb, R+1)
@@ -457,7 +476,7 @@ def pool_importance(tables: RowTables, table: torch.Tensor, starts: torch.Tensor
     cdf_last = torch.gather(tables.cdf, 1, last) - table  # normalised CDF at the pool's last key
     pool_sum = torch.where(starts > 0, cdf_last * total, 0.0)
     n_heavy = torch.gather(tables.heavy_valid.sum(-1), 1, table)  # (gb, nb)
-    share = torch.where(pool_sum > 0, 1 - colnorm.UNIFORM_FLOOR, 0.0)
+    share = torch.where(pool_sum > 0, 1 - schemes.UNIFORM_FLOOR, 0.0)
     return pool_sum.unsqueeze(-1), (starts - n_heavy).unsqueeze(-1), share.unsqueeze(-1)
 
 

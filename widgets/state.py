@@ -47,7 +47,7 @@ def sampling_choices() -> tuple[str, ...]:
 
 # --------------------------------------------------------------------------- sources
 @dataclass(repr=False)
-class ToySource(AttentionSource):
+class TensorSource(AttentionSource):
     """An AttentionSource whose keys may outnumber or undercount its queries (cross-attention).
 
     q (L, H, Nq, D), k (L, H, Nk, D), v (L, H, Nk, Dv); tokens label the Nq queries; key_mask (Nk,).
@@ -65,7 +65,10 @@ class ToySource(AttentionSource):
             raise ValueError(f"key_mask must be (Nk,) = ({k.shape[2]},), got {tuple(self.key_mask.shape)}")
 
 
-def toy_source(n: int = 96, d: int = 16, layers: int = 2, heads: int = 2, clusters: int = 6, seed: int = 0) -> ToySource:
+ToySource = TensorSource  # the old name (it wraps any user tensors, not only toys)
+
+
+def toy_source(n: int = 96, d: int = 16, layers: int = 2, heads: int = 2, clusters: int = 6, seed: int = 0) -> TensorSource:
     """Clustered synthetic queries/keys (a few directions plus noise) with one 'sink' key per head.
 
     Sharp enough that hashing matters, small enough for fast tests.
@@ -79,7 +82,7 @@ def toy_source(n: int = 96, d: int = 16, layers: int = 2, heads: int = 2, cluste
     k[:, :, 0] = 3.0 * q.mean(2)  # a sink key every query likes
     v = torch.randn(layers, heads, n, d, generator=g)  # (L, H, N, D)
     tokens = [f"tok{i}" for i in range(n)]
-    return ToySource("toy", " ".join(tokens), tokens, q, k, v, 1.0 / math.sqrt(d), None, {"seed": seed})
+    return TensorSource("toy", " ".join(tokens), tokens, q, k, v, 1.0 / math.sqrt(d), None, {"seed": seed})
 
 
 def _as_lhnd(x: torch.Tensor, name: str) -> torch.Tensor:
@@ -95,7 +98,7 @@ def _as_lhnd(x: torch.Tensor, name: str) -> torch.Tensor:
     return x.detach().to("cpu", torch.float32)
 
 
-def source_from_tensors(q, k, v, *, scale=None, tokens=None, key_mask=None, name="tensors") -> ToySource:
+def source_from_tensors(q, k, v, *, scale=None, tokens=None, key_mask=None, name="tensors") -> TensorSource:
     """Wrap the user's own (q, k, v) tensors: each (N, D), (H, N, D) or (L, H, N, D)."""
     q, k, v = _as_lhnd(q, "q"), _as_lhnd(k, "k"), _as_lhnd(v, "v")
     if q.shape[:2] != k.shape[:2] or k.shape[:3] != v.shape[:3] or q.shape[-1] != k.shape[-1]:
@@ -110,7 +113,7 @@ def source_from_tensors(q, k, v, *, scale=None, tokens=None, key_mask=None, name
         raise ValueError(f"tokens must have one string per query ({n}), got {len(tokens)}")
     kdeformer.exact_attention(q[0, 0], k[0, 0], v[0, 0], scale=scale, key_mask=key_mask)  # validates early
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    return ToySource(name, "", list(tokens), q, k, v, scale, key_mask, {})
+    return TensorSource(name, "", list(tokens), q, k, v, scale, key_mask, {})
 
 
 def load_text_source(text: str | None = None, like=None):
