@@ -255,6 +255,9 @@ def column_norm_groups(opts, plan, n_queries: int, n_keys: int) -> tuple[int, in
 
 def plan_column_norm(q, k, v, *, scale, plan, q_order, k_blocks, opts, draws) -> SamplePlan:
     """Estimated column norms of D^-1 A per group of query blocks (see the module docstring)."""
+    if plan.num_blocks == 1:  # one block holds every key: all is exact, nothing to estimate or draw from
+        return plan_uniform(q, k, v, scale=scale, plan=plan, q_order=q_order, k_blocks=k_blocks, opts=opts,
+                            draws=draws)
     groups, n_q, n_k = q.shape[0], q.shape[1], k.shape[1]
     q32, k32, v32 = q.detach().float(), k.detach().float(), v.detach().float()
     num_groups, rows_per_group = column_norm_groups(opts, plan, n_q, n_k)
@@ -282,7 +285,7 @@ def plan_column_norm(q, k, v, *, scale, plan, q_order, k_blocks, opts, draws) ->
 
 def estimation_multiply_adds(opts, plan, n_queries: int, n_keys: int, dim: int) -> int:
     """Multiply-adds of a scheme's own estimation work (column_norm: R x Nk logits; others: none)."""
-    if opts.sampling != "column_norm":
+    if opts.sampling != "column_norm" or plan.num_blocks == 1:  # one block: no estimate is made
         return 0
     num_groups, rows_per_group = column_norm_groups(opts, plan, n_queries, n_keys)
     return num_groups * rows_per_group * n_keys * dim

@@ -285,3 +285,15 @@ def test_causal_query_without_a_visible_key_is_refused():
     q, k, v = qkv(nq=10, nk=5)
     with pytest.raises(ValueError, match="is_causal leaves a query without any visible key"):
         K.kde_attention(q, k, v, is_causal=True)
+
+
+def test_one_block_costs_exact_attention_for_every_block_scheme():
+    """bucket_size >= Nk: the block holds every key, so no estimate is paid for and the count is exact's."""
+    from kdeformer.costs import multiply_adds
+
+    exact = multiply_adds("exact", 43, 43, 32, 32)
+    for sampling in ("column_norm", "value_norm", "uniform"):
+        assert kde_multiply_adds(43, 43, 32, 32, bucket_size=64, sample_size=128, sampling=sampling) == exact
+    q, k, v = qkv(2, nq=43, seed=12)
+    out = K.kde_attention(q, k, v, bucket_size=64, sampling="column_norm", generator=gen())
+    torch.testing.assert_close(out, K.exact_attention(q, k, v))

@@ -364,7 +364,7 @@ def test_bucket_size_at_or_above_n_is_exact(ex):
     assert ex.set(bucket_size=10 * N)  # valid: one block, exact attention, and the clamp is announced
     assert ex.controls["bucket_size"].value == N and ex.last_error is None
     assert f"bucket_size {10 * N} is more than the {N} keys" in ex.notes.value
-    assert "cost 1.00 of exact" in ex.status.value and "one block: exact attention" in ex.status.value
+    assert "cost 1.00 of exact" in ex.status.value and "every key computed exactly: exact attention" in ex.status.value
     m = float(re.search(r"<b>([0-9.]+) ±", ex.readout.value).group(1))
     assert m < 1e-5
     ex.set(bucket_size=16)

@@ -29,7 +29,7 @@ from kdeformer.defaults import KDE_DEFAULTS
 from . import panels
 from .board import PlotBoard
 from .figures import TokenLabels, apply
-from .panels import PANELS, View, exact_structure
+from .panels import EVERY_KEY, PANELS, View, exact_structure
 from .state import (
     MATERIALIZE_MAX,
     SAMPLING_LABELS,
@@ -449,8 +449,8 @@ class AttentionExplorer(widgets.VBox):
             detail = f"budget {s.budget} columns per query"
         elif self.engine.is_causal:
             detail = f"causal: local window + {s.sample_size} samples per query, counted on the lower triangle"
-        elif tr.num_blocks <= 1:
-            detail = "one block: exact attention"
+        elif exact_structure(tr) == EVERY_KEY or ("inclusion_probs" not in tr.extras and tr.num_blocks <= 1):
+            detail = EVERY_KEY
         elif "inclusion_probs" in tr.extras:  # pps: the budget is bucket_size + sample_size columns
             detail = f"{exact_structure(tr)}, budget {s.bucket_size + s.sample_size} columns per query, of {nk} keys"
         else:

@@ -151,6 +151,9 @@ def block_len(trace) -> int:
     return int(to_np(trace.key_block_len).max()) if trace.num_blocks > 1 else nk
 
 
+EVERY_KEY = "every key computed exactly: exact attention"
+
+
 def exact_structure(trace) -> str:
     """What the run computed exactly, in words, from the trace (one home for the readouts)."""
     heavy_cols = heavy_column_count(trace)
@@ -158,6 +161,8 @@ def exact_structure(trace) -> str:
     if getattr(trace, "is_causal", False):
         return f"causal: the local window{cols}"
     if "inclusion_probs" in trace.extras:  # pps: query blocks with their own columns, no key blocks
+        if bool((trace.block_exact | (trace.block_weights == 0)).all()) and trace.block_cols.shape[-1] >= trace.num_keys:
+            return EVERY_KEY
         blocks = int(to_np(trace.row_block).max()) + 1
         exact = float(to_np((trace.block_exact & (trace.block_weights > 0)).sum(-1)).mean())
         window = int(trace.extras.get("window", -1))

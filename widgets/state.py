@@ -528,8 +528,9 @@ class Engine:
         d, dv = self.src.q.shape[-1], self.src.v.shape[-1]
         causal = self.is_causal
         exact = kdeformer.multiply_adds("exact", nq, nk, d, dv, is_causal=causal)
-        if s.method == "exact" or (s.method == "kdeformer" and trace.num_blocks <= 1 and not causal):
-            return 1.0  # one block: the core runs exact attention
+        one_key_block = trace.num_blocks <= 1 and "inclusion_probs" not in trace.extras  # (pps has no key blocks)
+        if s.method == "exact" or (s.method == "kdeformer" and one_key_block and not causal):
+            return 1.0  # one key block holds every key: exact attention's work
         try:
             if s.method == "kdeformer":
                 from kdeformer.core import kde_multiply_adds
