@@ -382,6 +382,7 @@ def attend_columns(q, k, v, scale: float, q_rows: torch.Tensor, cols: Columns, w
     n_blocks, q_len = q_rows.shape[1], q_rows.shape[2]
     slot_real = torch.arange(n_blocks * q_len, device=q.device).view(n_blocks, q_len) < n_q  # (nqb, Bq)
     pieces, rows_all = [], []
+    fast = q.new_empty(groups * n_q, dim_v) if inplace and not want_parts else None  # (G*Nq, Dv) token order
     for g0, g1, b0, b1 in chunk_ranges(groups, n_blocks, q_len):
         m = (g1 - g0) * (b1 - b0)  # query blocks in this chunk
         rows = flat_index(q_rows[g0:g1, b0:b1], g0, n_q)  # (m*Bq,)
@@ -398,6 +399,12 @@ def attend_columns(q, k, v, scale: float, q_rows: torch.Tensor, cols: Columns, w
                                      v_flat.index_select(0, index).view(m, n_cols, dim_v), weight, valid, cols.n_exact,
                                      want_parts, inplace)
         shift, numerator, normaliser, exact_sum, sampled = sums
+        if fast is not None:  # inference: divide in place and write straight to token rows
+            result = numerator.div_(normaliser.unsqueeze(-1)).view(-1, dim_v)  # (m*Bq, Dv)
+            if real is not None and not bool(real.all()):  # a padded slot repeats a row: the real one wins
+                result, rows = result[real], rows[real]
+            fast.index_copy_(0, rows, result)
+            continue
         piece = [numerator / normaliser.unsqueeze(-1)]
         if want_parts:
             piece += [(shift + normaliser.log()).unsqueeze(-1), (exact_sum / normaliser).unsqueeze(-1),
@@ -407,6 +414,8 @@ def attend_columns(q, k, v, scale: float, q_rows: torch.Tensor, cols: Columns, w
             piece, rows = piece[real], rows[real]
         pieces.append(piece)
         rows_all.append(rows)
+    if fast is not None:
+        return fast.view(groups, n_q, dim_v), None
     packed = torch.cat(pieces) if len(pieces) > 1 else pieces[0]  # (rows, Dv [+ 2 + Dv])
     full = packed.new_zeros(groups * n_q, packed.shape[-1]).index_copy(0, torch.cat(rows_all), packed)
     full = full.view(groups, n_q, -1)
