@@ -6,19 +6,7 @@ import torch
 
 import kdeformer as K
 from kdeformer.core import SAMPLINGS, bucket_ranks, gray_code, inverse_gray_code
-
-
-def gen(seed=0):
-    return torch.Generator().manual_seed(seed)
-
-
-def qkv(*lead, nq=40, nk=None, d=16, dv=8, dtype=torch.float64, seed=0, spread=1.0):
-    nk = nq if nk is None else nk
-    g = gen(seed)
-    q = torch.randn(*lead, nq, d, generator=g, dtype=dtype) * spread  # (..., Nq, D)
-    k = torch.randn(*lead, nk, d, generator=g, dtype=dtype) * spread  # (..., Nk, D)
-    v = torch.randn(*lead, nk, dv, generator=g, dtype=dtype)  # (..., Nk, Dv)
-    return q, k, v
+from conftest import make_gen as gen, make_qkv as qkv  # the shared helpers (tests/conftest.py)
 
 
 # ----------------------------------------------------------------------------- exact cases
