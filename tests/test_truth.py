@@ -1,7 +1,5 @@
 """The promises of issue 11 for the core: a finite trace that is the estimator, padding and batching that
 are invisible, gradients, the same draws in every dtype, the best estimator by default, clear errors."""
-import math
-
 import pytest
 import torch
 
