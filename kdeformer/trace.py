@@ -11,6 +11,8 @@ import torch
 
 from .defaults import KDE_DEFAULTS
 
+ROW_CHUNK = 256  # query rows whose columns are gathered at once by attention_rows
+
 
 @dataclass
 class KDETrace:
@@ -171,8 +173,13 @@ class KDETrace:
         (..., R, Nk), finite wherever the output is; built from the columns each query used only.
         """
         rows = self._rows(rows)
-        cols, weights, _ = self.row_columns(rows)
-        return self._scatter_rows(cols, self._row_terms(rows, cols, weights))
+        if rows.numel() == 0:  # no rows asked: (..., 0, Nk)
+            return self.weight_rows(rows)
+        parts = []
+        for chunk in rows.split(ROW_CHUNK):  # the gathered keys (..., r, C, D) stay bounded for any R
+            cols, weights, _ = self.row_columns(chunk)
+            parts.append(self._scatter_rows(cols, self._row_terms(chunk, cols, weights)))
+        return torch.cat(parts, -2)
 
     def exact_mask_rows(self, rows) -> torch.Tensor:
         """(..., R, Nk) bool: the entries of these rows computed exactly (and counted)."""
