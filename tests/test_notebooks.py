@@ -259,3 +259,13 @@ def test_overview_click_opens_head(front_end, tmp_path):
         tb.stop(proc)
     assert readout == {"layer": "2", "head": "5"}, readout
     assert not blocked, f"notebook 03 asked for non-loopback resources: {blocked}"
+
+
+def test_app_prose_names_the_default_sampling():
+    """The app's introduction says which scheme the explorer starts at: it must be the one it does start at."""
+    from kdeformer import KDE_DEFAULTS
+
+    nb = nbformat.read(REPO / "notebooks" / "explorer_app.ipynb", as_version=4)
+    prose = "".join(c.source for c in nb.cells if c.cell_type == "markdown")
+    named = re.search(r"sampling starts at `(\w+)`", prose)
+    assert named is not None and named.group(1) == KDE_DEFAULTS.sampling
