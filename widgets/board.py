@@ -127,7 +127,7 @@ export default { render };
 
 CSS = """
 .kde-board { width: 100%; min-width: 0; }
-.kde-board .kde-figure { width: 100%; min-width: 0; margin-top: 10px; }
+.kde-board .kde-figure { width: 100%; min-width: 0; margin-top: 10px; contain: layout style paint; }
 .kde-board .kde-plot { width: 100%; min-width: 0; }
 .kde-board .kde-caption { font-size: 13px; color: #333; padding: 2px 8px 6px; overflow-wrap: anywhere; }
 """
@@ -157,6 +157,7 @@ class PlotBoard(anywidget.AnyWidget):
     def __init__(self, figures: dict, **kwargs):
         super().__init__(_plotly_js=plotly_js(), panels=list(figures), **kwargs)
         self.figures = dict(figures)
+        self.trace_index = {name: {t.name: i for i, t in enumerate(f.data)} for name, f in self.figures.items()}
         self._bodies = {name: wire(fig.to_plotly_json()) for name, fig in self.figures.items()}
         self._heatmaps = {name: [i for i, t in enumerate(fig.data) if t.type == "heatmap"] for name, fig in self.figures.items()}
         self._click_handlers: dict = {}
@@ -167,11 +168,13 @@ class PlotBoard(anywidget.AnyWidget):
         self.push(list(figures))
 
     def patch(self, name: str, changes: dict) -> None:
-        """Record what `figures.apply` changed in figure `name` (cheap: no re-serialisation of the rest)."""
+        """Record `figures.diff`'s changes of figure `name` in the dict the page is sent (cheap: no
+        re-serialisation of the rest); the caller writes them into the plotly figure (`figures.write`)."""
         patch(self._bodies[name], changes)
 
     def refresh(self, name: str) -> None:
         """Re-read figure `name` whole (after traces were added or removed)."""
+        self.trace_index[name] = {t.name: i for i, t in enumerate(self.figures[name].data)}
         self._bodies[name] = wire(self.figures[name].to_plotly_json())
 
     def push(self, names, stamps: dict | None = None) -> None:

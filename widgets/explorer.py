@@ -28,7 +28,7 @@ from kdeformer.defaults import KDE_DEFAULTS
 
 from . import panels
 from .board import PlotBoard
-from .figures import TokenLabels, apply
+from .figures import TokenLabels, diff, write
 from .panels import EVERY_KEY, PANELS, View, exact_structure
 from .state import (
     MATERIALIZE_MAX,
@@ -402,24 +402,28 @@ class AttentionExplorer(widgets.VBox):
         view = View(s, disp, self.engine, res, curve, self._q_tokens, self._k_tokens, self.max_cells, self.error_cells)
         updates = self._panel_updates(view, stale)  # compute everything first: no half-drawn state on failure
         mass = float(self.engine.heavy_mass(s, res.kde_trace)[0].mean())
-        changed = []
+        changed = {}
         for name, upd in updates.items():
-            changes = apply(self.figures[name], upd, self._applied.setdefault(name, {}))
+            changes = diff(upd, self._applied.setdefault(name, {}), self.board.trace_index[name])
             if changes:
                 self.board.patch(name, changes)
-                changed.append(name)
+                changed[name] = changes
         self.panel_info = {**self.panel_info, **{n: u.info for n, u in updates.items()}}
         if "heavy" in updates:
             info = updates["heavy"].info
             gr, ri = info["grid_rows"], info["row_index"]
-            labels = panels.trace_by_name(self.figures["heavy"], "attention").y
+            labels = updates["heavy"].traces["attention"]["y"]
             self._row_labels = {lab: int(ri[gr.lo + b * gr.width]) for b, lab in enumerate(labels)}
         self.update_count += 1
         stamp = self.stamp(s, disp)
         self.readout.value = self._readout_html(s, summary, mass, stamp)
         self.code.value = f"<pre style='font-size:12px;user-select:all'>{html.escape(call_code(s, self.engine.scale))}</pre>"
-        self.board.push(changed, {name: stamp for name in PANELS})  # one message: every changed panel
+        self.board.push(list(changed), {name: stamp for name in PANELS})  # one message: every changed panel
         self._write_status(s, res, time.perf_counter() - t0, stamp)
+        # the page draws from the message just sent; plotly's validation of the same values into the
+        # Python figures (`self.figures`, read by export, tests, notebooks) runs meanwhile, before set() returns
+        for name, changes in changed.items():
+            write(self.figures[name], changes)
 
     def _readout_html(self, s: Settings, summary, heavy_mass, stamp: str) -> str:
         m, sd = summary.mean_sd(summary.spectral)

@@ -43,29 +43,41 @@ def same(a, b) -> bool:
         return False
 
 
-def apply(fig, update: PanelUpdate, applied: dict | None = None) -> dict:
-    """Write an update into a figure; returns what changed: {trace index: props, "layout": {path: value}}
-    (empty when nothing did).
+def diff(update: PanelUpdate, applied: dict, index: dict) -> dict:
+    """What an update changes: {trace index: props, "layout": {path: value}} (empty when nothing does).
 
-    applied: the values this function wrote before into this figure (kept by the caller); properties
+    applied: the values written before into this figure (kept by the caller, updated here); properties
     whose new value equals it are skipped, which saves plotly's validation and the message bytes.
+    index: trace name -> its index in the figure.
     """
-    index = {t.name: i for i, t in enumerate(fig.data)}
-    applied = {} if applied is None else applied
     changes = {}
     for name, props in update.traces.items():
         old = applied.setdefault(name, {})
         changed = {k: v for k, v in props.items() if k not in old or not same(old[k], v)}
         if changed:
-            fig.data[index[name]].update(changed)  # merges nested dicts (marker, colorbar), replaces arrays
             old.update(changed)
             changes[index[name]] = changed
     old = applied.setdefault("layout", {})
     changed = {k: v for k, v in update.layout.items() if k not in old or not same(old[k], v)}
     if changed:
-        fig.layout.update(changed, overwrite=True)
         old.update(changed)
         changes["layout"] = changed
+    return changes
+
+
+def write(fig, changes: dict) -> None:
+    """Write `diff`'s changes into a plotly figure (plotly validates every value: the slow part)."""
+    for where, props in changes.items():
+        if where == "layout":
+            fig.layout.update(props, overwrite=True)
+        else:
+            fig.data[where].update(props)  # merges nested dicts (marker, colorbar), replaces arrays
+
+
+def apply(fig, update: PanelUpdate, applied: dict | None = None) -> dict:
+    """Write an update into a figure now; returns what changed (see `diff`)."""
+    changes = diff(update, {} if applied is None else applied, {t.name: i for i, t in enumerate(fig.data)})
+    write(fig, changes)
     return changes
 
 
