@@ -41,11 +41,18 @@ def _shift_right(x: torch.Tensor, bits: int) -> torch.Tensor:
 
 def mix64(x: torch.Tensor) -> torch.Tensor:
     """splitmix64's finaliser on int64 tensors (wrapping multiplication): a bijective 64-bit hash."""
-    x = x ^ _shift_right(x, 30)
-    x = x * _MIX1
-    x = x ^ _shift_right(x, 27)
-    x = x * _MIX2
-    return x ^ _shift_right(x, 31)
+    return mix64_(x.clone())
+
+
+def mix64_(x: torch.Tensor) -> torch.Tensor:
+    """`mix64` in place on x (one scratch buffer instead of a fresh tensor per operation)."""
+    scratch = torch.empty_like(x)
+    for bits, factor in ((30, _MIX1), (27, _MIX2), (31, None)):
+        torch.bitwise_right_shift(x, bits, out=scratch).bitwise_and_((1 << (64 - bits)) - 1)  # logical shift
+        x.bitwise_xor_(scratch)
+        if factor is not None:
+            x.mul_(factor)
+    return x
 
 
 def stream_id(name: str) -> int:
@@ -85,13 +92,13 @@ class Draws:
         per_head = mix64(base + (self.heads + 1) * _GOLDEN)  # (G,)
         count = math.prod(shape)
         index = torch.arange(count, device=device, dtype=torch.int64)  # (count,)
-        bits = mix64(per_head.unsqueeze(-1) ^ mix64(index * _GOLDEN + 1))  # (G, count)
+        bits = mix64_(per_head.unsqueeze(-1) ^ mix64_(index.mul_(_GOLDEN).add_(1)))  # (G, count)
         return bits.view(-1, *shape)
 
     def uniform(self, stream: str, shape: tuple[int, ...]) -> torch.Tensor:
         """Uniform numbers in (0, 1), float64 (53 random bits each).  # (G, *shape)"""
         top = _shift_right(self._bits(stream, shape), 11).to(torch.float64)
-        return (top + 0.5) * 2.0**-53
+        return top.add_(0.5).mul_(2.0**-53)
 
     def normal(self, stream: str, shape: tuple[int, ...]) -> torch.Tensor:
         """Standard normal numbers (Box-Muller on two uniforms), float32.  # (G, *shape)"""
@@ -108,7 +115,13 @@ def inverse_cdf(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
     """
     cdf = torch.cumsum(probs.to(torch.float64), dim=-1)  # (..., N)
     total = cdf[..., -1:]
-    index = torch.searchsorted(cdf, uniforms * total, right=True)  # (..., s)
-    positions = torch.arange(probs.shape[-1], device=probs.device)
-    last = torch.where(probs > 0, positions, 0).amax(-1, keepdim=True)  # (..., 1) last drawable index
-    return torch.minimum(index, last)  # (a uniform rounding up to the total lands on it)
+    index = torch.searchsorted(cdf, uniforms * total, right=True)  # (..., s) first i with cdf_i > u total
+    # u total < total gives an index with cdf_i > cdf_(i-1), i.e. probs_i > 0. Only u total rounding up to
+    # the total finds none (index N); that draw takes the last index of positive probability. It is
+    # looked up only then: a full pass over probs per row otherwise (same draws either way).
+    over = index == probs.shape[-1]  # (..., s)
+    if bool(over.any()):
+        positions = torch.arange(probs.shape[-1], device=probs.device)
+        last = torch.where(probs > 0, positions, 0).amax(-1, keepdim=True)  # (..., 1) last drawable index
+        index = torch.where(over, last, index)
+    return index

@@ -129,8 +129,8 @@ def draw_columns(probs: torch.Tensor, num_draws: int, draws: Draws) -> tuple[tor
     normalised distribution actually drawn from (G, ng, Nk) float64.
     """
     groups, ng, _ = probs.shape
-    exact_probs = probs.to(torch.float64)
-    exact_probs = exact_probs / exact_probs.sum(-1, keepdim=True)
+    exact_probs = probs.to(torch.float64)  # (G, ng, Nk) a copy: normalised in place
+    exact_probs = exact_probs.div_(exact_probs.sum(-1, keepdim=True))
     uniforms = draws.uniform("samples", (ng, num_draws))  # (G, ng, s') independent of Nk and the batch
     index = inverse_cdf(exact_probs, uniforms)
     weight = 1.0 / (num_draws * torch.gather(exact_probs, -1, index))
@@ -212,24 +212,29 @@ def column_norm_probabilities(row_sq: torch.Tensor, value: torch.Tensor, allowed
     norms (G, ng, Nk).
     """
     groups, rows, n_keys = row_sq.shape
-    group_norm = row_sq.view(groups, num_groups, rows // num_groups, n_keys).mean(2).sqrt()  # (G, ng, Nk)
-    global_norm = row_sq.mean(1, keepdim=True).sqrt()  # (G, 1, Nk)
-    mixed = (1 - GLOBAL_MIX) * group_norm / group_norm.sum(-1, keepdim=True).clamp_min(1e-30)
-    mixed = mixed + GLOBAL_MIX * global_norm / global_norm.sum(-1, keepdim=True).clamp_min(1e-30)
-    importance = mixed * value_row_norms(value).unsqueeze(1) * allowed  # (G, ng, Nk)
+    group_norm = row_sq.view(groups, num_groups, rows // num_groups, n_keys).mean(2).sqrt_()  # (G, ng, Nk)
+    global_norm = row_sq.mean(1, keepdim=True).sqrt_()  # (G, 1, Nk)
+    # in place on one fresh (G, ng, Nk) buffer, the same operations in the same order as
+    # ((1 - mix) g / sum g + mix n / sum n) * ||v~|| * allowed
+    importance = torch.mul(group_norm, 1 - GLOBAL_MIX).div_(group_norm.sum(-1, keepdim=True).clamp_min(1e-30))
+    importance.add_(GLOBAL_MIX * global_norm / global_norm.sum(-1, keepdim=True).clamp_min(1e-30))
+    importance.mul_(value_row_norms(value).unsqueeze(1)).mul_(allowed)  # (G, ng, Nk)
     return importance, group_norm
 
 
 def mix_with_floor(importance: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
     """(1 - floor) * importance / sum + floor * uniform over the allowed columns.  # (G, ng, Nk)
 
-    A group with no importance left gets the uniform distribution over `allowed`.
+    A group with no importance left gets the uniform distribution over `allowed`. `importance` is
+    overwritten (the result is written into it).
     """
-    allowed_f = allowed.to(importance.dtype)
-    uniform = allowed_f / allowed_f.sum(-1, keepdim=True).clamp_min(1.0)
-    total = importance.sum(-1, keepdim=True)
-    shaped = torch.where(total > 0, importance / total.clamp_min(1e-30), uniform)
-    return (1 - UNIFORM_FLOOR) * shaped + UNIFORM_FLOOR * uniform
+    uniform = allowed.to(importance.dtype)  # (G, ng, Nk) a fresh buffer, scaled in place
+    uniform = uniform.div_(uniform.sum(-1, keepdim=True).clamp_min(1.0))
+    total = importance.sum(-1, keepdim=True)  # (G, ng, 1)
+    shaped = importance.div_(total.clamp_min(1e-30))
+    if not bool((total > 0).all()):
+        shaped = torch.where(total > 0, shaped, uniform)
+    return shaped.mul_(1 - UNIFORM_FLOOR).add_(uniform.mul_(UNIFORM_FLOOR))
 
 
 def pick_heavy_columns(importance: torch.Tensor, allowed: torch.Tensor, count: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -276,7 +281,7 @@ def plan_column_norm(q, k, v, *, scale, plan, q_order, k_blocks, opts, draws) ->
     if heavy_count:
         heavy, heavy_valid = pick_heavy_columns(importance, allowed, heavy_count)
         allowed = allowed.scatter(-1, heavy, False)
-        importance = importance * allowed
+        importance = importance.mul_(allowed)
     empty = ~allowed.any(-1, keepdim=True)  # a group with nothing left to draw falls back to all keys
     samples, weights, probs = draw_columns(mix_with_floor(importance, allowed | empty), opts.num_draws, draws)
     extras = {"estimate_rows": est_rows, "estimate_log_normalizer": est_log_d, "group_column_norms": group_norm}

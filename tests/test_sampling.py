@@ -182,3 +182,30 @@ def test_column_norm_distribution_is_closer_to_the_oracle():
         out, t = K.kde_attention(q, k, v, bucket_size=16, sample_size=32, sampling=sampling, generator=gen(1), return_trace=True)
         tv[sampling] = float(theory_view(q, k, v, out, t).total_variation.mean())
     assert tv["column_norm"] < tv["value_norm"], tv
+
+
+def reference_inverse_cdf(probs, uniforms):
+    """inverse_cdf as first written: a full pass for the last index of positive probability, always."""
+    cdf = torch.cumsum(probs.to(torch.float64), dim=-1)
+    index = torch.searchsorted(cdf, uniforms * cdf[..., -1:], right=True)
+    last = torch.where(probs > 0, torch.arange(probs.shape[-1]), 0).amax(-1, keepdim=True)
+    return torch.minimum(index, last)
+
+
+def test_inverse_cdf_draws_what_the_full_pass_drew():
+    """The last positive index is looked up only for a uniform that rounds up to the total: same draws."""
+    from kdeformer.random import inverse_cdf
+
+    g = torch.Generator().manual_seed(3)
+    probs = torch.rand(6, 4, 50, generator=g) * (torch.rand(6, 4, 50, generator=g) > 0.4)  # zeros inside
+    probs[..., 40:] = 0  # and a zero tail
+    probs[0, 0] = 0  # a row with no mass at all
+    probs[1, 1, 7] = 1e-30  # mass a float64 sum absorbs
+    top = 1.0 - 2.0**-54  # the largest uniform Draws gives: u * total rounds up to the total
+    uniforms = torch.cat([torch.rand(6, 4, 30, generator=g, dtype=torch.float64), torch.full((6, 4, 2), top)], -1)
+    got = inverse_cdf(probs, uniforms)
+    assert torch.equal(got, reference_inverse_cdf(probs, uniforms))
+    cdf = probs.double().cumsum(-1)
+    raw = torch.searchsorted(cdf, uniforms * cdf[..., -1:], right=True)
+    assert bool((raw[..., -2:] == 50).all())  # the rounding case is exercised
+    assert int(got.max()) < 40 and bool((got[0, 0] == 0).all())
