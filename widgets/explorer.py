@@ -51,7 +51,7 @@ CONTROL_NAMES = ("text", "layer", "head", "method", "bucket_size", "sample_size"
                  "bucket_order", "seed", *DISPLAY)
 SLIDER_LAYOUT = dict(width="310px")
 SEED_MAX = 2**31 - 1
-BROWSER_DEBOUNCE_S = 0.02  # moves from the browser that arrive within this window are drawn once
+BROWSER_DEBOUNCE_S = 0.005  # moves from the browser that arrive within this window are drawn once
 
 
 def _running_loop():

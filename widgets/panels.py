@@ -217,8 +217,8 @@ def make_buckets() -> go.Figure:
                              hovertemplate="%{hovertext}<extra></extra>"), 1, 1)
     fig.add_trace(go.Bar(name="queries per bucket", marker_color="#4c78a8", hovertemplate="%{hovertext}<extra></extra>"), 1, 2)
     fig.add_trace(go.Bar(name="keys per bucket", marker_color="#f58518", hovertemplate="%{hovertext}<extra></extra>"), 1, 2)
-    fig.add_trace(go.Scatter(name="key sequence", mode="markers", marker=dict(size=4, colorscale="Turbo"),
-                             hovertemplate="%{hovertext}<extra></extra>"), 1, 3)
+    fig.add_trace(go.Scatter(name="key sequence", mode="lines", line=dict(color="#4c78a8", width=2, shape="hv"),
+                             hovertemplate="%{hovertext}<extra></extra>"), 1, 3)  # one path, not 512 markers
     fig.add_trace(go.Scatter(name="block edges", mode="lines", line=dict(color="rgba(228,0,43,0.5)", width=1, dash="dot"),
                              hoverinfo="skip"), 1, 3)
     base_layout(fig, 400, "buckets", -0.22)
@@ -310,7 +310,7 @@ def key_sequence_traces(view: View, upd: PanelUpdate, ranks: np.ndarray) -> None
     kr, kblk, order = ranks[to_np(tr.k_buckets)], to_np(tr.k_blocks), to_np(tr.k_order)
     si = np.arange(nk)[:: max(1, math.ceil(nk / MAX_POINTS))]
     upd.traces["key sequence"] = dict(
-        x=si, y=kr[order[si]], marker=dict(color=kr[order[si]], cmin=0, cmax=2**r - 1),
+        x=si, y=kr[order[si]],
         hovertext=strs([f"sorted position {p}: key {j} '{t}'<br>bucket rank {k}, block {b}" for p, j, t, k, b in
                         zip(si, order[si], view.k_tokens.at(order[si]), kr[order[si]], kblk[order[si]])]))
     kb_sorted = kblk[order]
