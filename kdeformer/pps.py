@@ -47,6 +47,7 @@ WINDOW = 3  # exact +-w token neighbours of every query (narrower at budgets bel
 ESTIMATE_SHARE = 1 / 8  # largest share of the budget the centroid estimates may take
 FLOOR = 0.05  # share of each group's probability spread uniformly over the keys
 PLAN_ELEMENTS = 1 << 20  # heads are planned in chunks of at most this many (ng x Nk) entries
+TOP_DEPTHS = (1, 16)  # capped PPS looks for its k among the 1, then 16, then all C largest weights
 
 
 # --------------------------------------------------------------------------- layout and cost
@@ -214,14 +215,41 @@ def inclusion_probabilities(weight: torch.Tensor, count: int) -> torch.Tensor:
     With w_(0) >= w_(1) >= ..., the smallest k for which (count - k) w_(k) <= sum_{j >= k} w_(j) leaves
     the k largest at pi = 1 and scales the rest by c = (count - k) / sum_{j >= k} w_(j) (found in float64).
     """
-    n = min(count, weight.shape[-1])
-    if n == weight.shape[-1]:
+    n_keys = weight.shape[-1]
+    n = min(count, n_keys)
+    if n == n_keys:
         return torch.ones_like(weight)
-    top = weight.topk(n, dim=-1).values.double()  # (..., n) descending
-    rest = weight.sum(-1, keepdim=True).double() - (top.cumsum(-1) - top)  # sum of w_(k), w_(k+1), ...
-    scale = (n - torch.arange(n, device=weight.device, dtype=torch.float64)) / rest  # (..., n)
-    first = (scale * top <= 1 + 1e-6).to(torch.int8).argmax(-1, keepdim=True)  # k = n - 1 always fits
-    return weight.mul_(torch.gather(scale, -1, first).float()).clamp_max_(1.0)
+    rows = weight.reshape(-1, n_keys)  # (rows, Nk) a view
+    total = weight.sum(-1, keepdim=True).double().reshape(-1, 1)  # (rows, 1)
+    scale = total.new_empty(rows.shape[0], 1)  # (rows, 1) float64: c of each row
+    pending = None  # rows whose k is not found yet (None: all)
+    for depth in sorted({min(n, d) for d in TOP_DEPTHS} | {n}):  # most rows settle at k = 0 or a few sinks
+        found, value = capped_scale(rows if pending is None else rows[pending],
+                                    total if pending is None else total[pending], n, depth)
+        if pending is None:
+            pending = torch.arange(rows.shape[0], device=weight.device)
+        scale[pending[found]] = value[found]
+        pending = pending[~found]
+        if not pending.numel():
+            break
+    return weight.mul_(scale.float().view(*weight.shape[:-1], 1)).clamp_max_(1.0)
+
+
+def capped_scale(rows: torch.Tensor, total: torch.Tensor, n: int, depth: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The search of `inclusion_probabilities` among the `depth` largest weights of each row.
+
+    rows (r, Nk) float32, total (r, 1) float64 row sums -> found (r,) bool (the smallest fitting k is
+    below depth; always at depth n, as k = n - 1 fits) and c (r, 1) float64 where found. The prefix of
+    a descending top-n and of its float64 cumulative sum is the same at every depth, so c is the same
+    number the full top-n search gives.
+    """
+    top = (rows.amax(-1, keepdim=True) if depth == 1 else rows.topk(depth, dim=-1).values).double()  # (r, depth)
+    rest = total - (top.cumsum(-1) - top)  # sum of w_(k), w_(k+1), ...
+    scale = (n - torch.arange(depth, device=rows.device, dtype=torch.float64)) / rest  # (r, depth)
+    fits = scale * top <= 1 + 1e-6  # (r, depth)
+    first = fits.to(torch.int8).argmax(-1, keepdim=True)  # the first fitting k (0 when none fits)
+    found = fits.any(-1) if depth < n else torch.ones(rows.shape[0], dtype=torch.bool, device=rows.device)
+    return found, torch.gather(scale, -1, first)
 
 
 def block_slots(block_group: torch.Tensor, num_groups: int) -> tuple[torch.Tensor, int]:
@@ -242,7 +270,7 @@ def systematic_sample(pi: torch.Tensor, count: int, uniform: torch.Tensor, block
     are searched in its own row (a cache-sized search, not one over all groups).
     """
     groups, num_groups, n_keys = pi.shape
-    cum = pi.view(groups, -1).cumsum(-1, dtype=torch.float64).view(groups, num_groups, n_keys)  # increasing
+    cum = pi.to(torch.float64, copy=True).view(groups, -1).cumsum_(-1).view(groups, num_groups, n_keys)  # increasing, in place
     ends = cum[..., -1]  # (G, ng) where each group's interval ends
     start = torch.nn.functional.pad(ends[:, :-1], (1, 0))[:, block_group]  # (G, nqb) where each block's group starts
     target = (uniform + start).unsqueeze(-1) + torch.arange(count, device=pi.device, dtype=torch.float64)  # (G, nqb, C)

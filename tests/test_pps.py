@@ -211,3 +211,26 @@ def test_pps_is_more_accurate_than_column_norm_at_equal_budget():
     assert err["pps"] < 0.7 * err["column_norm"], err
     cost = {s: kde_multiply_adds(256, 256, 16, 8, bucket_size=16, sample_size=32, sampling=s) for s in err}
     assert cost["pps"] < cost["column_norm"]  # and cheaper: column_norm pays its estimation rows on top
+
+
+def reference_inclusion_probabilities(weight, count):
+    """Capped PPS as first written: the k search over the full top-count of every row."""
+    n = min(count, weight.shape[-1])
+    top = weight.topk(n, dim=-1).values.double()
+    rest = weight.sum(-1, keepdim=True).double() - (top.cumsum(-1) - top)
+    scale = (n - torch.arange(n, dtype=torch.float64)) / rest
+    first = (scale * top <= 1 + 1e-6).to(torch.int8).argmax(-1, keepdim=True)
+    return weight.mul_(torch.gather(scale, -1, first).float()).clamp_max_(1.0)
+
+
+@pytest.mark.parametrize("count", [1, 5, 40, 199])
+def test_staged_capped_pps_search_equals_the_full_search(count):
+    """Rows that settle at k = 0, at a few sinks, and beyond the first TOP_DEPTHS: the same pi, bit for bit."""
+    g = torch.Generator().manual_seed(11)
+    weight = torch.rand(3, 6, 200, generator=g) + 0.01  # (G, ng, Nk)
+    weight[0, 1, :3] = 50.0  # a few sinks
+    weight[1, 2, :30] = 1e4  # more sinks than the first stages look at
+    weight[2, 3] = torch.logspace(-3, 5, 200)  # a long tail of capped columns
+    weight[2, 4, 7] = 1e9  # one huge sink
+    got = pps.inclusion_probabilities(weight.clone(), count)
+    assert torch.equal(got, reference_inclusion_probabilities(weight.clone(), count))
