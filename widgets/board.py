@@ -91,7 +91,9 @@ function render({model, el}) {
       drawn[name] = fig.rev;
       captions[name].textContent = (fig.layout.meta && fig.layout.meta.caption) || "";
       const t = performance.now();
-      jobs.push(Plotly.react(div, data, fig.layout, CONFIG).then(() => {
+      // the config goes with the first draw only: given again, react deep-copies and compares it every time
+      const draw = first ? Plotly.newPlot(div, data, fig.layout, CONFIG) : Plotly.react(div, data, fig.layout);
+      jobs.push(draw.then(() => {
         timing.panels[name] = performance.now() - t;
         if (first) div.on("plotly_click", (ev) => model.send(clickMessage(name, div, ev)));
       }));

@@ -203,6 +203,10 @@ def base_layout(fig: go.Figure, height: int, title: str, legend_y: float) -> Non
                       title=dict(text=title, x=0.01, xanchor="left", y=0.98, yanchor="top", font=TITLE_FONT),
                       legend=dict(orientation="h", y=legend_y, x=0, font=dict(size=11)))
     fig.update_annotations(font=dict(size=12))  # subplot titles
+    # plotly's default ("hide past div") measures every tick label's box on every redraw to hide the ones
+    # past the figure's edge, ~15 ms a panel; the margins already hold them
+    fig.update_xaxes(ticklabeloverflow="allow")
+    fig.update_yaxes(ticklabeloverflow="allow")
 
 
 # --------------------------------------------------------------------------- buckets panel
