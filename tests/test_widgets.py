@@ -744,3 +744,18 @@ def test_causal_source_shows_the_lower_triangle_only():
                              is_causal=True) / kdeformer.multiply_adds("exact", 120, 120, 16, 16, is_causal=True)
     assert f"cost {want:.2f} of exact" in ex.status.value and "lower triangle" in ex.status.value
     assert "causal: the local window" in panels.caption(ex.figures["heavy"])
+
+
+def test_buckets_caption_says_what_the_hashing_did(src):
+    """pps has no key blocks: the hash codes only order the queries (when the LSH order wins)."""
+    for sampling in ("pps", "column_norm"):
+        ex = AttentionExplorer(src, bucket_size=16, sample_size=24, num_projs=5, seed=3, sampling=sampling, seeds=1)
+        _, tr = reference(src, ex.settings())
+        text = panels.caption(ex.figures["buckets"])
+        if sampling == "column_norm":
+            assert f"{tr.num_blocks} key blocks" in text and "pps" not in text
+            continue
+        blocks = int(tr.row_block.max()) + 1
+        order = "token order" if bool(tr.extras["token_order"].reshape(-1)[0]) else "the LSH order"
+        assert f"cut into {blocks} blocks in {order}" in text and "key blocks" not in text
+        assert "keys are not blocked" in text

@@ -338,8 +338,20 @@ def buckets_update(view: View) -> PanelUpdate:
     key_sequence_traces(view, upd, ranks)
     edges = "" if len(upd.info["edges"]) <= MAX_EDGES else f" (edges of {tr.num_blocks} blocks not drawn)"
     set_title(upd, f"buckets · {view.label()} r={r}",
-              f"{len(codes)} of {2**r} buckets used, {tr.bucket_order} order, {tr.num_blocks} key blocks{edges}")
+              f"{len(codes)} of {2**r} buckets used, {tr.bucket_order} order, {what_hashing_did(tr)}{edges}")
     return upd
+
+
+def what_hashing_did(trace) -> str:
+    """What the run used the hash codes for, in words: key blocks, or (pps) only the order of the queries."""
+    if "inclusion_probs" not in trace.extras:
+        return f"{trace.num_blocks} key blocks"
+    blocks = int(to_np(trace.row_block).max()) + 1
+    token = bool(to_np(trace.extras["token_order"]).reshape(-1)[0])
+    order = ("token order (it left the queries of a block closer together than the LSH order did)" if token
+             else "the LSH order above")
+    return (f"pps: the queries are cut into {blocks} blocks in {order}; keys are not blocked (their "
+            f"buckets are drawn for comparison only)")
 
 
 # --------------------------------------------------------------------------- heavy panel
