@@ -438,11 +438,16 @@ def exclude_window(logits, cols, centre, window: int, n_keys: int, inplace: bool
     return logits.scatter_add_(-1, pos, minus) if inplace else logits.scatter_add(-1, pos, minus)
 
 
-def weighted_values(v_cols, weight) -> torch.Tensor:
+def weighted_values(v_cols, weight, inplace: bool = False) -> torch.Tensor:
     """Each column's value row and 1 times its weight, [w v_c, w] (m, C, Dv + 1): one GEMM gives the
-    numerator and the normaliser."""
+    numerator and the normaliser (written into one buffer when autograd is not recording)."""
     w = weight.unsqueeze(-1)  # (m, C, 1)
-    return torch.cat([v_cols * w, w], -1)
+    if not inplace:
+        return torch.cat([v_cols * w, w], -1)
+    values = v_cols.new_empty(*v_cols.shape[:-1], v_cols.shape[-1] + 1)  # (m, C, Dv + 1)
+    torch.mul(v_cols, w, out=values[..., :-1])
+    values[..., -1:] = w
+    return values
 
 
 def weigh_drawn_block(logits, values, *, inplace: bool):
@@ -495,7 +500,7 @@ def attend_blocks(q, k, v, scale: float, plan, want_parts: bool, inplace: bool) 
             centre = plan.rows[g0:g1, b0:b1].reshape(m, q_len) + (n_k - n_q)
             logits = exclude_window(logits, plan.cols[g0:g1, b0:b1].reshape(m, n_cols), centre, window, n_k, inplace)
         values = weighted_values(v_flat.index_select(0, index).view(m, n_cols, dim_v),
-                                 plan.weights[g0:g1, b0:b1].reshape(m, n_cols).to(q.dtype))  # (m, C, Dv + 1)
+                                 plan.weights[g0:g1, b0:b1].reshape(m, n_cols).to(q.dtype), inplace)  # (m, C, Dv + 1)
         shift, terms, sums = weigh_drawn_block(logits, values, inplace=inplace)  # (m, Bq), ., (m, Bq, Dv + 1)
         stats = [shift.view(-1, 1), sums[..., dim_v:].reshape(-1, 1)]
         extra = trace_sums(terms, values, plan.exact[g0:g1, b0:b1].reshape(m, n_cols)) if want_parts else ()

@@ -234,3 +234,34 @@ def test_staged_capped_pps_search_equals_the_full_search(count):
     weight[2, 4, 7] = 1e9  # one huge sink
     got = pps.inclusion_probabilities(weight.clone(), count)
     assert torch.equal(got, reference_inclusion_probabilities(weight.clone(), count))
+
+
+def reference_window_positions(cols, centre, window, n_keys):
+    """window_positions as first written: a left search for every window key."""
+    keys = centre.unsqueeze(-1) + torch.arange(-window, window + 1)
+    pos = torch.searchsorted(cols, keys.flatten(1)).view_as(keys).clamp_max_(cols.shape[-1] - 1)
+    hit = (torch.gather(cols, 1, pos.flatten(1)).view_as(keys) == keys) & (keys >= 0) & (keys < n_keys)
+    return pos, hit
+
+
+def test_window_positions_with_one_search_per_query_equal_a_search_per_key():
+    """The columns a query's window excludes are the same with one search per query: drawn columns (with
+    repeated unused slots, dense runs next to the queries, blocks at both ends of the keys)."""
+    g = torch.Generator().manual_seed(5)
+    n_keys, window = 300, 3
+    pi = pps.inclusion_probabilities(torch.rand(2, 3, n_keys, generator=g) ** 4, 40)
+    uniform = Draws(2, torch.arange(2)).uniform("systematic", (6,))
+    cols, _, _ = pps.systematic_sample(pi, 40, uniform, pps.group_of_blocks(6, 3))  # (2, 6, 40)
+    cols = cols.flatten(0, 1)  # (12, 40)
+    dense = torch.arange(100, 140).expand(3, -1).clone()  # runs of consecutive keys
+    dense[1, 30:] = 129  # unused slots repeat the last column
+    dense[2, 1:] = 101  # the [3, 9, 9] shape: an unused slot holds the top value before its used copy
+    edge = torch.stack([torch.arange(0, 40), torch.arange(n_keys - 40, n_keys)])
+    unsorted = torch.tensor([list(range(0, 20)) + list(range(10, 30))])  # never drawn: the full search runs
+    for rows in (cols, dense, edge, unsorted):
+        starts = rows[:, :1] + torch.arange(-8, 16)  # queries around the rows' own columns, and beyond
+        centre = torch.cat([starts, torch.randint(-5, n_keys + 5, (rows.shape[0], 10), generator=g)], -1)
+        got, want = pps.window_positions(rows, centre, window, n_keys), reference_window_positions(rows, centre, window, n_keys)
+        excluded = lambda pos, hit: {(r, q, int(c)) for r, q, o in hit.nonzero().tolist() for c in [pos[r, q, o]]}  # noqa: E731
+        assert excluded(*got) == excluded(*want)
+        assert bool(want[1].any()) or rows is unsorted
