@@ -390,7 +390,8 @@ def attend_columns(q, k, v, scale: float, q_rows: torch.Tensor, cols: Columns, w
         m = (g1 - g0) * (b1 - b0)  # query blocks in this chunk
         rows = flat_index(q_rows[g0:g1, b0:b1], g0, n_q)  # (m*Bq,)
         real = None if b1 < n_blocks else slot_real[b0:b1].expand(g1 - g0, -1, -1).flatten()  # padded slots
-        q_chunk = q_flat.index_select(0, rows).view(m, -1, dim) * scale  # scale before the matmul
+        q_chunk = q_flat.index_select(0, rows).view(m, -1, dim)
+        q_chunk = q_chunk.mul_(scale) if inplace else q_chunk * scale  # scale before the matmul
         weight = cols.weight[g0:g1, b0:b1].reshape(m, n_cols)
         if n_cols > n_k:
             sums = dense_block_sums(q_chunk, k[g0:g1], v[g0:g1], cols.index[g0:g1, b0:b1].reshape(m, n_cols), weight,
