@@ -71,7 +71,7 @@ def corner_table(repeats: int = 3) -> str:
 
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(512, 32, generator=g) * 2 for _ in range(3))  # (N, D): one head
-    rows = []
+    rows, slowest = [], (0.0, None)
     for bucket, samples in CORNERS:
         for projs in (1, 16):
             row = [bucket, samples, projs]
@@ -83,8 +83,51 @@ def corner_table(repeats: int = 3) -> str:
                                     generator=torch.Generator().manual_seed(0), return_trace=True)
                     best = min(best, time.perf_counter() - t0)
                 row.append(f"{best * 1e3:.0f}")
+                slowest = max(slowest, (best, f"{sampling} at {bucket} / {samples} / {projs}"), key=lambda x: x[0])
             rows.append(row)
-    return markdown_table(["bucket_size", "sample_size", "num_projs"] + [f"{s} ms" for s in K.SAMPLINGS], rows)
+    table = markdown_table(["bucket_size", "sample_size", "num_projs"] + [f"{s} ms" for s in K.SAMPLINGS], rows)
+    return table + f"\n\nSlowest setting: {slowest[0] * 1e3:.0f} ms ({slowest[1]}); the target is < 100 ms."
+
+
+# What issue 12's speed work measured (kept: same draws and the same output bits, checked against a
+# snapshot of outputs and traces over 156 settings; timed interleaved in one process against the previous
+# commit, wall clock and process CPU time, 1 and 2 threads). Written under the table on every run.
+VARIANTS = """Issue 12, the default estimator's speed: what was measured (each change keeps the draws and the output
+bits; timed interleaved against the commit before it, wall clock and CPU time, 1 and 2 threads).
+
+Kept:
+- capped PPS finds its k among the 1, then 16, then all C largest weights instead of a full top-C per row
+  (`inclusion_probabilities`: 9.2 -> 1.8 ms a call at N = 16384, 2 threads); the float64 cumulative pi is
+  summed in place in its copy (one fresh 8 B x ng x Nk buffer less per head);
+- the pps block pass cuts chunks at 8192 gathered (block, column) rows as well as 4096 query rows: with
+  query blocks of 32 (N <= 4096) a chunk gathered ~20000 key and value rows into 5 MB buffers that came
+  back as fresh pages every chunk (N = 4096: 0.80x, N = 1024: ~0.75x the time, 1 thread);
+- the window test without bounds checks (0.90x of that step), [w v, w] written into one buffer, queries
+  scaled in place (also in the key-block schemes' pass);
+- column_norm / value_norm: inverse_cdf looks up the last positive index only for a uniform that rounds up
+  to the total (was a full pass per row), the splitmix64 mixing in place (2-4x faster), the importance and
+  floor mix in one buffer (see the regression section).
+
+Tried and dropped (no gain measured, or slower):
+- window logits one offset at a time instead of one (G, R, D, W) product: the torch profiler put 38-62 ms
+  on that product, the wall clock shows none of it (1.03x, noise); on this machine the profiler inflates
+  ops that write big fresh buffers, so phases were timed with clocks around each step;
+- one search per query for the window exclusion instead of one per window key: 7x fewer searches, twice
+  the tensor ops, 1.3x slower per chunk;
+- one float64 buffer for the cumulative pi reused across heads: 0.98x (noise);
+- smaller window-merge chunks (MERGE_ROWS 512 / 1024 / 2048: 1.00-1.05x) and smaller chunks for the key-block
+  schemes (CHUNK_ROWS 1024 / 2048: no gain); pps chunks of 1024 / 2048 / 8192 rows at N = 16384: 0.98-1.03x;
+- the gathered keys transposed for an NN GEMM: the NT GEMM is as fast once measured interleaved.
+Not tried, because they change the draws or the output bits: hashing through a padded or reshaped GEMM (a
+padded GEMM rounds differently at D = 128, so a code bit can flip), dense attention at small N, a fused
+window GEMM, larger query blocks (Bq is part of the estimator).
+
+Where the time goes now (clocks around each step, N = 16384, 2 threads, ~110 ms a call): the block pass
+~62 ms (its two GEMMs ~21 ms, gathers, the window exclusion, exp, writing token rows), the plan ~30 ms
+(centroid GEMM and exp ~9 ms, the float64 cumulative pi and its searches ~12 ms), the window merge
+~15 ms, hashing the queries ~5.5 ms (a GEMM with 7 columns that runs at ~5 GFLOP/s). The 0.030x target
+needs ~68 ms: out of reach without changing the estimator (larger query blocks, fewer columns) or the
+hashing's arithmetic."""
 
 
 def peak_memory_mib(method: str, q, k, v) -> float:
@@ -155,7 +198,7 @@ def main(argv=None):
         + f"\n\nWhere the default estimator's time goes at N = {sizes[-1]} (torch profiler, one call):\n\n"
         + profile_top(sizes[-1], default)
         + "\n\nThe explorer's corner settings at N = 512 (one head, D = 32, trace included, best of 3 runs, ms):\n\n"
-        + corner_table()
+        + corner_table() + "\n\n" + VARIANTS
     )
     if not args.no_write:
         print("wrote", write_section("speed", "Speed and memory: kde_attention vs SDPA", body))
