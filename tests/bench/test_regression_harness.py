@@ -26,7 +26,7 @@ def test_regression_harness_tiny(tmp_path):
     assert "<!-- BEGIN regression -->" in text and "<!-- END regression -->" in text
     assert "truth fixes" in text
     for scheme in regression.SCHEMES:
-        row = re.search(rf"\| 96 \| {scheme} \| ([\d.]+) \| ([\d.]+) \| ([\d.]+) \| ([\d.]+) \|", text)
+        row = re.search(rf"\| 96 \| {scheme} " + r"\| ([\d.]+) " * 5 + r"\|", text)
         assert row, scheme
         assert all(float(x) > 0 for x in row.groups())
 
