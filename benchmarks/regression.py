@@ -114,6 +114,17 @@ def measure(packages: dict, schemes, sizes, repeats: int) -> list[dict]:
     return rows
 
 
+def verdict(rows: list[dict], margin: float = 0.05) -> str:
+    """The settings slower (or faster) on all three readings by more than `margin`, in words."""
+    def name(r):
+        return f"{r['sampling']} at N = {r['n']}"
+    slower = [name(r) for r in rows if min(r["ratio"], r["paired_ratio"], r["best_ratio"]) > 1 + margin]
+    faster = [name(r) for r in rows if max(r["ratio"], r["paired_ratio"], r["best_ratio"]) < 1 - margin]
+    return (f"Slower than the base on all three readings (by more than {margin:.0%}): "
+            f"{', '.join(slower) or 'none'}. Faster on all three: {', '.join(faster) or 'none'}. "
+            "Everything else is within the machine's noise on at least one reading.")
+
+
 def report(rows: list[dict], base: str, load: tuple) -> str:
     header = ["N", "scheme", "new median ms", f"{base} median ms", "median new / old", "median of paired ratios",
               "best new / best old"]
@@ -128,6 +139,7 @@ def report(rows: list[dict], base: str, load: tuple) -> str:
         f"{load[0]:.2f} before, {load[1]:.2f} after (shared machine: read the paired and best ratios when the "
         f"medians disagree). {TRUTH_NOTE}\n\n"
         + markdown_table(header, body)
+        + "\n\n" + verdict(rows)
         + "\n\nRun: `python -m benchmarks.regression --base " + base + "`."
     )
 
