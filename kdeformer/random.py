@@ -15,6 +15,7 @@ Shape legend: G groups (batch x heads, flattened), `heads` (G,) the head index o
 """
 from __future__ import annotations
 
+import functools
 import math
 import zlib
 
@@ -55,6 +56,24 @@ def mix64_(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
+def mix64_int(x: int) -> int:
+    """`mix64` of one Python int (64-bit wrapping arithmetic), for keys that need no tensor."""
+    x &= _MASK64
+    for bits, factor in ((30, _MIX1), (27, _MIX2), (31, None)):
+        x ^= x >> bits
+        if factor is not None:
+            x = (x * (factor & _MASK64)) & _MASK64
+    return x
+
+
+@functools.lru_cache(maxsize=64)
+def index_hash(count: int, device) -> torch.Tensor:
+    """mix64(i * golden + 1) for i < count: the address part that depends on the index alone (the same
+    for every seed, stream and head, so it is computed once per size).  # (count,) int64, read-only use"""
+    index = torch.arange(count, device=device, dtype=torch.int64)
+    return mix64_(index.mul_(_GOLDEN).add_(1))
+
+
 def stream_id(name: str) -> int:
     """A fixed integer for a stream name (crc32: the same in every process and version)."""
     return zlib.crc32(name.encode())
@@ -87,12 +106,10 @@ class Draws:
 
     def _bits(self, stream: str, shape: tuple[int, ...]) -> torch.Tensor:
         """64 random bits per address.  # (G, *shape) int64"""
-        device = self.heads.device
-        base = mix64(torch.tensor(_signed(self.seed + stream_id(stream) * _GOLDEN), device=device).expand(1))
-        per_head = mix64(base + (self.heads + 1) * _GOLDEN)  # (G,)
+        base = _signed(mix64_int(self.seed + stream_id(stream) * _GOLDEN))  # the stream's key, one int
+        per_head = mix64_((self.heads + 1) * _GOLDEN + base)  # (G,)
         count = math.prod(shape)
-        index = torch.arange(count, device=device, dtype=torch.int64)  # (count,)
-        bits = mix64_(per_head.unsqueeze(-1) ^ mix64_(index.mul_(_GOLDEN).add_(1)))  # (G, count)
+        bits = mix64_(per_head.unsqueeze(-1) ^ index_hash(count, self.heads.device))  # (G, count)
         return bits.view(-1, *shape)
 
     def uniform(self, stream: str, shape: tuple[int, ...]) -> torch.Tensor:
