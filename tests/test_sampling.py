@@ -209,3 +209,28 @@ def test_inverse_cdf_draws_what_the_full_pass_drew():
     raw = torch.searchsorted(cdf, uniforms * cdf[..., -1:], right=True)
     assert bool((raw[..., -2:] == 50).all())  # the rounding case is exercised
     assert int(got.max()) < 40 and bool((got[0, 0] == 0).all())
+
+
+def test_addressed_bits_are_splitmix64_of_their_address():
+    """Draws._bits(stream, shape)[g, i] = mix(mix(mix(seed + id(stream) * c) + (head_g + 1) * c) ^ mix(i * c + 1)),
+    the documented address hash, whichever path (Python ints, cached index half) computes it."""
+    from kdeformer.random import _GOLDEN, _MASK64, Draws, mix64, mix64_int, stream_id
+
+    def ref(x: int) -> int:  # splitmix64's finaliser written out on Python ints
+        x &= _MASK64
+        x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+        x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+        return x ^ (x >> 31)
+
+    g = _GOLDEN & _MASK64
+    for seed in (0, 7, 2**63 - 2):
+        heads = torch.tensor([0, 3, 1])
+        bits = Draws(seed, heads)._bits("samples", (2, 5)).view(3, -1)
+        key = ref(seed + stream_id("samples") * g)
+        for row, h in enumerate(heads.tolist()):
+            per_head = ref(key + (h + 1) * g)
+            want = [ref(per_head ^ ref(i * g + 1)) for i in range(10)]
+            assert [b & _MASK64 for b in bits[row].tolist()] == want
+        assert mix64_int(seed * 3 + 1) == ref(seed * 3 + 1)
+        x = torch.tensor([seed, -5, 2**62])
+        assert [v & _MASK64 for v in mix64(x).tolist()] == [ref(v) for v in x.tolist()]
