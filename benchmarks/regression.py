@@ -10,7 +10,9 @@ revisions have (column_norm, value_norm, uniform) and every N, the two calls run
 alternating from repeat to repeat) after a warm-up, with torch.no_grad, no trace, the issue-2 setting
 (D = 64, 4 heads, float32, bucket_size = 64, sample_size = 128, num_projs = 7). Reported: the median of
 each side, the ratio of the medians (new / old), the median of the per-repeat ratios (the two runs of a
-repeat are next to each other, so slow drifts of the machine's load cancel) and the ratio of the fastest runs. The machine is shared;
+repeat are next to each other, so slow drifts of the machine's load cancel) and the ratio of the fastest runs. A second reading
+runs the same in a child process whose glibc heap keeps freed buffers (`steady_heap_rows`), which removes
+the allocator's history from the comparison. The machine is shared;
 the load average before and after is written next to the table.
 
 The two revisions do not run the same arithmetic: the new core also carries the truth fixes (hashing and
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import json
 import os
 import re
 import shutil
@@ -38,7 +41,7 @@ from benchmarks._report import RESULTS, markdown_table, write_section
 ROOT = Path(__file__).resolve().parents[1]
 HEADS, DIM, BUCKET, SAMPLES, PROJS = 4, 64, 64, 128, 7
 SCHEMES = ("column_norm", "value_norm", "uniform")
-SIZES = (4096, 16384)
+SIZES = (1024, 4096, 16384)
 REPEATS = 15
 BASE_NAME = "kdeformer_base"
 TRUTH_NOTE = ("The new core also carries the truth fixes: hashing and sampling probabilities computed in "
@@ -125,11 +128,15 @@ def verdict(rows: list[dict], margin: float = 0.05) -> str:
             "Everything else is within the machine's noise on at least one reading.")
 
 
-def report(rows: list[dict], base: str, load: tuple) -> str:
-    header = ["N", "scheme", "new median ms", f"{base} median ms", "median new / old", "median of paired ratios",
+def table(rows: list[dict]) -> tuple[list, list]:
+    header = ["N", "scheme", "new median ms", "base median ms", "median new / old", "median of paired ratios",
               "best new / best old"]
     body = [[r["n"], r["sampling"], f"{r['new_ms']:.1f}", f"{r['old_ms']:.1f}", f"{r['ratio']:.3f}",
              f"{r['paired_ratio']:.3f}", f"{r['best_ratio']:.3f}"] for r in rows]
+    return header, body
+
+
+def report(rows: list[dict], base: str, load: tuple) -> str:
     return (
         f"Today's `kdeformer` against revision `{base}` (the last one before the structure refactor), extracted "
         f"with `git archive` and imported as `{BASE_NAME}` in the same process. float32, D = {DIM}, {HEADS} heads, "
@@ -138,10 +145,29 @@ def report(rows: list[dict], base: str, load: tuple) -> str:
         f"alternating), {rows[0]['repeats'] if rows else 0} runs each after a warm-up. Load average "
         f"{load[0]:.2f} before, {load[1]:.2f} after (shared machine: read the paired and best ratios when the "
         f"medians disagree). {TRUTH_NOTE}\n\n"
-        + markdown_table(header, body)
+        + markdown_table(*table(rows))
         + "\n\n" + verdict(rows)
         + "\n\nRun: `python -m benchmarks.regression --base " + base + "`."
     )
+
+
+STEADY_HEAP = "glibc.malloc.mmap_threshold=268435456:glibc.malloc.trim_threshold=1073741824"
+
+
+def steady_heap_rows(args) -> list[dict] | None:
+    """The same measurement in a child process whose glibc keeps freed buffers in its heap (GLIBC_TUNABLES:
+    no mmap/munmap, so no fresh zero pages per call). glibc moves its mmap threshold with every large
+    free, so which buffers come back as fresh pages depends on the process's history: at N = 4096 the
+    plain ratios swing between ~0.95 and ~1.4 from run to run; this reading removes that effect (and
+    makes both revisions ~1.5x faster on this machine). None where the child fails (e.g. not glibc)."""
+    with tempfile.TemporaryDirectory(prefix="kde_rows_") as tmp:
+        out = Path(tmp) / "rows.json"
+        cmd = [sys.executable, "-m", "benchmarks.regression", "--base", args.base, "--repeats", str(args.repeats),
+               "--no-write", "--no-steady-heap", "--rows-json", str(out), "--sizes", *map(str, args.sizes),
+               "--schemes", *args.schemes]
+        env = dict(os.environ, GLIBC_TUNABLES=STEADY_HEAP)
+        done = subprocess.run(cmd, cwd=ROOT, env=env, check=False)
+        return json.loads(out.read_text()) if done.returncode == 0 and out.exists() else None
 
 
 def main(argv=None) -> int:
@@ -154,6 +180,8 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, default=REPEATS)
     parser.add_argument("--results", type=Path, default=RESULTS, help="RESULTS.md to write the section into")
     parser.add_argument("--no-write", action="store_true", help="print only")
+    parser.add_argument("--no-steady-heap", action="store_true", help="skip the second, steady-heap reading")
+    parser.add_argument("--rows-json", type=Path, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="kde_base_") as tmp:
         extract_base(args.base, Path(tmp))
@@ -161,9 +189,15 @@ def main(argv=None) -> int:
         before = os.getloadavg()[0]
         rows = measure({"new": kdeformer, "old": base}, args.schemes, args.sizes, args.repeats)
         after = os.getloadavg()[0]
+    if args.rows_json is not None:
+        args.rows_json.write_text(json.dumps(rows))
+    steady = None if args.no_steady_heap else steady_heap_rows(args)
     if not args.no_write:
-        print("wrote", write_section("regression", f"Regression: today's core vs {args.base}",
-                                     report(rows, args.base, (before, after)), args.results))
+        text = report(rows, args.base, (before, after))
+        if steady:
+            text += ("\n\n**The same with a steady heap** (`GLIBC_TUNABLES=" + STEADY_HEAP + "`, a child process; "
+                     "see `steady_heap_rows`):\n\n" + markdown_table(*table(steady)) + "\n\n" + verdict(steady))
+        print("wrote", write_section("regression", f"Regression: today's core vs {args.base}", text, args.results))
     return 0
 
 

@@ -29,6 +29,8 @@ def test_regression_harness_tiny(tmp_path):
         row = re.search(rf"\| 96 \| {scheme} " + r"\| ([\d.]+) " * 5 + r"\|", text)
         assert row, scheme
         assert all(float(x) > 0 for x in row.groups())
+        assert text.count(f"| 96 | {scheme} |") == 2, "the plain and the steady-heap readings"
+    assert "The same with a steady heap" in text
 
 
 def test_base_package_is_separate(tmp_path):
