@@ -426,6 +426,18 @@ def test_make_app_serves_what_the_tests_check():
     assert (VOILA_TEMPLATES / "voila" / "templates" / "kde-offline" / "index.html.j2").exists()
 
 
+def check_the_drawn_explorer(page, where: str):
+    """What both front ends must do once the explorer is drawn: lay out at 1600 and 1000 px, open a row
+    on a click, keep every panel current after every move of every control, ask nothing off the machine."""
+    p = page.page
+    check_layout(p, 1600, where)
+    check_layout(p, 1000, where)
+    p.set_viewport_size({"width": 1600, "height": 1000})
+    click_matrix_row(page)
+    check_every_control(page, where)
+    assert_offline(page)
+
+
 def test_jupyterlab_explorer_renders_and_responds(lab_url, page):
     p = page.page
     p.goto(f"{lab_url}/lab/tree/{APP_NOTEBOOK.name}?token={TOKEN}&reset")
@@ -436,12 +448,7 @@ def test_jupyterlab_explorer_renders_and_responds(lab_url, page):
     p.get_by_role("menuitem", name=re.compile(r"^Run All Cells")).click()
     wait_rendered(page, ".jp-Notebook")
     p.screenshot(path=str(SHOTS / "lab-page.png"))
-    check_layout(p, 1600, "lab")
-    check_layout(p, 1000, "lab")
-    p.set_viewport_size({"width": 1600, "height": 1000})
-    click_matrix_row(page)
-    check_every_control(page, "lab")
-    assert_offline(page)
+    check_the_drawn_explorer(page, "lab")
 
 
 def test_voila_app_renders_and_responds(voila_url, page):
@@ -461,9 +468,4 @@ def test_voila_app_renders_and_responds(voila_url, page):
         box = p.locator(".kde-explorer").bounding_box()
         clip = dict(x=box["x"], y=box["y"], width=box["width"], height=min(box["height"], 1750 - box["y"]))
         p.screenshot(path=str(REPO / "docs" / "explorer.png"), clip=clip)
-    check_layout(p, 1600, "voila")
-    check_layout(p, 1000, "voila")
-    p.set_viewport_size({"width": 1600, "height": 1000})
-    click_matrix_row(page)
-    check_every_control(page, "voila")
-    assert_offline(page)
+    check_the_drawn_explorer(page, "voila")
