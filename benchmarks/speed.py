@@ -126,7 +126,7 @@ Where the time goes now (clocks around each step, N = 16384, 2 threads, ~110 ms 
 ~62 ms (its two GEMMs ~21 ms, gathers, the window exclusion, exp, writing token rows), the plan ~30 ms
 (centroid GEMM and exp ~9 ms, the float64 cumulative pi and its searches ~12 ms), the window merge
 ~15 ms, hashing the queries ~5.5 ms (a GEMM with 7 columns that runs at ~5 GFLOP/s). The 0.030x target
-needs ~68 ms: out of reach without changing the estimator (larger query blocks, fewer columns) or the
+needs 57-68 ms (SDPA took 1.9-2.3 s in the runs of this session): out of reach without changing the estimator (larger query blocks, fewer columns) or the
 hashing's arithmetic."""
 
 
