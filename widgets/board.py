@@ -25,7 +25,7 @@ from pathlib import Path
 import anywidget
 import traitlets
 
-from .figures import patch, wire
+from .figures import patch, trace_index, wire
 
 ESM = r"""
 const CONFIG = {responsive: true, displaylogo: false, modeBarButtonsToRemove: ["lasso2d", "select2d"]};
@@ -159,7 +159,7 @@ class PlotBoard(anywidget.AnyWidget):
     def __init__(self, figures: dict, **kwargs):
         super().__init__(_plotly_js=plotly_js(), panels=list(figures), **kwargs)
         self.figures = dict(figures)
-        self.trace_index = {name: {t.name: i for i, t in enumerate(f.data)} for name, f in self.figures.items()}
+        self.trace_index = {name: trace_index(f) for name, f in self.figures.items()}
         self._bodies = {name: wire(fig.to_plotly_json()) for name, fig in self.figures.items()}
         self._heatmaps = {name: [i for i, t in enumerate(fig.data) if t.type == "heatmap"] for name, fig in self.figures.items()}
         self._click_handlers: dict = {}
@@ -176,7 +176,7 @@ class PlotBoard(anywidget.AnyWidget):
 
     def refresh(self, name: str) -> None:
         """Re-read figure `name` whole (after traces were added or removed)."""
-        self.trace_index[name] = {t.name: i for i, t in enumerate(self.figures[name].data)}
+        self.trace_index[name] = trace_index(self.figures[name])
         self._bodies[name] = wire(self.figures[name].to_plotly_json())
 
     def push(self, names, stamps: dict | None = None) -> None:

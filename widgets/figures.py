@@ -1,8 +1,9 @@
 """Plotly plumbing for the explorer's panels: updates, diffs, packed arrays, display grids and max-pooling.
 
 Nothing here knows about KDEformer; `panels` builds on it. A `PanelUpdate` (trace name -> properties,
-layout path -> value) is written into a plain `plotly.graph_objects.Figure` by `apply`, which skips
-values that did not change; `wire` turns a figure into the JSON the browser receives (numeric arrays
+layout path -> value) becomes the changes `diff` finds against what was written before (unchanged
+values skipped), which `patch` writes into the wire dict and `write` into a plain
+`plotly.graph_objects.Figure` (`apply` does both steps for one figure at once); `wire` turns a figure into the JSON the browser receives (numeric arrays
 as plotly's typed-array specs, so a 256 x 256 heatmap travels as one base64 string).
 """
 from __future__ import annotations
@@ -74,9 +75,14 @@ def write(fig, changes: dict) -> None:
             fig.data[where].update(props)  # merges nested dicts (marker, colorbar), replaces arrays
 
 
+def trace_index(fig) -> dict:
+    """Trace name -> its index in the figure (what `diff` needs)."""
+    return {t.name: i for i, t in enumerate(fig.data)}
+
+
 def apply(fig, update: PanelUpdate, applied: dict | None = None) -> dict:
     """Write an update into a figure now; returns what changed (see `diff`)."""
-    changes = diff(update, {} if applied is None else applied, {t.name: i for i, t in enumerate(fig.data)})
+    changes = diff(update, {} if applied is None else applied, trace_index(fig))
     write(fig, changes)
     return changes
 
@@ -92,7 +98,7 @@ def merge(target: dict, props: dict) -> None:
 
 
 def patch(body: dict, changes: dict) -> None:
-    """Apply `apply`'s changes to a figure's wire dict ({"data": [...], "layout": {...}})."""
+    """Apply `diff`'s changes to a figure's wire dict ({"data": [...], "layout": {...}})."""
     for where, props in changes.items():
         if where == "layout":
             for path, value in props.items():

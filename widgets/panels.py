@@ -7,7 +7,7 @@ trace's own number. Large N: rows are requested in bounded chunks and max-pooled
 per side, so no update builds or ships N x N.
 
     PANELS["heavy"].make()          -> an empty plotly Figure with named traces
-    PANELS["heavy"].update(view)    -> PanelUpdate (written into the figure by figures.apply)
+    PANELS["heavy"].update(view)    -> PanelUpdate (its changes found by figures.diff, then written)
     PANELS["heavy"].settings        -> the Settings fields it depends on (None: all of them)
     PANELS["heavy"].display         -> the display options it depends on
 """
@@ -163,13 +163,18 @@ def exact_structure(trace) -> str:
     if "inclusion_probs" in trace.extras:  # pps: query blocks with their own columns, no key blocks
         if bool((trace.block_exact | (trace.block_weights == 0)).all()) and trace.block_cols.shape[-1] >= trace.num_keys:
             return EVERY_KEY
-        blocks = int(to_np(trace.row_block).max()) + 1
+        blocks = pps_query_blocks(trace)
         exact = float(to_np((trace.block_exact & (trace.block_weights > 0)).sum(-1)).mean())
         window = int(trace.extras.get("window", -1))
         near = f" + ±{window} token window" if window >= 0 else ""
         return (f"{blocks} query blocks × {trace.block_cols.shape[-1]} columns "
                 f"(on average {exact:.0f} exact, π = 1){near}")
     return f"{trace.num_blocks} blocks of ≤{block_len(trace)} keys{cols}"
+
+
+def pps_query_blocks(trace) -> int:
+    """How many query blocks a pps run cut (its trace's row_block numbers them)."""
+    return int(to_np(trace.row_block).max()) + 1
 
 
 def heavy_column_count(trace) -> int:
@@ -346,7 +351,7 @@ def what_hashing_did(trace) -> str:
     """What the run used the hash codes for, in words: key blocks, or (pps) only the order of the queries."""
     if "inclusion_probs" not in trace.extras:
         return f"{trace.num_blocks} key blocks"
-    blocks = int(to_np(trace.row_block).max()) + 1
+    blocks = pps_query_blocks(trace)
     token = bool(to_np(trace.extras["token_order"]).reshape(-1)[0])
     order = ("token order (it left the queries of a block closer together than the LSH order did)" if token
              else "the LSH order above")
