@@ -2,7 +2,7 @@
 
 A panel reads only the core's trace (its row methods: `attention_rows`, `exact_mask_rows`,
 `weight_rows`, `row_columns`, and the fields listed in `KDETrace`) and the engine's public methods
-(`exact_rows`, `pca`, `heavy_mass`, `memo`). Nothing is re-derived here: every matrix entry drawn is the
+(`exact_rows`, `exact_mask_rows`, `pca`, `heavy_mass`, `memo`). Nothing is re-derived here: every matrix entry drawn is the
 trace's own number. Large N: rows are requested in bounded chunks and max-pooled to at most `max_cells`
 per side, so no update builds or ships N x N.
 
@@ -64,6 +64,10 @@ class View:
     def exact_rows(self, rows: torch.Tensor) -> torch.Tensor:
         """Rows of the exact softmax matrix D^-1 A.  # (R, Nk)"""
         return self.engine.exact_rows(self.settings.layer, self.settings.head, rows)
+
+    def exact_mask_rows(self, rows: torch.Tensor) -> torch.Tensor:
+        """Rows of the entries the KDEformer trace computes exactly (the trace's exact_mask_rows).  # (R, Nk)"""
+        return self.engine.exact_mask_rows(self.settings, self.trace, rows)
 
     def approx_rows(self):
         """f(rows) -> rows of the shown method's matrix (attention_rows @ V == output rows), or None."""
@@ -423,7 +427,7 @@ def heavy_matrix_traces(view: View, upd: PanelUpdate, exact_entries: int) -> dic
     order_key = (to_np(tr.q_order).tobytes(), to_np(tr.k_order).tobytes(), d["order"], d["zoom"], view.max_cells)
     exact = view.engine.memo("pooled exact", (view.settings.layer, view.settings.head) + order_key,
                              lambda: pooled_rows({"exact": view.exact_rows}, ri, ci, gr, gc)["exact"])
-    marks = pooled_rows({"heavy": lambda rows: tr.exact_mask_rows(rows).float()}, ri, ci, gr, gc)["heavy"]
+    marks = pooled_rows({"heavy": lambda rows: view.exact_mask_rows(rows).float()}, ri, ci, gr, gc)["heavy"]
     xl, yl = strs(axis_labels(ci, view.k_tokens, gc, "k")), strs(axis_labels(ri, view.q_tokens, gr, "q"))
     log = d["log_color"]
     z = color_values(exact, log)
@@ -507,13 +511,14 @@ def query_weights(trace, query: int) -> tuple[np.ndarray, np.ndarray]:
     return to_np(trace.weight_rows(rows)[0]).astype(np.float64), to_np(trace.exact_mask_rows(rows)[0])
 
 
-def skipping_queries(trace, group: int, keys: np.ndarray) -> np.ndarray:
+def skipping_queries(view: View, group: int, keys: np.ndarray) -> np.ndarray:
     """How many queries of `group` compute each of `keys` exactly (so skip its sample).  # (len(keys),)"""
+    trace = view.trace
     rows = torch.nonzero(trace.q_groups == group).flatten()
     out = torch.zeros(len(keys), dtype=torch.int64)
     cols = torch.as_tensor(keys, dtype=torch.int64)
     for chunk in chunk_rows(rows, trace.key.shape[-2]):
-        out += trace.exact_mask_rows(chunk)[:, cols].sum(0)
+        out += view.exact_mask_rows(chunk)[:, cols].sum(0)
     return out.numpy()
 
 
@@ -556,7 +561,7 @@ def samples_update(view: View) -> PanelUpdate:
     uniq, counts, draws = group_samples(tr, g)
     weight, exact = query_weights(tr, view.query)
     used = np.where(exact, 0.0, weight)  # (Nk,) the sampled part of the query's estimate
-    skipped = skipping_queries(tr, g, uniq)
+    skipped = skipping_queries(view, g, uniq)
     upd = PanelUpdate()
     samples_traces(view, upd, g, uniq, counts, used, exact, skipped)
     note = " · one block = exact: samples unused" if tr.num_blocks <= 1 else ""

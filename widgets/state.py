@@ -329,7 +329,8 @@ class Engine:
 
     seeds: how many seeds the error readout averages; curve_factors: scalings of (bucket, samples)
     at which the error-versus-budget curve is drawn; curve_seeds: seeds averaged per curve point.
-    Public: head, exact, exact_rows, run, output, errors, summary, curve, pca, heavy_mass, memo, cost.
+    Public: head, exact, exact_rows, run, output, errors, summary, curve, pca, exact_mask_rows, heavy_mass, memo,
+    cost.
     """
 
     def __init__(self, src, *, seeds: int = 3, curve_factors=(0.25, 0.5, 1.0, 2.0, 4.0), curve_seeds: int = 1):
@@ -340,7 +341,7 @@ class Engine:
         self.methods = available_methods()
         self._heads, self._exact, self._runs = LRU(8), LRU(8), LRU(6)
         self._errors, self._summaries, self._curves = LRU(2048), LRU(64), LRU(64)
-        self._memo = LRU(64)
+        self._memo, self._masks = LRU(64), LRU(8)
 
     # ---------------------------------------------------------------- data
     @property
@@ -505,6 +506,14 @@ class Engine:
 
         return self._curves.get_or(s, make)
 
+    def exact_mask_rows(self, s: Settings, trace, rows: torch.Tensor) -> torch.Tensor:
+        """Rows of the entries `trace` (the KDEformer trace of `s`) computes exactly: its exact_mask_rows,
+        read from the whole (Nq, Nk) mask, built once per KDEformer setting when Nk <= MATERIALIZE_MAX
+        (heavy_mass, the heavy and the samples panels all read it).  # (R, Nk) bool"""
+        if trace.key.shape[-2] > MATERIALIZE_MAX:
+            return trace.exact_mask_rows(rows)
+        return self._masks.get_or(s.key(KDE_KEYS), trace.heavy_mask)[rows]
+
     def heavy_mass(self, s: Settings, trace) -> tuple:
         """Per query: the exact softmax mass of the entries the trace computes exactly, and how many
         entries those are (cached per KDEformer setting).  # (Nq,), (Nq,)"""
@@ -512,7 +521,7 @@ class Engine:
             nq, nk = trace.query.shape[-2], trace.key.shape[-2]
             mass, count = [], []
             for rows in chunk_rows(torch.arange(nq), nk):
-                exact = trace.exact_mask_rows(rows)  # (R, Nk) bool
+                exact = self.exact_mask_rows(s, trace, rows)  # (R, Nk) bool
                 mass.append((self.exact_rows(s.layer, s.head, rows).double() * exact).sum(-1))
                 count.append(exact.sum(-1))
             return torch.cat(mass).numpy(), torch.cat(count).numpy()
