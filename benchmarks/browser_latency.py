@@ -92,7 +92,7 @@ def open_voila(pw, port: int):
     page.route(re.compile(r"^(?!https?://(127\.0\.0\.1|localhost)[:/])[a-z][a-z0-9+.-]*://"), lambda r: r.abort())
     t0 = time.monotonic()
     page.goto(f"http://127.0.0.1:{port}/", timeout=300_000)
-    page.locator(".kde-explorer .kde-figure-inspector .main-svg").first.wait_for(timeout=300_000)
+    page.locator(".kde-explorer .kde-figure-inspector .kde-plot canvas").first.wait_for(timeout=300_000)
     wait_consistent(page)
     return browser, page, time.monotonic() - t0
 
@@ -105,7 +105,7 @@ def open_lab(pw, port: int):
     page.get_by_text(re.compile(r"Python 3 \(ipykernel\) \| Idle")).wait_for(timeout=300_000)
     page.get_by_role("menuitem", name="Run", exact=True).click()
     page.get_by_role("menuitem", name=re.compile(r"^Run All Cells")).click()
-    page.locator(".kde-explorer .kde-figure-inspector .main-svg").first.wait_for(timeout=300_000)
+    page.locator(".kde-explorer .kde-figure-inspector .kde-plot canvas").first.wait_for(timeout=300_000)
     wait_consistent(page)
     return browser, page, None
 

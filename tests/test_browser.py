@@ -241,7 +241,7 @@ def page(browser, request):
 
 # ------------------------------------------------------------------------------------------- helpers
 def plot_selector(name: str) -> str:
-    return f".kde-explorer .kde-figure-{name}"  # PlotBoard's container of that panel's plotly div
+    return f".kde-explorer .kde-figure-{name}"  # PlotBoard's container of that panel (its canvas drawer)
 
 
 STATE_JS = """() => {
@@ -250,7 +250,7 @@ STATE_JS = """() => {
   const panels = {};
   for (const el of document.querySelectorAll('.kde-explorer .kde-figure')) {
     const name = [...el.classList].find(c => c.startsWith('kde-figure-')).slice(11);
-    const title = el.querySelector('.gtitle');
+    const title = el.querySelector('.kde-title');
     const caption = el.querySelector('.kde-caption');
     panels[name] = {stamp: el.dataset.stamp || null, title: title ? title.textContent : null,
                     caption: caption ? caption.textContent : null};
@@ -288,15 +288,15 @@ ANYWIDGET_TIMEOUT = "[anywidget] Failed to initialize model"
 
 
 def wait_rendered(pg: Page, scope: str) -> dict:
-    """Every panel drawn by plotly.js with data, the readout filled in, no widget error anywhere."""
+    """Every panel drawn with data, the readout filled in, no widget error anywhere."""
     page = pg.page
     page.locator(f"{scope} .kde-explorer").wait_for(timeout=240_000)
     for name in PANELS:
-        page.locator(f"{plot_selector(name)} .main-svg").first.wait_for()
+        page.locator(f"{plot_selector(name)} .kde-plot canvas").first.wait_for()
     st = wait_consistent(page)
     assert not [e for e in pg.errors if ANYWIDGET_TIMEOUT in e], pg.errors
-    for name in PANELS:  # drawn data, not just axes: a point, a line, a bar or a heatmap image
-        marks = page.locator(f"{plot_selector(name)} :is(path.point, path.js-line, g.hm image)").count()
+    for name in PANELS:  # drawn data, not just axes: points, line vertices, bars or heatmap cells
+        marks = int(page.locator(f"{plot_selector(name)} .kde-plot").get_attribute("data-marks") or 0)
         assert marks > 0, f"panel {name!r} shows empty axes: its figure reached the page without data"
     assert page.get_by_text(FAILURE_TEXT).count() == 0, page.locator("body").inner_text()[:2000]
     message = page.locator(".kde-explorer .kde-message").inner_text().strip()
@@ -361,7 +361,7 @@ BOXES_JS = """(sel) => {
   for (const fig of document.querySelectorAll(sel)) {
     const name = [...fig.classList].find(c => c.startsWith('kde-figure-')).slice(11);
     const f = fig.querySelector('.kde-plot').getBoundingClientRect();
-    const parts = fig.querySelectorAll('.gtitle, .gtitle-subtitle, .annotation-text, .xtitle, .ytitle, .cbtitle text, .legendtext');
+    const parts = fig.querySelectorAll('.kde-title, .kde-annotation, .kde-axis-title, .kde-tick, .kde-colorbar-title, .kde-legend-text');
     const boxes = [...parts].filter(e => e.textContent.trim()).map(e => {
       const r = e.getBoundingClientRect();
       return {text: e.textContent.trim().slice(0, 40), kind: e.getAttribute('class'),
@@ -378,7 +378,7 @@ def check_layout(page, width: int, shot: str) -> None:
     """At this window width: figures fill the board's width; titles and labels stay inside their figure
     and do not overlap each other."""
     page.set_viewport_size({"width": width, "height": 1000})
-    page.wait_for_timeout(1200)  # ResizeObserver -> Plotly.Plots.resize
+    page.wait_for_timeout(1200)  # ResizeObserver -> the panels redrawn at the new width
     page.locator(".kde-explorer").screenshot(path=str(SHOTS / f"{shot}-{width}px.png"))
     for fig in page.evaluate(BOXES_JS, ".kde-explorer .kde-figure"):
         f, name = fig["fig"], fig["name"]
@@ -397,7 +397,7 @@ def click_matrix_row(pg: Page) -> None:
     """Click a row of the heavy panel's matrix: that query opens in the row inspector."""
     page = pg.page
     st = wait_consistent(page)
-    image = page.locator(f"{plot_selector('heavy')} g.hm image").first
+    image = page.locator(f"{plot_selector('heavy')} .kde-heatmap").first
     image.scroll_into_view_if_needed()
     box = image.bounding_box()
     row_y = box["y"] + 0.37 * box["height"]

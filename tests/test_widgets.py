@@ -7,13 +7,14 @@ import re
 
 import ipywidgets as widgets
 import numpy as np
+import plotly.graph_objects as go
 import pytest
 import torch
 
 import kdeformer
 from kdeformer.core import SAMPLINGS, kde_multiply_adds
 from kdeformer.defaults import KDE_DEFAULTS
-from kdeformer.widgets import AttentionExplorer, source_from_tensors, toy_source
+from kdeformer.widgets import AttentionExplorer, PlotBoard, source_from_tensors, toy_source
 from kdeformer.widgets import panels
 from kdeformer.widgets.state import Engine, Settings, call_code, kde_call_code, load_text_source
 
@@ -704,7 +705,22 @@ def test_board_holds_the_current_figures_for_late_pages(ex):
     assert set(z) == {"dtype", "bdata", "shape"}  # a typed array, not nested lists
     np.testing.assert_array_equal(panels.unpack(z), panels.unpack(trace_of(ex.figures["heavy"], "attention").z))
     assert ex.board.stamps["error"] == ex.stamp(ex.settings(), ex.display_options())
-    assert len(ex.board._plotly_js) > 1_000_000 and b"plotly.js" in ex.board._plotly_js[:400]
+    assert ex.board.renderer == "canvas" and ex.board._plotly_js == b""  # the explorer does not ship plotly.js
+
+
+def test_plotly_boards_carry_plotly_js_and_canvas_boards_refuse_what_they_cannot_draw():
+    fig = go.Figure(go.Scatter(x=[0, 1], y=[1, 0]))
+    board = PlotBoard({"a": fig})
+    assert board.renderer == "plotly" and b"plotly.js" in board._plotly_js[:400]
+    assert PlotBoard({"a": fig}, renderer="canvas")._plotly_js == b""
+    with pytest.raises(ValueError, match="renderer must be one of"):
+        PlotBoard({"a": fig}, renderer="svg")
+    with pytest.raises(ValueError, match="'b' has contour traces: renderer='canvas' draws bar, heatmap, scatter"):
+        PlotBoard({"a": fig, "b": go.Figure(go.Contour(z=[[0, 1], [1, 0]]))}, renderer="canvas")
+    canvas = PlotBoard({"a": fig}, renderer="canvas")
+    canvas.figures["a"].add_trace(go.Contour(z=[[0, 1], [1, 0]]))
+    with pytest.raises(ValueError, match="contour"):
+        canvas.refresh("a")
 
 
 def test_sampling_labels_name_the_authors_choice(ex):

@@ -1,20 +1,28 @@
-"""PlotBoard: several plotly figures in ONE widget model, drawn by the plotly.js that ships with plotly.py.
+"""PlotBoard: several plotly figures in ONE widget model, drawn in the page by one of two drawers.
+
+- `renderer="plotly"` (default): the plotly.js that ships with plotly.py draws any figure. It travels once
+  per board as a binary buffer and is loaded once per page, outside anywidget's 2 s module deadline.
+- `renderer="canvas"` (the explorer): our own drawer in board.js paints scatter, bar and heatmap traces on
+  2-d subplots (axes, shapes, annotations, colour bars, legend, hover, clicks) on a canvas, with every text
+  as positioned HTML. plotly.js spent 50-95 ms per panel on every redraw (defaults, auto-margins, one SVG
+  node per marker), ~300 ms for the explorer's five panels, most of a move's time on screen; the canvas
+  drawer redraws all five in ~15 ms. Other trace types are refused in Python (ValueError), never
+  silently left out.
 
 Why not one `plotly.graph_objects.FigureWidget` per panel: each FigureWidget is an anywidget model whose
 front-end module is the whole plotly.js bundle (~5 MB), so five panels meant five 5 MB modules parsed at
-once, and anywidget gives each model 2 s to load its module. On a busy page some models missed that
-deadline ("[anywidget] Failed to initialize model."): they kept their first picture and ignored every
-later update — the stale panels of issue 13. Here the front-end module is a few kB (it always meets the
-deadline); plotly.js travels once per board as a binary buffer and is loaded once per page, outside the
-deadline, when the board is first rendered.
+once, and some models missed anywidget's deadline ("[anywidget] Failed to initialize model."): they kept
+their first picture and ignored every later update (the stale panels of issue 13). Here the module is
+board.js (~50 kB), which always meets the deadline.
 
-Each panel is one synced trait (`fig_<name>`: the figure as JSON, its heatmaps' values in traits of their
-own, `z_<name>_<trace>`, sent only when they change); the kernel changes several under `hold_sync()`, so
-one move is ONE message, and the page redraws every changed panel in the same
-animation frame. `stamps` (panel -> text) is written on each panel's container after it is drawn
-(`data-stamp`), so a test can tell a stale panel from a current one. A panel's caption
-(`layout.meta.caption`) is shown as HTML under its figure, so long explanations wrap at any width. Clicks on any point come back as
-messages (`on_click(panel, callback)`). Figures use the output's full width and follow it.
+The figures stay plotly figures in Python (`figures`: tests, exports and notebooks read them). Each panel is
+one synced trait (`fig_<name>`: the figure as JSON, its heatmaps' values in traits of their own,
+`z_<name>_<trace>`, sent only when they change); the kernel changes several under `hold_sync()`, so one
+move is ONE message, and the page redraws every changed panel in the same animation frame. `stamps`
+(panel -> text) is written on each panel's container after it is drawn (`data-stamp`), so a test can tell
+a stale panel from a current one. A panel's caption (`layout.meta.caption`) is shown as HTML under its
+figure, so long explanations wrap at any width. Clicks on any point come back as messages
+(`on_click(panel, callback)`). Figures use the output's full width and follow it.
 """
 from __future__ import annotations
 
@@ -27,112 +35,31 @@ import traitlets
 
 from .figures import patch, trace_index, wire
 
-ESM = r"""
-const CONFIG = {responsive: true, displaylogo: false, modeBarButtonsToRemove: ["lasso2d", "select2d"]};
-
-function loadPlotly(model) {
-  if (globalThis.Plotly && globalThis.Plotly.react) return Promise.resolve(globalThis.Plotly);
-  if (!globalThis.__kdePlotly) {
-    const url = URL.createObjectURL(new Blob([model.get("_plotly_js")], {type: "text/javascript"}));
-    globalThis.__kdePlotly = import(url).then(() => { URL.revokeObjectURL(url); return globalThis.Plotly; });
-  }
-  return globalThis.__kdePlotly;
-}
-
-// A heatmap's values travel in their own synced trait (`z_<panel>_<trace>`), so a move that leaves them
-// as they were sends nothing for them, and plotly sees the same object (no recalculation).
-function heatmapValues(z) {
-  return z && z.plain !== undefined ? z.plain : z;
-}
-
-function clickMessage(name, gd, ev) {
-  const points = ev.points.map((p) => ({
-    trace: (gd.data[p.curveNumber] || {}).name || null, curve: p.curveNumber,
-    index: p.pointIndex !== undefined ? p.pointIndex : p.pointNumber,
-    x: p.x, y: p.y, customdata: p.customdata === undefined ? null : p.customdata,
-  }));
-  return {event: "click", panel: name, points: points};
-}
-
-function render({model, el}) {
-  el.classList.add("kde-board");
-  const divs = {};
-  const drawn = {};
-  let frame = null;
-  let alive = true;
-  const boxes = {};
-  const captions = {};
-  for (const name of model.get("panels")) {
-    const box = document.createElement("div");
-    box.className = "kde-figure kde-figure-" + name;
-    const caption = document.createElement("div");
-    caption.className = "kde-caption";
-    const div = document.createElement("div");
-    div.className = "kde-plot";
-    box.append(div, caption);
-    el.appendChild(box);
-    boxes[name] = box;
-    captions[name] = caption;
-    divs[name] = div;
-  }
-  let changedAt = null;
-  async function redraw() {
-    frame = null;
-    const Plotly = await loadPlotly(model);
-    if (!alive) return;
-    const stamps = model.get("stamps");
-    const timing = {received: changedAt, start: performance.now(), panels: {}};
-    const jobs = [];
-    for (const [name, div] of Object.entries(divs)) {
-      const fig = model.get("fig_" + name);
-      if (!fig || !fig.data || drawn[name] === fig.rev) continue;
-      const data = fig.data.map((t) => (t.z && t.z.ref ? {...t, z: heatmapValues(model.get(t.z.ref))} : t));
-      const first = drawn[name] === undefined;
-      drawn[name] = fig.rev;
-      captions[name].textContent = (fig.layout.meta && fig.layout.meta.caption) || "";
-      const t = performance.now();
-      // the config goes with the first draw only: given again, react deep-copies and compares it every time
-      const draw = first ? Plotly.newPlot(div, data, fig.layout, CONFIG) : Plotly.react(div, data, fig.layout);
-      jobs.push(draw.then(() => {
-        timing.panels[name] = performance.now() - t;
-        if (first) div.on("plotly_click", (ev) => model.send(clickMessage(name, div, ev)));
-      }));
-    }
-    await Promise.all(jobs);
-    timing.end = performance.now();
-    (globalThis.__kdeBoardTimings = globalThis.__kdeBoardTimings || []).push(timing);  // for benchmarks
-    for (const [name, box] of Object.entries(boxes)) {
-      if (drawn[name] !== undefined) box.dataset.stamp = stamps[name] || "";
-    }
-    el.dataset.revision = String(model.get("revision"));
-  }
-  const schedule = () => {
-    if (frame === null) { changedAt = performance.now(); frame = requestAnimationFrame(() => redraw()); }
-  };
-  model.on("change", schedule);
-  const resized = new ResizeObserver(() => {
-    if (!globalThis.Plotly) return;
-    for (const [name, div] of Object.entries(divs)) if (drawn[name] !== undefined) globalThis.Plotly.Plots.resize(div);
-  });
-  resized.observe(el);
-  schedule();
-  return () => {
-    alive = false;
-    model.off("change", schedule);
-    resized.disconnect();
-    if (globalThis.Plotly) for (const div of Object.values(divs)) globalThis.Plotly.purge(div);
-  };
-}
-
-export default { render };
-"""
+ESM = Path(__file__).with_name("board.js").read_text()
 
 CSS = """
 .kde-board { width: 100%; min-width: 0; }
 .kde-board .kde-figure { width: 100%; min-width: 0; margin-top: 10px; contain: layout style paint; }
 .kde-board .kde-plot { width: 100%; min-width: 0; }
 .kde-board .kde-caption { font-size: 13px; color: #333; padding: 2px 8px 6px; overflow-wrap: anywhere; }
+.kde-board .kde-canvas-plot { position: relative; font-family: "Open Sans", verdana, arial, sans-serif; color: #2a3f5f; }
+.kde-board .kde-canvas-plot canvas { display: block; }
+.kde-board .kde-overlay { position: absolute; left: 0; top: 0; pointer-events: none; overflow: hidden; }
+.kde-board .kde-overlay > div { position: absolute; white-space: nowrap; line-height: 1.15; transform-origin: 50% 50%; }
+.kde-board .kde-overlay .kde-tick { color: #506784; }
+.kde-board .kde-legend { display: flex; flex-wrap: wrap; gap: 4px 16px; padding: 2px 8px 0 55px; }
+.kde-board .kde-legend-item { display: inline-flex; align-items: center; gap: 6px; cursor: pointer; user-select: none; }
+.kde-board .kde-legend-item.kde-off { opacity: 0.4; }
+.kde-board .kde-swatch-line { display: inline-block; width: 26px; height: 0; }
+.kde-board .kde-swatch-dot { display: inline-block; width: 8px; height: 8px; border-radius: 50%; }
+.kde-board .kde-swatch-bar { display: inline-block; width: 12px; height: 10px; }
+.kde-board .kde-tip { position: absolute; display: none; pointer-events: none; z-index: 2; background: rgba(255,255,255,0.96);
+  border: 1px solid #8aa; border-radius: 3px; padding: 3px 6px; font-size: 12px; line-height: 1.3; white-space: nowrap; color: #222; }
 """
+
+# what the canvas drawer (board.js, `canvasDrawer`) can draw: 2-d subplots of these trace types
+CANVAS_TRACES = frozenset({"scatter", "bar", "heatmap"})
+RENDERERS = ("plotly", "canvas")
 
 
 @functools.lru_cache(maxsize=1)
@@ -141,6 +68,17 @@ def plotly_js() -> bytes:
     import plotly
 
     return (Path(plotly.__file__).parent / "package_data" / "plotly.min.js").read_bytes()
+
+
+def check_renderer(renderer: str, name: str, fig) -> None:
+    """The canvas drawer draws scatter, bar and heatmap traces only: anything else is refused here,
+    in Python, rather than silently missing from the page."""
+    if renderer != "canvas":
+        return
+    other = sorted({t.type for t in fig.data} - CANVAS_TRACES)
+    if other:
+        raise ValueError(f"figure {name!r} has {', '.join(other)} traces: renderer='canvas' draws "
+                         f"{', '.join(sorted(CANVAS_TRACES))}; use renderer='plotly' for this figure")
 
 
 class PlotBoard(anywidget.AnyWidget):
@@ -152,12 +90,19 @@ class PlotBoard(anywidget.AnyWidget):
     _esm = ESM
     _css = CSS
     _plotly_js = traitlets.Bytes().tag(sync=True)
+    renderer = traitlets.Unicode("plotly").tag(sync=True)
     panels = traitlets.List(traitlets.Unicode()).tag(sync=True)
     stamps = traitlets.Dict().tag(sync=True)
     revision = traitlets.Int(0).tag(sync=True)
 
-    def __init__(self, figures: dict, **kwargs):
-        super().__init__(_plotly_js=plotly_js(), panels=list(figures), **kwargs)
+    def __init__(self, figures: dict, renderer: str = "plotly", **kwargs):
+        if renderer not in RENDERERS:
+            raise ValueError(f"renderer must be one of {RENDERERS}, got {renderer!r}")
+        for name, fig in figures.items():
+            check_renderer(renderer, name, fig)
+        # plotly.js (~5 MB) travels only to boards that draw with it
+        super().__init__(_plotly_js=plotly_js() if renderer == "plotly" else b"", renderer=renderer,
+                         panels=list(figures), **kwargs)
         self.figures = dict(figures)
         self.trace_index = {name: trace_index(f) for name, f in self.figures.items()}
         self._bodies = {name: wire(fig.to_plotly_json()) for name, fig in self.figures.items()}
@@ -176,6 +121,7 @@ class PlotBoard(anywidget.AnyWidget):
 
     def refresh(self, name: str) -> None:
         """Re-read figure `name` whole (after traces were added or removed)."""
+        check_renderer(self.renderer, name, self.figures[name])
         self.trace_index[name] = trace_index(self.figures[name])
         self._bodies[name] = wire(self.figures[name].to_plotly_json())
 

@@ -239,7 +239,7 @@ class AttentionExplorer(widgets.VBox):
         self.pin_button.on_click(lambda _: self.pin())
         self.clear_pins_button.on_click(lambda _: self.clear_pins())
         self.code_button.observe(lambda ch: self.show_code(ch["new"]), names="value")
-        self.board = _css(PlotBoard({name: panel.make() for name, panel in PANELS.items()}), "kde-board")
+        self.board = _css(PlotBoard({name: panel.make() for name, panel in PANELS.items()}, renderer="canvas"), "kde-board")
         self.figures = self.board.figures
         # clicking a query (a matrix row, a point, a per-query error) opens it in the row inspector
         for name in ("heavy", "error", "buckets"):
