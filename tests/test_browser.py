@@ -426,14 +426,55 @@ def test_make_app_serves_what_the_tests_check():
     assert (VOILA_TEMPLATES / "voila" / "templates" / "kde-offline" / "index.html.j2").exists()
 
 
+TICKS_JS = "(sel) => [...document.querySelectorAll(sel + ' .kde-tick')].map(e => e.textContent).join('|')"
+
+
+def check_pointer(pg: Page) -> None:
+    """The canvas drawer answers the pointer as plotly did: a hover shows the point's own text, a
+    legend click hides its trace (and a second one shows it), a drag zooms and a double-click resets."""
+    page = pg.page
+    sel = plot_selector("inspector")
+    plot = page.locator(f"{sel} .kde-plot")
+    plot.scroll_into_view_if_needed()
+    canvas = page.locator(f"{sel} canvas").first
+    box = canvas.bounding_box()
+    tip = page.locator(f"{sel} .kde-tip")
+    for k in range(80):  # down the middle of the row plot until a point is under the pointer
+        page.mouse.move(box["x"] + 0.5 * box["width"], box["y"] + 4 * k)
+        page.wait_for_timeout(30)
+        if tip.is_visible():
+            break
+    assert tip.is_visible(), "no hover text anywhere down the inspector"
+    assert re.fullmatch(r"key \d+ '.*': [^:]+ \d\.\d+(e-\d+)?", tip.inner_text().strip()), tip.inner_text()  # the point's own text
+    page.mouse.move(box["x"] + 2, box["y"] + 2)
+    marks = int(plot.get_attribute("data-marks"))
+    item = page.locator(f"{sel} .kde-legend-item", has_text="approximate row")
+    item.click()
+    assert int(plot.get_attribute("data-marks")) == marks - 512 and "kde-off" in item.get_attribute("class")
+    item.click()
+    assert int(plot.get_attribute("data-marks")) == marks
+    ticks = page.evaluate(TICKS_JS, sel)
+    y = box["y"] + 0.5 * box["height"]
+    page.mouse.move(box["x"] + 0.3 * box["width"], y)
+    page.mouse.down()
+    page.mouse.move(box["x"] + 0.45 * box["width"], y, steps=5)
+    page.mouse.up()
+    zoomed = page.evaluate(TICKS_JS, sel)
+    assert zoomed != ticks and page.locator(f"{sel} .kde-reset-zoom").is_visible()
+    canvas.dblclick(position={"x": 0.5 * box["width"], "y": 0.5 * box["height"]})
+    assert page.evaluate(TICKS_JS, sel) == ticks and not page.locator(f"{sel} .kde-reset-zoom").is_visible()
+
+
 def check_the_drawn_explorer(page, where: str):
     """What both front ends must do once the explorer is drawn: lay out at 1600 and 1000 px, open a row
-    on a click, keep every panel current after every move of every control, ask nothing off the machine."""
+    on a click, answer hover, legend and zoom, keep every panel current after every move of every control,
+    ask nothing off the machine."""
     p = page.page
     check_layout(p, 1600, where)
     check_layout(p, 1000, where)
     p.set_viewport_size({"width": 1600, "height": 1000})
     click_matrix_row(page)
+    check_pointer(page)
     check_every_control(page, where)
     assert_offline(page)
 

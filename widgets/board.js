@@ -235,6 +235,13 @@ function makeMap(ax) {
   return (u) => ax.start + ax.len - ((u - a) / span) * ax.len;
 }
 
+// pixel -> the axis's own units (the inverse of makeMap)
+function unmap(ax, px) {
+  const a = ax.reversed ? ax.r1 : ax.r0, b = ax.reversed ? ax.r0 : ax.r1;
+  const f = ax.letter === "x" ? (px - ax.start) / ax.len : (ax.start + ax.len - px) / ax.len;
+  return a + f * (b - a);
+}
+
 // a value as the axis's own units
 function toUnits(ax, v) {
   if (v === null || v === undefined) return NaN;
@@ -351,6 +358,14 @@ function canvasDrawer(model, name, div, send) {
   // a software canvas: not a composited layer (Chromium paints it with the page, also beyond the viewport)
   const ctx = canvas.getContext("2d", {willReadFrequently: true});
   const hidden = new Set();  // trace names switched off in the legend (page-only, as plotly's legend)
+  const zoomed = {};  // axis id -> [r0, r1] chosen by a drag (page-only; double-click or "reset zoom" clears)
+  const zoombox = document.createElement("div");
+  zoombox.className = "kde-zoombox";
+  const reset = document.createElement("button");
+  reset.className = "kde-reset-zoom";
+  reset.textContent = "reset zoom";
+  reset.title = "back to the whole range (or double-click the plot)";
+  div.append(zoombox, reset);
   let last = null;  // {fig, data, scene}
   let hoverFrame = null;
 
@@ -434,6 +449,7 @@ function canvasDrawer(model, name, div, send) {
       } else if (ax.barValues && ax.type !== "category") hi += 0.05 * (hi - lo);
       ax.r0 = lo; ax.r1 = hi;
     }
+    for (const ax of Object.values(axes)) if (zoomed[ax.id]) [ax.r0, ax.r1] = zoomed[ax.id];  // the user's drag-zoom
     // margins grow to hold colour bars, right-side axes and tick labels, as plotly's automargin does
     const heatmaps = shown.filter((p) => p.type === "heatmap" && p.t.showscale !== false);
     const right = {r: margin.r, l: margin.l};
@@ -905,7 +921,50 @@ function canvasDrawer(model, name, div, send) {
     });
   });
   canvas.addEventListener("mouseleave", () => { tip.style.display = "none"; canvas.style.cursor = ""; });
+  // drag a box on a subplot to zoom into it (a horizontal drag zooms x only, a vertical one y only)
+  let drag = null;
+  const subplotAt = (mx, my) => last && last.scene.subplots.find((sp) =>
+    mx >= sp.x.start && mx <= sp.x.start + sp.x.len && my >= sp.y.start && my <= sp.y.start + sp.y.len);
+  canvas.addEventListener("mousedown", (ev) => {
+    const r = canvas.getBoundingClientRect();
+    const mx = ev.clientX - r.left, my = ev.clientY - r.top;
+    const sp = subplotAt(mx, my);
+    delete canvas.dataset.dragged;
+    drag = sp ? {sp, x0: mx, y0: my, x1: mx, y1: my, moved: false} : null;
+  });
+  window.addEventListener("mousemove", (ev) => {
+    if (!drag) return;
+    const r = canvas.getBoundingClientRect();
+    const {sp} = drag;
+    drag.x1 = Math.min(sp.x.start + sp.x.len, Math.max(sp.x.start, ev.clientX - r.left));
+    drag.y1 = Math.min(sp.y.start + sp.y.len, Math.max(sp.y.start, ev.clientY - r.top));
+    const dx = Math.abs(drag.x1 - drag.x0), dy = Math.abs(drag.y1 - drag.y0);
+    drag.moved = drag.moved || dx > 5 || dy > 5;
+    if (!drag.moved) return;
+    const zx = dx > 5, zy = dy > 5;
+    Object.assign(zoombox.style, {display: "block",
+      left: (zx ? Math.min(drag.x0, drag.x1) : sp.x.start) + "px", width: (zx ? dx : sp.x.len) + "px",
+      top: (zy ? Math.min(drag.y0, drag.y1) : sp.y.start) + "px", height: (zy ? dy : sp.y.len) + "px"});
+  });
+  window.addEventListener("mouseup", () => {
+    if (!drag) return;
+    const d = drag;
+    drag = null;
+    zoombox.style.display = "none";
+    if (!d.moved) return;
+    canvas.dataset.dragged = "1";  // the click that follows this mouseup is not a click on a point
+    for (const [ax, a, b] of [[d.sp.x, d.x0, d.x1], [d.sp.y, d.y0, d.y1]]) {
+      if (Math.abs(b - a) <= 5) continue;
+      const u0 = unmap(ax, a), u1 = unmap(ax, b);
+      zoomed[ax.id] = [Math.min(u0, u1), Math.max(u0, u1)];
+    }
+    paint(last.fig, last.data);
+  });
+  const unzoom = () => { for (const k of Object.keys(zoomed)) delete zoomed[k]; if (last) paint(last.fig, last.data); };
+  canvas.addEventListener("dblclick", unzoom);
+  reset.addEventListener("click", unzoom);
   canvas.addEventListener("click", (ev) => {
+    if (canvas.dataset.dragged) { delete canvas.dataset.dragged; return; }
     const r = canvas.getBoundingClientRect();
     const pt = pick(ev.clientX - r.left, ev.clientY - r.top);
     if (!pt) return;
@@ -916,6 +975,7 @@ function canvasDrawer(model, name, div, send) {
     const scene = layoutScene(fig, data);
     draw(scene);
     last = {fig, data, scene};
+    reset.style.display = Object.keys(zoomed).length ? "block" : "none";
   }
 
   return {

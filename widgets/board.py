@@ -53,6 +53,10 @@ CSS = """
 .kde-board .kde-swatch-line { display: inline-block; width: 26px; height: 0; }
 .kde-board .kde-swatch-dot { display: inline-block; width: 8px; height: 8px; border-radius: 50%; }
 .kde-board .kde-swatch-bar { display: inline-block; width: 12px; height: 10px; }
+.kde-board .kde-zoombox { position: absolute; display: none; pointer-events: none; background: rgba(76,120,168,0.15);
+  border: 1px solid rgba(76,120,168,0.8); }
+.kde-board .kde-reset-zoom { position: absolute; right: 4px; top: 4px; display: none; font-size: 11px; padding: 1px 6px;
+  background: #fff; border: 1px solid #aab; border-radius: 3px; cursor: pointer; color: #2a3f5f; }
 .kde-board .kde-tip { position: absolute; display: none; pointer-events: none; z-index: 2; background: rgba(255,255,255,0.96);
   border: 1px solid #8aa; border-radius: 3px; padding: 3px 6px; font-size: 12px; line-height: 1.3; white-space: nowrap; color: #222; }
 """
