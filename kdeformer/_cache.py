@@ -2,7 +2,9 @@
 
 Used by :mod:`kdeformer.sources` (extracted sources, loaded models) and meant for the explorer's engine
 too (``widgets/state.py``). Safe to share between threads: every read and write holds the cache's lock;
-``get_or`` builds a missing value outside the lock (two threads may both build it, the last one wins).
+``get_or`` builds a missing value outside the lock, once: a second thread asking for a key that is being
+built waits for that value instead of building it again (the explorer warms neighbouring heads on a
+background thread; a move to one of them takes what is already under way).
 """
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ class LRU:
         self.maxsize = check_positive_int("maxsize", maxsize)
         self._data: OrderedDict = OrderedDict()
         self._lock = threading.Lock()
+        self._building: dict = {}  # key -> (thread id, Event set when its value is stored or failed)
 
     def get(self, key: Hashable, default=None):
         """The cached value (now the most recent), or `default`."""
@@ -38,13 +41,29 @@ class LRU:
                 self._data.popitem(last=False)
 
     def get_or(self, key: Hashable, make: Callable[[], object]):
-        """The cached value, or ``make()`` stored and returned."""
-        missing = object()
-        value = self.get(key, missing)
-        if value is missing:
+        """The cached value, or ``make()`` stored and returned. While another thread builds the same key,
+        wait for it and take its value (build it here only if that build failed or was evicted at once)."""
+        me = threading.get_ident()
+        while True:
+            with self._lock:
+                if key in self._data:
+                    self._data.move_to_end(key)
+                    return self._data[key]
+                builder, done = self._building.get(key, (None, None))
+                if done is None or builder == me:  # nobody builds it (or this thread does, re-entered)
+                    done = threading.Event()
+                    self._building.setdefault(key, (me, done))
+                    break
+            done.wait()
+        try:
             value = make()
             self.put(key, value)
-        return value
+            return value
+        finally:
+            with self._lock:
+                if self._building.get(key, (None, None))[1] is done:
+                    del self._building[key]
+            done.set()
 
     def __getitem__(self, key: Hashable):
         """The cached value (now the most recent); KeyError when missing."""

@@ -410,3 +410,33 @@ def test_lru_keeps_the_most_recently_used_entries():
     assert len(cache) == 0
     with pytest.raises(ValueError, match="maxsize"):
         LRU(0)
+
+
+def test_lru_builds_a_key_once_when_threads_ask_together():
+    import threading
+    import time
+
+    from kdeformer._cache import LRU
+
+    cache, calls = LRU(4), []
+
+    def slow():
+        calls.append(threading.get_ident())
+        time.sleep(0.05)
+        return len(calls)
+
+    got = []
+    threads = [threading.Thread(target=lambda: got.append(cache.get_or("k", slow))) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert got == [1, 1, 1, 1] and len(calls) == 1  # the others waited for the first build
+
+    def fail():
+        raise RuntimeError("no")
+
+    with pytest.raises(RuntimeError):
+        cache.get_or("bad", fail)
+    assert cache.get_or("bad", lambda: 5) == 5  # a failed build leaves nothing behind
+    assert cache.get_or("outer", lambda: cache.get_or("outer", lambda: 6) + 1) == 7  # re-entered: no deadlock
