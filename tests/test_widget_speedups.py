@@ -42,3 +42,35 @@ def test_engine_exact_mask_rows_equal_the_traces(src, sampling):
     rows = torch.tensor([0, 5, 95, 5])
     assert torch.equal(eng.exact_mask_rows(s, tr, rows), tr.exact_mask_rows(rows))
     assert torch.equal(eng.exact_mask_rows(s, tr, torch.arange(96)), tr.heavy_mask())
+
+
+def test_neighbours_are_one_slider_step_away(src):
+    eng = Engine(src)  # 2 layers x 2 heads
+    assert eng.neighbours(0, 0) == [(0, 1), (1, 0)]
+    assert eng.neighbours(1, 1) == [(1, 0), (0, 1)]
+    eng.warm(eng.neighbours(0, 0), idle=lambda: False)  # never idle: nothing is computed
+    assert (0, 1) not in eng._exact and (1, 0) not in eng._exact
+
+
+def test_warmed_heads_hold_the_numbers_an_update_computes(src):
+    from kdeformer.widgets import AttentionExplorer
+    from kdeformer.widgets.explorer import torch_threads
+
+    ex = AttentionExplorer(src, bucket_size=16, sample_size=24)
+    ex._warm_thread.join(timeout=30)
+    assert (0, 1) in ex.engine._exact and (1, 0) in ex.engine._exact  # warmed after the first draw
+    fresh = Engine(src)
+    for layer, head in ((0, 1), (1, 0)):
+        with torch_threads(ex.threads):  # as in an update (the norms' last bits depend on the thread count)
+            want = fresh.exact(layer, head)
+        got = ex.engine.exact(layer, head)
+        assert (got.attention_norm, got.value_norm, got.out_norm) == (want.attention_norm, want.value_norm, want.out_norm)
+        assert torch.equal(got.matrix, want.matrix) and torch.equal(got.out, want.out)
+    cold = AttentionExplorer(src, bucket_size=16, sample_size=24, prefetch=False)
+    assert cold._warm_thread is None
+    for values in (dict(head=1), dict(layer=1, head=0), dict(seed=9)):
+        ex.set(**values)
+        cold.set(**values)
+        assert ex.readout.value == cold.readout.value
+        for name in ex.figures:
+            assert figures.same(ex.figures[name].to_plotly_json(), cold.figures[name].to_plotly_json()), name

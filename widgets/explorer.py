@@ -104,7 +104,9 @@ class AttentionExplorer(widgets.VBox):
             range), query (row inspector); and seeds (readout averages, default 3), max_cells (matrix
             display side, default 256), error_cells (error-panel matrices, default 128), curve_seeds
             (seeds per point of the error-vs-budget curve, default 1), threads (torch threads used inside
-            an update, default 1: one head's work is small; None leaves torch's setting alone).
+            an update, default 1: one head's work is small; None leaves torch's setting alone), prefetch
+            (default True: after each update a background thread computes the exact attention of the
+            heads one slider step away, see `_warm_neighbours`).
 
     Methods other than KDEformer get ``budget = bucket_size + sample_size`` key columns per query
     (`kdeformer.methods.approximate`); the buckets, heavy and samples panels always show KDEformer's
@@ -117,7 +119,8 @@ class AttentionExplorer(widgets.VBox):
     def __init__(self, source=None, **params):
         super().__init__()
         self.add_class("kde-explorer")
-        known = {f.name for f in fields(Settings)} | set(DISPLAY) | {"seeds", "curve_seeds", "max_cells", "error_cells", "threads"}
+        known = {f.name for f in fields(Settings)} | set(DISPLAY) | {"seeds", "curve_seeds", "max_cells", "error_cells", "threads",
+                                                                   "prefetch"}
         unknown = sorted(set(params) - known)
         if unknown:
             raise ValueError(f"unknown explorer parameter(s) {unknown}; allowed: {sorted(known)}")
@@ -130,6 +133,8 @@ class AttentionExplorer(widgets.VBox):
         self.error_cells = int(params.pop("error_cells", 128))
         seeds, curve_seeds = int(params.pop("seeds", 3)), int(params.pop("curve_seeds", 1))
         self.threads = params.pop("threads", 1)
+        self.prefetch = bool(params.pop("prefetch", True))
+        self._warm_ticket, self._warm_thread = 0, None
         src, startup_note = self._open_source(source)
         self.engine = Engine(src, seeds=seeds, curve_seeds=curve_seeds)
         self._tokens()
@@ -323,6 +328,29 @@ class AttentionExplorer(widgets.VBox):
                         self._update_once()
             finally:
                 self._lock.release()
+        self._warm_neighbours()
+
+    def _warm_neighbours(self):
+        """On a daemon thread, once an update is drawn: the exact attention (its spectral norm alone is
+        ~30 ms of a head move at N = 512) and the projection of the heads one slider step away, so a head
+        or layer move finds them computed. It draws nothing and changes only the engine's caches, stops
+        before its next head as soon as an update runs or waits (a newer update starts a new one), and
+        uses the update's torch thread count (so the numbers are the ones an update would compute)."""
+        if not self.prefetch or self._last is None:
+            return
+        self._warm_ticket += 1
+        ticket, engine, s = self._warm_ticket, self.engine, self._last[0]
+        threads = torch.get_num_threads() if self.threads is None else self.threads
+
+        def idle() -> bool:
+            return ticket == self._warm_ticket and not self._pending and not self._lock.locked()
+
+        def work():
+            with torch_threads(threads):  # this thread's own setting: the kernel's threads are untouched
+                engine.warm(engine.neighbours(s.layer, s.head), idle)
+
+        self._warm_thread = threading.Thread(target=work, name="kde-explorer-warm", daemon=True)
+        self._warm_thread.start()
 
     def _show_error(self, text: str):
         self.last_error = text

@@ -330,7 +330,7 @@ class Engine:
     seeds: how many seeds the error readout averages; curve_factors: scalings of (bucket, samples)
     at which the error-versus-budget curve is drawn; curve_seeds: seeds averaged per curve point.
     Public: head, exact, exact_rows, run, output, errors, summary, curve, pca, exact_mask_rows, heavy_mass, memo,
-    cost.
+    cost, neighbours, warm.
     """
 
     def __init__(self, src, *, seeds: int = 3, curve_factors=(0.25, 0.5, 1.0, 2.0, 4.0), curve_seeds: int = 1):
@@ -393,6 +393,22 @@ class Engine:
             nq, nk = q.shape[0], k.shape[0]
             logits = logits.masked_fill(torch.arange(nk) > (nk - nq + rows).unsqueeze(-1), float("-inf"))
         return torch.exp(logits - ex.log_d[rows].unsqueeze(-1))
+
+    def neighbours(self, layer: int, head: int) -> list[tuple[int, int]]:
+        """The heads one slider step away, nearest move first: (layer, head + 1), (layer, head - 1),
+        (layer + 1, head), (layer - 1, head), those that exist."""
+        layers, heads = self.src.q.shape[:2]
+        near = ((layer, head + 1), (layer, head - 1), (layer + 1, head), (layer - 1, head))
+        return [(lay, h) for lay, h in near if 0 <= lay < layers and 0 <= h < heads]
+
+    def warm(self, heads, idle) -> None:
+        """exact() and pca() of each (layer, head) of `heads` in turn, while idle() is true: work for a
+        background thread (only the caches change; a caller asking for a head being warmed waits for it)."""
+        for layer, head in heads:
+            if not idle():
+                return
+            self.exact(layer, head)
+            self.pca(layer, head)
 
     def pca(self, layer: int, head: int):
         """2-D PCA of the head's normalised queries and keys (see pca_2d), cached per head."""
