@@ -52,7 +52,7 @@ function values(a) {
     let out = flat;
     if (a.shape) {
       const [rows, cols] = String(a.shape).split(",").map(Number);
-      out = {rows, cols, flat};
+      out = {rows, cols, cells: flat};  // not `.flat`: every Array has a .flat method
     }
     unpacked.set(a, out);
     return out;
@@ -64,7 +64,7 @@ function values(a) {
 function matrix(z) {
   const v = values(z);
   if (!v) return {rows: 0, cols: 0, at: () => NaN};
-  if (v.flat) return {rows: v.rows, cols: v.cols, at: (i, j) => v.flat[i * v.cols + j], flat: v.flat};
+  if (v.cells) return {rows: v.rows, cols: v.cols, at: (i, j) => v.cells[i * v.cols + j], cells: v.cells};
   const rows = v.length;
   const cols = rows ? Math.max(...Array.from(v, (r) => (r ? r.length : 0))) : 0;
   return {rows, cols, at: (i, j) => { const r = v[i]; const x = r ? r[j] : null; return x === null || x === undefined ? NaN : +x; }};
@@ -73,7 +73,7 @@ function matrix(z) {
 // customdata row i: a number, or a list when customdata is 2-d
 function datum(cd, i) {
   if (!cd) return null;
-  if (cd.flat) return Array.from(cd.flat.subarray(i * cd.cols, (i + 1) * cd.cols));
+  if (cd.cells) return Array.from(cd.cells.subarray(i * cd.cols, (i + 1) * cd.cols));
   const x = cd[i];
   return x === undefined ? null : x;
 }
@@ -283,7 +283,7 @@ function guessType(ax, traces) {
   if (ax.type) return;
   for (const t of traces) {
     const v = values(ax.letter === "x" ? t.x : t.y);
-    if (v && !v.flat && Array.isArray(v) && v.some((x) => typeof x === "string" && x.trim() !== "" && isNaN(Number(x)))) { ax.type = "category"; return; }
+    if (v && Array.isArray(v) && v.some((x) => typeof x === "string" && x.trim() !== "" && isNaN(Number(x)))) { ax.type = "category"; return; }
   }
   ax.type = "linear";
 }
@@ -534,7 +534,7 @@ function canvasDrawer(model, name, div, send) {
     const scale = p.t.colorscale || (p.t.reversescale ? null : null);
     const zr = zRange(p);
     const key = JSON.stringify([scale, zr, p.t.reversescale || false]);
-    const src = p.z.flat || p.t.z;
+    const src = p.z.cells || p.t.z;
     const cached = src && typeof src === "object" ? images.get(src) : null;
     if (cached && cached.key === key) return cached.img;
     const lut = colorTable(scale);
@@ -587,7 +587,7 @@ function canvasDrawer(model, name, div, send) {
     // subplot backgrounds and grids
     for (const s of subplots) {
       if (s.x.spec.visible === false && s.y.spec.visible === false) continue;
-      ctx.fillStyle = layout.plot_bgcolor || tpl.plot_bgcolor || "#E5ECF6";
+      ctx.fillStyle = layout.plot_bgcolor || tpl.plot_bgcolor || "white";  // plotly's own defaults without a template
       ctx.fillRect(s.x.start, s.y.start, s.x.len, s.y.len);
       ctx.strokeStyle = gridColor; ctx.lineWidth = 1;
       ctx.beginPath();
