@@ -28,7 +28,7 @@ lab: setup
 
 ## app: the explorer as a standalone Voila app on loopback (no code cells); the kde-offline template drops
 ## Voila's CDN links, a preheated kernel has run the notebook before the page asks for it, and the unused
-## jupyterlab-plotly front end is not loaded (the explorer's PlotBoard brings plotly.js itself)
+## jupyterlab-plotly front end is not loaded (the explorer's PlotBoard draws on a canvas, without plotly.js)
 app: setup
 	JUPYTER_PATH=widgets/share/jupyter .venv/bin/voila --no-browser --Voila.ip=127.0.0.1 --template=kde-offline \
 		--preheat_kernel=True --VoilaKernelManager.fill_delay=30 \

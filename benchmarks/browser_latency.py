@@ -8,11 +8,11 @@ tests/test_browser.py (Voila: the `make app` flags, preheated kernel; Lab: Run A
 default deadlines. For every control it makes `--moves` moves as a user would (slider: arrow key;
 drop-down: next/previous option; toggle, checkbox: click; seed: type a new value + Enter). A
 MutationObserver in the page records, in the page's clock, when each panel container's `data-stamp`
-changes (PlotBoard writes it after every changed panel of that update was redrawn by plotly.js) and the
+changes (PlotBoard writes it after every changed panel of that update was redrawn by its canvas drawer) and the
 status line; the latency of a move is from the input event to the last of those mutations. The kernel
 time is what the status line reports (compute + building the figure messages); *input to message in page*
 ends when the board's state message arrives (PlotBoard's own timing); *page redraw* is from there to
-the last panel drawn by plotly.js (medians). Target (issue 13):
+the last panel drawn (medians). Target (issue 13):
 median <= 250 ms and max <= 600 ms for every control. Needs /usr/bin/chromium.
 """
 from __future__ import annotations
@@ -176,12 +176,12 @@ def main(argv=None) -> int:
         "The app notebook (`notebooks/explorer_app.ipynb`: MiniLM, N = 512 tokens of the bundled text, layer 0 "
         "head 0 at the start) in headless Chromium at 1600 x 1000, anywidget's default deadlines. Each move is one "
         "user input; *input to last redraw*: from the input event to the last panel container's `data-stamp` "
-        "mutation (written after plotly.js redrew every changed panel of that update; all panels, the readout "
+        "mutation (written after the board's canvas drawer redrew every changed panel of that update; all panels, the readout "
         "and the status then show the same settings). *values*: `new` = every move goes to a setting not "
         "computed before; `revisited` = the control alternates between values (the run cache may hold "
         "them). *kernel*: the update time the status line reports (compute + figure messages); *input to "
         "message in page*: until the board's one state message of the move arrived; *page redraw*: from there "
-        "until plotly.js redrew the last changed panel (medians). Target: "
+        "until the last changed panel was redrawn (medians). Target: "
         "median <= 250 ms and max <= 600 ms for every control.\n\n"
         + "\n\n".join(parts)
         + f"\n\nLoad average of this shared 2-core machine at the start: {load0:.1f}, at the end: "

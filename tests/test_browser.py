@@ -124,7 +124,7 @@ VOILA_TEMPLATES = REPO / "widgets" / "share" / "jupyter"  # the kde-offline temp
 def voila_command(port: int, notebook: str) -> list[str]:
     # the same flags as `make app` (whose JUPYTER_PATH points at VOILA_TEMPLATES too): the template without
     # CDN links, a kernel that has run the notebook before the first page asks for it, and no
-    # jupyterlab-plotly front end (a second 4.8 MB plotly.js the app never uses: PlotBoard brings its own)
+    # jupyterlab-plotly front end (4.8 MB of plotly.js the app never uses: its PlotBoard draws on a canvas)
     return [str(BIN / "voila"), notebook, "--no-browser", "--Voila.ip=127.0.0.1", f"--port={port}",
             "--template=kde-offline", "--preheat_kernel=True", "--VoilaKernelManager.fill_delay=30",
             "--VoilaConfiguration.extension_denylist=jupyterlab-plotly"]
