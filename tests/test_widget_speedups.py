@@ -74,3 +74,25 @@ def test_warmed_heads_hold_the_numbers_an_update_computes(src):
         assert ex.readout.value == cold.readout.value
         for name in ex.figures:
             assert figures.same(ex.figures[name].to_plotly_json(), cold.figures[name].to_plotly_json()), name
+
+
+@pytest.mark.parametrize("sampling", ["pps", "column_norm", "value_norm"])
+def test_batched_errors_equal_one_setting_at_a_time(src, sampling):
+    from dataclasses import replace
+
+    from kdeformer import metrics
+
+    eng = Engine(src)
+    s = Settings(layer=0, head=1, bucket_size=16, sample_size=24, sampling=sampling, seed=2)
+    points = eng.measured_points(s)
+    assert points[: eng.seeds] == [replace(s, seed=2 + i) for i in range(eng.seeds)] and len(points) == len(set(points))
+    assert len(points) == eng.seeds + len(eng.curve_points(s)) - 1  # curve: 1 seed a point, the current one the readout's
+    got = eng.errors_of(points)
+    ex = eng.exact(0, 1)
+    for p, (plain, theory) in zip(points, got):
+        want = metrics.relative_spectral_error(eng.output(p), ex.out)
+        assert plain == want  # bit for bit
+        assert theory == want * ex.out_norm / (ex.attention_norm * ex.value_norm)
+    assert eng.summary(s).spectral == [e for e, _ in got[: eng.seeds]]
+    with pytest.raises(ValueError, match="one head"):
+        eng.errors_of([replace(s, head=0, seed=50), replace(s, seed=50)])
