@@ -6,7 +6,8 @@
 Serves notebooks/explorer_app.ipynb (MiniLM, 512 tokens of the bundled text) with the same servers as
 tests/test_browser.py (Voila: the `make app` flags, preheated kernel; Lab: Run All), with anywidget's
 default deadlines. For every control it makes `--moves` moves as a user would (slider: arrow key;
-drop-down: next/previous option; toggle, checkbox: click; seed: type a new value + Enter). A
+drop-down: next/previous option; toggle, checkbox: click; seed: type a new value + Enter; text: a new
+sentence in front, sent when the box loses focus). A
 MutationObserver in the page records, in the page's clock, when each panel container's `data-stamp`
 changes (PlotBoard writes it after every changed panel of that update was redrawn by its canvas drawer) and the
 status line; the latency of a move is from the input event to the last of those mutations. The kernel
@@ -49,8 +50,8 @@ HOOKS_JS = """() => {
 
 # (control, direction of each move, whether every move reaches a value not seen before)
 CONTROLS = [
-    ("sample_size", [+1] * 5, True), ("bucket_size", [-1] * 5, True), ("num_projs", [-1] * 5, True),
-    ("head", [+1] * 5, True), ("layer", [+1] * 5, True), ("seed", [+1] * 5, True),
+    ("text", [+1] * 5, True), ("sample_size", [+1] * 5, True), ("bucket_size", [-1] * 5, True),
+    ("num_projs", [-1] * 5, True), ("head", [+1] * 5, True), ("layer", [+1] * 5, True), ("seed", [+1] * 5, True),
     ("sampling", [+1, -1] * 3, False), ("bucket_order", [+1, -1] * 3, False), ("method", [+1, -1] * 3, False),
     ("order", [+1] * 6, False), ("log_color", [+1] * 6, False), ("query", [+1] * 5, True), ("zoom", [-1] * 5, True),
 ]

@@ -306,8 +306,8 @@ def wait_rendered(pg: Page, scope: str) -> dict:
 
 def nudge(page, control: str, step: int) -> None:
     """Move a control as a user would: a slider by keyboard (ArrowRight/ArrowLeft), a drop-down to the
-    next or previous option, a toggle by clicking its other button, a checkbox by clicking, a text box
-    by typing a new value."""
+    next or previous option, a toggle by clicking its other button, a checkbox by clicking, the text by
+    editing it, a text box by typing a new value."""
     root = page.locator(f".kde-explorer .kde-control-{control}").first
     handle = root.locator(".noUi-handle")
     if handle.count():
@@ -327,6 +327,12 @@ def nudge(page, control: str, step: int) -> None:
     if box.count():
         box.first.click()
         return
+    area = root.locator("textarea")
+    if area.count():  # the text: a new sentence in front (the model keeps the first 512 tokens), or taken off
+        text = area.first.input_value()
+        area.first.fill(f"Once more, {text}" if step > 0 else text.removeprefix("Once more, "))
+        area.first.blur()  # continuous_update=False: the value is sent when the box loses focus
+        return
     text = root.locator("input[type=text], input:not([type])")
     value = int(text.first.input_value())
     text.first.fill(str(max(0, value + step)))
@@ -334,7 +340,7 @@ def nudge(page, control: str, step: int) -> None:
 
 
 # (control, step): every control, each moved away and back
-MOVES = [("sample_size", +1), ("bucket_size", -1), ("num_projs", -1), ("head", +1), ("layer", +1),
+MOVES = [("text", +1), ("sample_size", +1), ("bucket_size", -1), ("num_projs", -1), ("head", +1), ("layer", +1),
          ("sampling", +1), ("bucket_order", +1), ("method", +1), ("seed", +1), ("order", +1), ("log_color", +1),
          ("query", +1), ("zoom", -1)]
 

@@ -688,8 +688,11 @@ def test_default_explorer_opens_minilm():
     before = snapshot(ex)
     ex.controls["text"].value = "   "
     assert ex.last_error and "text" in ex.last_error and snapshot(ex) == before
+    stamp_before = ex.stamp(ex.settings(), ex.display_options())
     ex.controls["text"].value = "The cat sat on the mat because it was warm."
     assert ex.last_error is None and ex.source.num_tokens < n_before
+    stamp = ex.stamp(ex.settings(), ex.display_options())  # same settings, a new text: a new stamp
+    assert stamp != stamp_before and stamp.startswith("text1 ") and set(ex.board.stamps.values()) == {stamp}
     assert ex.controls["query"].max == ex.source.num_tokens - 1
     assert any("'cat'" in t for t in trace_of(ex.figures["buckets"], "queries").hovertext)
 

@@ -137,6 +137,7 @@ class AttentionExplorer(widgets.VBox):
         self._warm_ticket, self._warm_thread = 0, None
         src, startup_note = self._open_source(source)
         self.engine = Engine(src, seeds=seeds, curve_seeds=curve_seeds)
+        self._source_number = 0  # +1 for every new source (a new text): part of the stamp
         self._tokens()
         self._lock = threading.Lock()
         self._pending = self._suspend = self._scheduled = False
@@ -417,8 +418,9 @@ class AttentionExplorer(widgets.VBox):
                     self._suspend = False
 
     def stamp(self, s: Settings, disp: dict) -> str:
-        """What every panel, the readout and the status show, in one string (the page test compares it)."""
-        return (f"L{s.layer}H{s.head} {s.method} B{s.bucket_size} s{s.sample_size} r{s.num_projs} {s.sampling} "
+        """What every panel, the readout and the status show, in one string (the page test compares it):
+        the source (text number) and every setting."""
+        return (f"text{self._source_number} L{s.layer}H{s.head} {s.method} B{s.bucket_size} s{s.sample_size} r{s.num_projs} {s.sampling} "
                 f"{s.bucket_order} seed{s.seed} q{disp['query']} {disp['order']} zoom{disp['zoom']} log{int(disp['log_color'])}")
 
     def _panel_updates(self, view: View, stale) -> dict:
@@ -551,6 +553,7 @@ class AttentionExplorer(widgets.VBox):
             return False
         old = self.engine
         self.engine = Engine(src, seeds=old.seeds, curve_factors=old.curve_factors, curve_seeds=old.curve_seeds)
+        self._source_number += 1
         self._tokens()
         self._suspend = True
         try:
