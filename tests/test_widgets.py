@@ -778,3 +778,17 @@ def test_buckets_caption_says_what_the_hashing_did(src):
         order = "token order" if bool(tr.extras["token_order"].reshape(-1)[0]) else "the LSH order"
         assert f"cut into {blocks} blocks in {order}" in text and "key blocks" not in text
         assert "keys are not blocked" in text
+
+
+def test_python_exits_cleanly_while_neighbours_are_warmed():
+    """A script that ends right after a move (the warming thread busy in torch) exits with status 0:
+    a daemon thread inside a torch operator at interpreter shutdown aborts the process (status 134)."""
+    import subprocess
+    import sys
+
+    script = ("from kdeformer.widgets import AttentionExplorer, toy_source\n"
+              "ex = AttentionExplorer(toy_source(n=1536, d=32, layers=3, heads=3))\n"
+              "ex.set(head=1)\n"
+              "assert ex._warm_thread is not None and ex._warm_thread.is_alive()\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and "terminate called" not in done.stderr, done.stderr[-2000:]

@@ -13,6 +13,7 @@ ipywidgets attribute is read.
 from __future__ import annotations
 
 import asyncio
+import atexit
 import contextlib
 import html
 import threading
@@ -60,6 +61,20 @@ def _running_loop():
         return asyncio.get_running_loop()
     except RuntimeError:
         return None
+
+
+# Warming threads (AttentionExplorer._warm_neighbours) stop and are joined when Python exits: a daemon
+# thread still inside a torch operator when the interpreter finalises aborts the process ("terminate
+# called without an active exception", exit status 134), which fails every script and test run after it.
+_EXITING = threading.Event()
+_WARMING: set = set()
+
+
+@atexit.register
+def _stop_warming() -> None:
+    _EXITING.set()
+    for thread in list(_WARMING):
+        thread.join(timeout=30)
 
 
 @contextlib.contextmanager
@@ -344,13 +359,19 @@ class AttentionExplorer(widgets.VBox):
         threads = torch.get_num_threads() if self.threads is None else self.threads
 
         def idle() -> bool:
-            return ticket == self._warm_ticket and not self._pending and not self._lock.locked()
+            return ticket == self._warm_ticket and not self._pending and not self._lock.locked() and not _EXITING.is_set()
 
         def work():
-            with torch_threads(threads):  # this thread's own setting: the kernel's threads are untouched
-                engine.warm(engine.neighbours(s.layer, s.head), idle)
+            try:
+                with torch_threads(threads):  # this thread's own setting: the kernel's threads are untouched
+                    engine.warm(engine.neighbours(s.layer, s.head), idle)
+            finally:
+                _WARMING.discard(threading.current_thread())
 
+        if _EXITING.is_set():
+            return
         self._warm_thread = threading.Thread(target=work, name="kde-explorer-warm", daemon=True)
+        _WARMING.add(self._warm_thread)
         self._warm_thread.start()
 
     def _show_error(self, text: str):
@@ -544,6 +565,7 @@ class AttentionExplorer(widgets.VBox):
         if not self._text_model:
             self._show_error("this source has no model to re-run: text editing needs a MiniLM source")
             return False
+        self._warm_ticket += 1  # the warming of the old text's heads stops at its next head: the model needs the cores
         try:
             src = load_text_source(text, like=self.engine.src)
             if getattr(src, "num_tokens", src.q.shape[2]) < 2:
