@@ -971,9 +971,12 @@ function canvasDrawer(model, name, div, send) {
     send([{trace: pt.p.name || null, curve: pt.p.i, index: pt.index, x: pt.x, y: pt.y, customdata: pt.customdata}]);
   });
 
+  canvas.setAttribute("role", "img");
   function paint(fig, data) {
     const scene = layoutScene(fig, data);
     draw(scene);
+    const title = fig.layout && fig.layout.title;
+    canvas.setAttribute("aria-label", String((title && (title.text || title)) || name).replace(/<[^>]*>/g, " "));
     last = {fig, data, scene};
     reset.style.display = Object.keys(zoomed).length ? "block" : "none";
   }
