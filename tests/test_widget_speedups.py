@@ -96,3 +96,31 @@ def test_batched_errors_equal_one_setting_at_a_time(src, sampling):
     assert eng.summary(s).spectral == [e for e, _ in got[: eng.seeds]]
     with pytest.raises(ValueError, match="one head"):
         eng.errors_of([replace(s, head=0, seed=50), replace(s, seed=50)])
+
+
+def test_step_ahead_continues_a_single_slider_move():
+    from kdeformer.widgets.state import step_ahead
+
+    s = Settings(head=3, seed=7)
+    assert step_ahead(None, s) is None
+    assert step_ahead(Settings(head=2, seed=7), s) == Settings(head=4, seed=7)
+    assert step_ahead(Settings(head=3, seed=9), s) == Settings(head=3, seed=5)
+    assert step_ahead(Settings(head=3, seed=7, sample_size=100), s) == Settings(head=3, seed=7, sample_size=156)
+    assert step_ahead(s, s) is None  # a display move: no slider moved
+    assert step_ahead(Settings(head=2, seed=6), s) is None  # two sliders at once
+    assert step_ahead(Settings(head=3, seed=7, sampling="uniform"), s) is None  # a choice, not a slider
+
+
+def test_prefetch_fills_what_an_update_reads_with_the_same_numbers(src):
+    eng, fresh = Engine(src), Engine(src)
+    s = Settings(layer=1, head=0, bucket_size=16, sample_size=24, seed=11)
+    eng.prefetch(s, idle=lambda: True)
+    assert s in eng._runs and all(p in eng._errors for p in eng.measured_points(s))
+    assert eng.summary(s) == fresh.summary(s) and eng.curve(s) == fresh.curve(s)
+    ready = eng.heavy_mass(s, eng.run(s).kde_trace)
+    want = fresh.heavy_mass(s, fresh.run(s).kde_trace)
+    assert all(np.array_equal(a, b) for a, b in zip(ready, want))
+    eng.prefetch(Settings(layer=1, head=0, bucket_size=0), idle=lambda: True)  # past a slider's end: nothing
+    calls = []
+    eng.prefetch(Settings(layer=0, head=1, seed=3), idle=lambda: calls.append(1) and False)  # busy at once
+    assert calls == [1] and Settings(layer=0, head=1, seed=3) not in eng._runs

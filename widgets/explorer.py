@@ -42,6 +42,7 @@ from .state import (
     load_text_source,
     resolve_source,
     sampling_choices,
+    step_ahead,
     text_capable,
     toy_source,
 )
@@ -120,8 +121,9 @@ class AttentionExplorer(widgets.VBox):
             display side, default 256), error_cells (error-panel matrices, default 128), curve_seeds
             (seeds per point of the error-vs-budget curve, default 1), threads (torch threads used inside
             an update, default 1: one head's work is small; None leaves torch's setting alone), prefetch
-            (default True: after each update a background thread computes the exact attention of the
-            heads one slider step away, see `_warm_neighbours`).
+            (default True: after each update a background thread computes the setting one more step
+            along the last slider move and the exact attention of the neighbouring heads, see
+            `_warm_neighbours`).
 
     Methods other than KDEformer get ``budget = bucket_size + sample_size`` key columns per query
     (`kdeformer.methods.approximate`); the buckets, heavy and samples panels always show KDEformer's
@@ -149,7 +151,7 @@ class AttentionExplorer(widgets.VBox):
         seeds, curve_seeds = int(params.pop("seeds", 3)), int(params.pop("curve_seeds", 1))
         self.threads = params.pop("threads", 1)
         self.prefetch = bool(params.pop("prefetch", True))
-        self._warm_ticket, self._warm_thread = 0, None
+        self._warm_ticket, self._warm_thread, self._ahead = 0, None, None
         src, startup_note = self._open_source(source)
         self.engine = Engine(src, seeds=seeds, curve_seeds=curve_seeds)
         self._source_number = 0  # +1 for every new source (a new text): part of the stamp
@@ -347,15 +349,16 @@ class AttentionExplorer(widgets.VBox):
         self._warm_neighbours()
 
     def _warm_neighbours(self):
-        """On a daemon thread, once an update is drawn: the exact attention (its spectral norm alone is
-        ~30 ms of a head move at N = 512) and the projection of the heads one slider step away, so a head
-        or layer move finds them computed. It draws nothing and changes only the engine's caches, stops
-        before its next head as soon as an update runs or waits (a newer update starts a new one), and
-        uses the update's torch thread count (so the numbers are the ones an update would compute)."""
+        """On a daemon thread, once an update is drawn: the whole computation of the setting one more step
+        along the last slider move (`step_ahead`: a held arrow key or a drag goes on), then the exact
+        attention (its spectral norm alone is ~30 ms of a head move at N = 512) and the projection of the
+        heads one slider step away. It draws nothing and changes only the engine's caches, stops before
+        its next piece (one core call, one head) as soon as an update runs or waits (a newer update
+        starts a new one), and uses the update's torch thread count (the numbers an update computes)."""
         if not self.prefetch or self._last is None:
             return
         self._warm_ticket += 1
-        ticket, engine, s = self._warm_ticket, self.engine, self._last[0]
+        ticket, engine, s, ahead = self._warm_ticket, self.engine, self._last[0], self._ahead
         threads = torch.get_num_threads() if self.threads is None else self.threads
 
         def idle() -> bool:
@@ -364,6 +367,8 @@ class AttentionExplorer(widgets.VBox):
         def work():
             try:
                 with torch_threads(threads):  # this thread's own setting: the kernel's threads are untouched
+                    if ahead is not None:
+                        engine.prefetch(ahead, idle)
                     engine.warm(engine.neighbours(s.layer, s.head), idle)
             finally:
                 _WARMING.discard(threading.current_thread())
@@ -421,6 +426,7 @@ class AttentionExplorer(widgets.VBox):
             self._restore_seed()
             return
         t2 = time.perf_counter()
+        self._ahead = step_ahead(self._last[0] if self._last else None, s)
         self._last = (s, disp)
         self._result = got[0]
         self.timings = dict(compute=t1 - t0, draw=t2 - t1, total=t2 - t0)

@@ -200,6 +200,22 @@ SAMPLING_LABELS = {KDE_DEFAULTS.sampling: f"{KDE_DEFAULTS.sampling} (best, defau
                    AUTHORS_SAMPLING: f"{AUTHORS_SAMPLING} (the authors')"}
 
 
+STEP_FIELDS = ("layer", "head", "bucket_size", "sample_size", "num_projs", "seed")  # the integer sliders
+
+
+def step_ahead(prev: Settings | None, s: Settings) -> Settings | None:
+    """The setting one more step along the last move (a held arrow key, a drag): when exactly one integer
+    slider (STEP_FIELDS) and nothing else changed from `prev` to `s`, that field moved once more by the
+    same amount; None otherwise (what it gives may be out of range: check_settings says)."""
+    if prev is None:
+        return None
+    moved = [f for f in s.__dataclass_fields__ if getattr(prev, f) != getattr(s, f)]
+    if len(moved) != 1 or moved[0] not in STEP_FIELDS:
+        return None
+    name = moved[0]
+    return replace(s, **{name: 2 * getattr(s, name) - getattr(prev, name)})
+
+
 def check_settings(s: Settings, src, methods) -> Settings:
     """ValueError naming the first bad field and its allowed range."""
     check_index("layer", s.layer, src.q.shape[0])
@@ -330,7 +346,7 @@ class Engine:
     seeds: how many seeds the error readout averages; curve_factors: scalings of (bucket, samples)
     at which the error-versus-budget curve is drawn; curve_seeds: seeds averaged per curve point.
     Public: head, exact, exact_rows, run, output, errors, errors_of, measured_points, summary, curve, pca,
-    exact_mask_rows, heavy_mass, memo, cost, neighbours, warm.
+    exact_mask_rows, heavy_mass, memo, cost, neighbours, warm, prefetch.
     """
 
     def __init__(self, src, *, seeds: int = 3, curve_factors=(0.25, 0.5, 1.0, 2.0, 4.0), curve_seeds: int = 1):
@@ -409,6 +425,22 @@ class Engine:
                 return
             self.exact(layer, head)
             self.pca(layer, head)
+
+    def prefetch(self, s: Settings, idle) -> None:
+        """What an update of setting `s` computes (its run, every error its readout and curve show, the
+        exact entries' mass), one piece at a time while idle() is true: work for a background thread that
+        guesses the next move (only the caches change; an update asking for a piece under way waits for it)."""
+        try:
+            check_settings(s, self.src, self.methods)
+        except ValueError:  # one step past a slider's end: nothing to guess
+            return
+        steps = [lambda: self.run(s)]
+        steps += [lambda p=p: self.errors(p) for p in self.measured_points(s)]
+        steps += [lambda: self.heavy_mass(s, self.run(s).kde_trace)]
+        for step in steps:
+            if not idle():
+                return
+            step()
 
     def pca(self, layer: int, head: int):
         """2-D PCA of the head's normalised queries and keys (see pca_2d), cached per head."""
