@@ -516,7 +516,7 @@ class Engine:
             raise ValueError(f"errors_of measures settings of one head, got {sorted({(p.layer, p.head) for p in missing})}")
         if missing:
             ex = self.exact(missing[0].layer, missing[0].head)
-            outs = torch.stack([self._runs[p].out if p in self._runs else self.output(p) for p in missing])  # (P, Nq, Dv)
+            outs = torch.stack([self._output_of(p) for p in missing])  # (P, Nq, Dv)
             plain = metrics.relative_spectral_error(outs, ex.out.expand_as(outs), reduction="none").tolist()
             for p, err in zip(missing, plain):
                 theory = None
@@ -524,6 +524,12 @@ class Engine:
                     theory = err * ex.out_norm / max(ex.attention_norm * ex.value_norm, 1e-300)
                 self._errors[p] = (err, theory)
         return [self._errors[p] for p in points]
+
+    def _output_of(self, s: Settings) -> torch.Tensor:
+        """The output of a cached run of `s` (read once: the warming thread may evict it meanwhile), else
+        output(s).  # (Nq, Dv)"""
+        run = self._runs.get(s)
+        return run.out if run is not None else self.output(s)
 
     def measured_points(self, s: Settings) -> list[Settings]:
         """Every setting whose error the readout and the curve of `s` show: the readout's seeds of s, then
