@@ -380,11 +380,22 @@ BOXES_JS = """(sel) => {
 }"""
 
 
+DRAWN_AT_WIDTH_JS = """() => [...document.querySelectorAll('.kde-explorer .kde-plot')].every(
+  (d) => d.querySelector('canvas').style.width === Math.max(200, d.clientWidth) + 'px')"""
+
+
+def resize(page, width: int) -> None:
+    """A new window width, then wait until every panel was redrawn at its new width (ResizeObserver)."""
+    page.set_viewport_size({"width": width, "height": 1000})
+    page.wait_for_function(DRAWN_AT_WIDTH_JS)
+    page.wait_for_timeout(200)  # a scroll bar that comes or goes changes the width once more: check again
+    page.wait_for_function(DRAWN_AT_WIDTH_JS)
+
+
 def check_layout(page, width: int, shot: str) -> None:
     """At this window width: figures fill the board's width; titles and labels stay inside their figure
     and do not overlap each other."""
-    page.set_viewport_size({"width": width, "height": 1000})
-    page.wait_for_timeout(1200)  # ResizeObserver -> the panels redrawn at the new width
+    resize(page, width)
     page.locator(".kde-explorer").screenshot(path=str(SHOTS / f"{shot}-{width}px.png"))
     for fig in page.evaluate(BOXES_JS, ".kde-explorer .kde-figure"):
         f, name = fig["fig"], fig["name"]
@@ -478,7 +489,7 @@ def check_the_drawn_explorer(page, where: str):
     p = page.page
     check_layout(p, 1600, where)
     check_layout(p, 1000, where)
-    p.set_viewport_size({"width": 1600, "height": 1000})
+    resize(p, 1600)
     click_matrix_row(page)
     check_pointer(page)
     check_every_control(page, where)

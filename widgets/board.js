@@ -367,6 +367,7 @@ function canvasDrawer(model, name, div, send) {
   reset.title = "back to the whole range (or double-click the plot)";
   div.append(zoombox, reset);
   let last = null;  // {fig, data, scene}
+  let shownTexts = null, shownLegend = null;  // the overlay's and the legend's HTML as last written
   let hoverFrame = null;
 
   function layoutScene(fig, data) {
@@ -668,7 +669,8 @@ function canvasDrawer(model, name, div, send) {
       }
     }
     div.dataset.marks = String(marks);
-    overlay.innerHTML = texts(scene);
+    const html = texts(scene);
+    if (html !== shownTexts) { overlay.innerHTML = html; shownTexts = html; }  // the same texts keep their nodes
     overlay.style.width = W + "px"; overlay.style.height = H + "px";
     drawLegend(scene);
   }
@@ -832,10 +834,10 @@ function canvasDrawer(model, name, div, send) {
     const {layout, traces} = scene;
     const items = traces.filter((p) => p.type !== "heatmap" && p.t.showlegend !== false && p.name);
     const show = layout.showlegend === true || (layout.showlegend !== false && items.length > 1);
-    if (!show) { legend.innerHTML = ""; return; }
+    if (!show) { if (shownLegend !== "") legend.innerHTML = shownLegend = ""; return; }
     const size = (layout.legend && layout.legend.font && layout.legend.font.size) || scene.font;
     legend.style.fontSize = size + "px";
-    legend.innerHTML = items.map((p) => {
+    const html = items.map((p) => {
       const off = hidden.has(p.name) || p.t.visible === "legendonly";
       const mode = String(p.t.mode || "lines");
       const line = p.t.line || {};
@@ -848,6 +850,7 @@ function canvasDrawer(model, name, div, send) {
           : `<span class="kde-swatch-dot" style="background:${mc}"></span>`;
       return `<span class="kde-legend-item${off ? " kde-off" : ""}" data-name="${rich(p.name)}">${swatch}<span class="kde-legend-text">${rich(p.name)}</span></span>`;
     }).join("");
+    if (html !== shownLegend) { legend.innerHTML = html; shownLegend = html; }
   }
 
   legend.addEventListener("click", (ev) => {
