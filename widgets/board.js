@@ -215,6 +215,10 @@ function axisTicks(ax) {
     }
     return out;
   }
+  return linearTicks(lo, hi, count);
+}
+
+function linearTicks(lo, hi, count) {
   const step = niceStep(hi - lo, count);
   const out = [];
   for (let v = Math.ceil(lo / step - 1e-9) * step; v <= hi + step * 1e-9; v += step) out.push({v, text: tickLabel(v, step)});
@@ -240,6 +244,13 @@ function unmap(ax, px) {
   const a = ax.reversed ? ax.r1 : ax.r0, b = ax.reversed ? ax.r0 : ax.r1;
   const f = ax.letter === "x" ? (px - ax.start) / ax.len : (ax.start + ax.len - px) / ax.len;
   return a + f * (b - a);
+}
+
+// the outer edges of a row (or column) of n heatmap cells centred on `labels`, in the axis's units
+function cellEdges(ax, labels, n) {
+  const a = toUnits(ax, labels[0]), b = toUnits(ax, labels[n - 1]);
+  const h = ax.type === "category" || n < 2 ? 0.5 : (b - a) / (n - 1) / 2;
+  return [a - h, b + h];
 }
 
 // a value as the axis's own units
@@ -377,18 +388,16 @@ function canvasDrawer(model, name, div, send) {
     const margin = Object.assign({l: 80, r: 80, t: 100, b: 80}, layout.margin || {});
     const font = (layout.font && layout.font.size) || 12;
     const tpl = (layout.template && layout.template.layout) || {};
-    const traces = data.map((t, i) => ({...prepare(t), i, color: colorOf(t, i, layout)}))
+    const traces = data.map((t, i) => ({...prepare(t), i, xid: t.xaxis || "x", yid: t.yaxis || "y", color: colorOf(t, i, layout)}))
       .filter((p) => p.t.visible !== false);
     const axes = axisSpecs(layout, data);
     for (const ax of Object.values(axes)) {
-      const mine = traces.filter((p) => (ax.letter === "x" ? p.t.xaxis || "x" : p.t.yaxis || "y") === ax.id);
-      guessType(ax, mine.map((p) => p.t));
-      ax.traces = mine;
+      guessType(ax, traces.filter((p) => (ax.letter === "x" ? p.xid : p.yid) === ax.id).map((p) => p.t));
     }
     // categories and data extents, in each axis's units
     const shown = traces.filter((p) => p.t.visible !== "legendonly" && !hidden.has(p.name));
     for (const p of shown) {
-      const xa = axes[p.t.xaxis || "x"], ya = axes[p.t.yaxis || "y"];
+      const xa = axes[p.xid], ya = axes[p.yid];
       if (p.type === "heatmap") {
         for (const [ax, labels, n] of [[xa, p.x, p.z.cols], [ya, p.y, p.z.rows]]) {
           if (ax.type === "category") for (let k = 0; k < n; k++) addCategory(ax, labels[k]);
@@ -400,26 +409,27 @@ function canvasDrawer(model, name, div, send) {
     const grow = (ax, u) => { if (Number.isFinite(u)) { ax.lo = Math.min(ax.lo, u); ax.hi = Math.max(ax.hi, u); } };
     const stacks = {};
     for (const p of shown) {
-      const xa = axes[p.t.xaxis || "x"], ya = axes[p.t.yaxis || "y"];
+      const xa = axes[p.xid], ya = axes[p.yid];
       if (p.type === "heatmap") {
-        const edges = (ax, labels, n) => {
-          if (ax.type === "category") { grow(ax, toUnits(ax, labels[0]) - 0.5); grow(ax, toUnits(ax, labels[n - 1]) + 0.5); return; }
-          const a = toUnits(ax, labels[0]), b = toUnits(ax, labels[n - 1]), h = n > 1 ? (b - a) / (n - 1) / 2 : 0.5;
-          grow(ax, a - h); grow(ax, b + h);
-        };
-        if (p.z.rows && p.z.cols) { edges(xa, p.x, p.z.cols); edges(ya, p.y, p.z.rows); }
+        p.zr = zRange(p);  // once: the colour bar and the image read it
+        if (p.z.rows && p.z.cols) {
+          for (const u of cellEdges(xa, p.x, p.z.cols)) grow(xa, u);
+          for (const u of cellEdges(ya, p.y, p.z.rows)) grow(ya, u);
+        }
         continue;
       }
       if (p.type === "bar") {
         xa.hasBars = true; ya.barValues = true;
-        for (let k = 0; k < p.n; k++) {
+        p.base = new Float64Array(p.n);
+        p.top = new Float64Array(p.n);
+        for (let k = 0; k < p.n; k++) {  // stacked bars start where the bar below ends
           const u = toUnits(xa, p.x[k]);
           grow(xa, u - 0.5); grow(xa, u + 0.5);
           const key = ya.id + ":" + u;
-          const base = layout.barmode === "stack" ? (stacks[key] || 0) : 0;
-          const top = base + (+p.y[k] || 0);
-          if (layout.barmode === "stack") stacks[key] = top;
-          grow(ya, 0); grow(ya, toUnits(ya, top));
+          p.base[k] = layout.barmode === "stack" ? (stacks[key] || 0) : 0;
+          p.top[k] = p.base[k] + (+p.y[k] || 0);
+          if (layout.barmode === "stack") stacks[key] = p.top[k];
+          grow(ya, 0); grow(ya, toUnits(ya, p.top[k]));
         }
         continue;
       }
@@ -435,7 +445,7 @@ function canvasDrawer(model, name, div, send) {
     for (const ax of Object.values(axes)) {
       const spec = ax.spec;
       if (Array.isArray(spec.range) && spec.range.length === 2 && spec.range[0] !== null && spec.range[1] !== null && spec.autorange !== true) {
-        ax.r0 = spec.type === "category" ? +spec.range[0] : +spec.range[0]; ax.r1 = +spec.range[1];
+        ax.r0 = +spec.range[0]; ax.r1 = +spec.range[1];
         if (ax.r0 > ax.r1) { [ax.r0, ax.r1] = [ax.r1, ax.r0]; ax.reversed = !ax.reversed; }
         continue;
       }
@@ -457,9 +467,9 @@ function canvasDrawer(model, name, div, send) {
     const plotW0 = W - margin.l - margin.r;
     const bars = heatmaps.map((p) => {
       const cb = p.t.colorbar || {};
-      const zr = zRange(p);
+      const zr = p.zr;
       const thick = cb.thickness || 30;
-      const ticks = colorbarTicks(zr);
+      const ticks = linearTicks(zr[0], zr[1], 5);
       const labelW = Math.max(0, ...ticks.map((tk) => plainWidth(ctx, tk.text, font - 1)));
       const titleW = cb.title && cb.title.text ? plainWidth(ctx, cb.title.text, font - 1) : 0;
       return {p, cb, zr, thick, ticks, labelW, titleW};
@@ -489,10 +499,10 @@ function canvasDrawer(model, name, div, send) {
     const subplots = [];
     const seen = new Set();
     for (const p of traces) {
-      const key = (p.t.xaxis || "x") + (p.t.yaxis || "y");
+      const key = p.xid + p.yid;
       if (seen.has(key)) continue;
       seen.add(key);
-      subplots.push({x: axes[p.t.xaxis || "x"], y: axes[p.t.yaxis || "y"]});
+      subplots.push({x: axes[p.xid], y: axes[p.yid]});
     }
     for (const ax of Object.values(axes)) {  // axes with no trace still get their frame
       if (ax.letter === "x" && !subplots.some((s) => s.x === ax) && axes[ax.anchor]) subplots.push({x: ax, y: axes[ax.anchor]});
@@ -522,18 +532,12 @@ function canvasDrawer(model, name, div, send) {
     return [lo, hi === lo ? lo + 1 : hi];
   }
 
-  function colorbarTicks([lo, hi]) {
-    const step = niceStep(hi - lo, 5);
-    const out = [];
-    for (let v = Math.ceil(lo / step - 1e-9) * step; v <= hi + step * 1e-9; v += step) out.push({v, text: tickLabel(v, step)});
-    return out;
-  }
 
   // one heatmap as an image of its cells (one pixel per cell), kept while its values and scale stay
   const images = new WeakMap();
   function heatmapImage(p) {
-    const scale = p.t.colorscale || (p.t.reversescale ? null : null);
-    const zr = zRange(p);
+    const scale = p.t.colorscale;
+    const zr = p.zr;
     const key = JSON.stringify([scale, zr, p.t.reversescale || false]);
     const src = p.z.cells || p.t.z;
     const cached = src && typeof src === "object" ? images.get(src) : null;
@@ -563,12 +567,7 @@ function canvasDrawer(model, name, div, send) {
 
   // pixel box of a heatmap: [x0, x1] and [y0, y1] of its first and last cells' outer edges
   function heatmapBox(p, xa, ya) {
-    const edge = (ax, labels, n) => {
-      const a = toUnits(ax, labels[0]), b = toUnits(ax, labels[n - 1]);
-      const h = ax.type === "category" ? 0.5 : n > 1 ? (b - a) / (n - 1) / 2 : 0.5;
-      return [ax.map(a - h), ax.map(b + h)];
-    };
-    return {xs: edge(xa, p.x, p.z.cols), ys: edge(ya, p.y, p.z.rows)};
+    return {xs: cellEdges(xa, p.x, p.z.cols).map(xa.map), ys: cellEdges(ya, p.y, p.z.rows).map(ya.map)};
   }
 
   function draw(scene) {
@@ -604,11 +603,10 @@ function canvasDrawer(model, name, div, send) {
     }
     const clipTo = (xa, ya) => { ctx.save(); ctx.beginPath(); ctx.rect(xa.start, ya.start, xa.len, ya.len); ctx.clip(); };
     // traces, in order
-    const stacks = {};
     const barTraces = {};
-    for (const p of shown) if (p.type === "bar") (barTraces[(p.t.xaxis || "x") + (p.t.yaxis || "y")] ||= []).push(p);
+    for (const p of shown) if (p.type === "bar") (barTraces[p.xid + p.yid] ||= []).push(p);
     for (const p of shown) {
-      const xa = axes[p.t.xaxis || "x"], ya = axes[p.t.yaxis || "y"];
+      const xa = axes[p.xid], ya = axes[p.yid];
       clipTo(xa, ya);
       if (p.type === "heatmap" && p.z.rows && p.z.cols) {
         const {xs, ys} = heatmapBox(p, xa, ya);
@@ -618,7 +616,7 @@ function canvasDrawer(model, name, div, send) {
         ctx.drawImage(heatmapImage(p), 0, 0);
         marks += p.z.rows * p.z.cols;
       } else if (p.type === "bar") {
-        const group = barTraces[(p.t.xaxis || "x") + (p.t.yaxis || "y")];
+        const group = barTraces[p.xid + p.yid];
         const stack = layout.barmode === "stack" || layout.barmode === "relative" || layout.barmode === "overlay";
         const gap = layout.bargap === undefined ? 0.2 : layout.bargap;
         const slots = stack ? 1 : group.length, slot = stack ? 0 : group.indexOf(p);
@@ -626,13 +624,8 @@ function canvasDrawer(model, name, div, send) {
         const width = (unit * (1 - gap)) / slots;
         const mc = (p.t.marker && p.t.marker.color) || p.color;
         for (let k = 0; k < p.n; k++) {
-          const u = toUnits(xa, p.x[k]);
-          const key = ya.id + ":" + u;
-          const base = layout.barmode === "stack" ? (stacks[key] || 0) : 0;
-          const top = base + (+p.y[k] || 0);
-          if (layout.barmode === "stack") stacks[key] = top;
-          const x0 = xa.map(u) - (unit * (1 - gap)) / 2 + slot * width;
-          const y0 = ya.map(toUnits(ya, base)), y1 = ya.map(toUnits(ya, top));
+          const x0 = xa.map(toUnits(xa, p.x[k])) - (unit * (1 - gap)) / 2 + slot * width;
+          const y0 = ya.map(toUnits(ya, p.base[k])), y1 = ya.map(toUnits(ya, p.top[k]));
           ctx.fillStyle = Array.isArray(mc) ? mc[k] : mc;
           ctx.fillRect(x0, Math.min(y0, y1), Math.max(width, 0.5), Math.abs(y1 - y0));
           marks++;
@@ -777,10 +770,11 @@ function canvasDrawer(model, name, div, send) {
       const rot = a.textangle ? ` rotate(${a.textangle}deg)` : "";
       put("kde-annotation", a.text, x, y - (a.yanchor === "bottom" ? 3 : 0), ax, ay, (a.font && a.font.size) || font, rot);
     }
+    const labelled = new Set();
     for (const s of subplots) {
       for (const ax of [s.x, s.y]) {
-        if (ax.drawn || ax.spec.visible === false) continue;
-        ax.drawn = true;
+        if (labelled.has(ax) || ax.spec.visible === false) continue;
+        labelled.add(ax);
         const other = ax === s.x ? s.y : s.x;
         const labels = ax.spec.showticklabels !== false;
         const tsize = (ax.spec.tickfont && ax.spec.tickfont.size) || font;
@@ -808,7 +802,6 @@ function canvasDrawer(model, name, div, send) {
         }
       }
     }
-    for (const ax of Object.values(axes)) ax.drawn = false;
     for (const b of scene.bars) {
       const [lo, hi] = b.zr;
       for (const tk of b.ticks) {
@@ -821,8 +814,8 @@ function canvasDrawer(model, name, div, send) {
     // the heatmaps' areas, as boxes the page (and tests) can find: no pointer events, no paint
     for (const p of scene.shown) {
       if (p.type !== "heatmap" || !p.z.rows) continue;
-      const {xs, ys} = heatmapBox(p, axes[p.t.xaxis || "x"], axes[p.t.yaxis || "y"]);
-      const xa = axes[p.t.xaxis || "x"], ya = axes[p.t.yaxis || "y"];
+      const {xs, ys} = heatmapBox(p, axes[p.xid], axes[p.yid]);
+      const xa = axes[p.xid], ya = axes[p.yid];
       const x0 = Math.max(xa.start, Math.min(...xs)), x1 = Math.min(xa.start + xa.len, Math.max(...xs));
       const y0 = Math.max(ya.start, Math.min(...ys)), y1 = Math.min(ya.start + ya.len, Math.max(...ys));
       out.push(`<div class="kde-heatmap" data-trace="${rich(p.name)}" style="left:${x0}px;top:${y0}px;width:${x1 - x0}px;height:${y1 - y0}px"></div>`);
@@ -867,7 +860,7 @@ function canvasDrawer(model, name, div, send) {
     const {scene} = last;
     let best = null, bestD = 20 * 20;
     for (const p of scene.shown) {
-      const xa = scene.axes[p.t.xaxis || "x"], ya = scene.axes[p.t.yaxis || "y"];
+      const xa = scene.axes[p.xid], ya = scene.axes[p.yid];
       if (mx < xa.start - 5 || mx > xa.start + xa.len + 5 || my < ya.start - 5 || my > ya.start + ya.len + 5) continue;
       if (p.t.hoverinfo === "skip" && p.t.hovertemplate === undefined) continue;
       if (p.px) {
@@ -881,7 +874,7 @@ function canvasDrawer(model, name, div, send) {
     for (let i = scene.shown.length - 1; i >= 0; i--) {
       const p = scene.shown[i];
       if (p.t.hoverinfo === "skip") continue;
-      const xa = scene.axes[p.t.xaxis || "x"], ya = scene.axes[p.t.yaxis || "y"];
+      const xa = scene.axes[p.xid], ya = scene.axes[p.yid];
       if (mx < xa.start || mx > xa.start + xa.len || my < ya.start || my > ya.start + ya.len) continue;
       if (p.type === "heatmap" && p.z.rows) {
         const {xs, ys} = heatmapBox(p, xa, ya);
