@@ -82,9 +82,8 @@ function datum(cd, i) {
 function parseColor(c) {
   if (!c || typeof c !== "string") return [0, 0, 0, 1];
   if (!parseColor.ctx) parseColor.ctx = document.createElement("canvas").getContext("2d", {willReadFrequently: true});
-  const key = c;
   parseColor.cache = parseColor.cache || new Map();
-  if (parseColor.cache.has(key)) return parseColor.cache.get(key);
+  if (parseColor.cache.has(c)) return parseColor.cache.get(c);
   const ctx = parseColor.ctx;
   ctx.clearRect(0, 0, 1, 1);
   ctx.fillStyle = "#000";
@@ -92,7 +91,7 @@ function parseColor(c) {
   ctx.fillRect(0, 0, 1, 1);
   const d = ctx.getImageData(0, 0, 1, 1).data;
   const out = [d[0], d[1], d[2], d[3] / 255];
-  parseColor.cache.set(key, out);
+  parseColor.cache.set(c, out);
   return out;
 }
 
@@ -434,7 +433,7 @@ function canvasDrawer(model, name, div, send) {
         continue;
       }
       const markers = String(p.t.mode || (p.n < 20 ? "lines+markers" : "lines")).includes("markers");
-      if (markers) xa.padded = ya.padded = true;
+      if (markers) xa.padded = true;  // lines run edge to edge in x; y is always padded
       ya.padded = true;
       for (let k = 0; k < p.n; k++) {
         grow(xa, toUnits(xa, p.x[k]));
@@ -450,7 +449,7 @@ function canvasDrawer(model, name, div, send) {
         continue;
       }
       let lo = ax.lo, hi = ax.hi;
-      if (!Number.isFinite(lo)) { lo = ax.type === "log" ? 0 : -1; hi = ax.type === "log" ? 1 : (ax.type === "category" ? 1 : 1); }
+      if (!Number.isFinite(lo)) { lo = ax.type === "log" ? 0 : -1; hi = 1; }
       if (spec.rangemode === "tozero" && ax.type !== "log") { lo = Math.min(lo, 0); hi = Math.max(hi, 0); }
       if (hi - lo < 1e-12) { const d = Math.abs(lo) > 0 ? Math.abs(lo) * 0.1 : 1; lo -= d; hi += d; }
       else if (ax.type !== "category" && !ax.hasBars && ax.padded) {
@@ -463,7 +462,7 @@ function canvasDrawer(model, name, div, send) {
     for (const ax of Object.values(axes)) if (zoomed[ax.id]) [ax.r0, ax.r1] = zoomed[ax.id];  // the user's drag-zoom
     // margins grow to hold colour bars, right-side axes and tick labels, as plotly's automargin does
     const heatmaps = shown.filter((p) => p.type === "heatmap" && p.t.showscale !== false);
-    const right = {r: margin.r, l: margin.l};
+    const grown = {r: margin.r, l: margin.l};
     const plotW0 = W - margin.l - margin.r;
     const bars = heatmaps.map((p) => {
       const cb = p.t.colorbar || {};
@@ -477,7 +476,7 @@ function canvasDrawer(model, name, div, send) {
     for (const b of bars) {
       const x = margin.l + (b.cb.x === undefined ? 1.02 : b.cb.x) * plotW0;
       const extent = (b.cb.xanchor === "right" ? 0 : b.cb.xanchor === "center" ? b.thick / 2 : b.thick) + 4 + Math.max(b.labelW, b.titleW / 2) + 4;
-      if (x + extent > W - 2) right.r = Math.max(right.r, margin.r + (x + extent - (W - 2)));
+      if (x + extent > W - 2) grown.r = Math.max(grown.r, margin.r + (x + extent - (W - 2)));
     }
     for (const ax of Object.values(axes)) {
       if (ax.letter !== "y" || ax.spec.showticklabels === false || ax.spec.visible === false || !ax.used) continue;
@@ -486,9 +485,9 @@ function canvasDrawer(model, name, div, send) {
       const need = labelW + 6 + titleH + 4;
       const side = ax.spec.side === "right" ? "r" : "l";
       const edge = side === "r" ? 1 - anchorDomain(axes, ax)[1] : anchorDomain(axes, ax)[0];
-      if (edge < 0.02) right[side] = Math.max(right[side], need);
+      if (edge < 0.02) grown[side] = Math.max(grown[side], need);
     }
-    const L = right.l, R = right.r, T = margin.t, B = margin.b;
+    const L = grown.l, R = grown.r, T = margin.t, B = margin.b;
     const plotW = Math.max(40, W - L - R), plotH = Math.max(40, H - T - B);
     for (const ax of Object.values(axes)) {
       if (ax.letter === "x") { ax.start = L + ax.domain[0] * plotW; ax.len = (ax.domain[1] - ax.domain[0]) * plotW; }
@@ -630,7 +629,7 @@ function canvasDrawer(model, name, div, send) {
           ctx.fillRect(x0, Math.min(y0, y1), Math.max(width, 0.5), Math.abs(y1 - y0));
           marks++;
         }
-      } else if (p.type === "scatter" || p.type === "scattergl") {
+      } else if (p.type === "scatter") {
         marks += drawScatter(p, xa, ya);
       }
       ctx.restore();
