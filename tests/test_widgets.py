@@ -793,3 +793,8 @@ def test_python_exits_cleanly_while_neighbours_are_warmed():
               "assert ex._warm_thread is not None and ex._warm_thread.is_alive()\n")
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0 and "terminate called" not in done.stderr, done.stderr[-2000:]
+
+
+def test_prefetch_must_be_a_bool():
+    with pytest.raises(ValueError, match="prefetch must be True or False, got 'no'"):
+        AttentionExplorer(toy_source(n=32), prefetch="no")

@@ -150,7 +150,9 @@ class AttentionExplorer(widgets.VBox):
         self.error_cells = int(params.pop("error_cells", 128))
         seeds, curve_seeds = int(params.pop("seeds", 3)), int(params.pop("curve_seeds", 1))
         self.threads = params.pop("threads", 1)
-        self.prefetch = bool(params.pop("prefetch", True))
+        self.prefetch = params.pop("prefetch", True)
+        if not isinstance(self.prefetch, bool):
+            raise ValueError(f"prefetch must be True or False, got {self.prefetch!r}")
         self._warm_ticket, self._warm_thread, self._ahead = 0, None, None
         src, startup_note = self._open_source(source)
         self.engine = Engine(src, seeds=seeds, curve_seeds=curve_seeds)
