@@ -482,6 +482,62 @@ def test_browser_bursts_are_drawn_once_with_the_newest_value(ex):
     assert ex.update_count == count + 2
 
 
+class _ClockLoop:
+    """An event loop's timer interface on a clock the test moves (asyncio's call_at/time)."""
+
+    def __init__(self):
+        self.now, self.timers = 0.0, []
+
+    def time(self):
+        return self.now
+
+    def call_at(self, when, callback):
+        handle = type("Handle", (), {"cancelled": False, "cancel": lambda h: setattr(h, "cancelled", True)})()
+        self.timers.append((when, callback, handle))
+        return handle
+
+    def advance(self, seconds):
+        self.now += seconds
+        due = [t for t in self.timers if t[0] <= self.now + 1e-12]
+        self.timers = [t for t in self.timers if t[0] > self.now + 1e-12]
+        for _, callback, handle in sorted(due, key=lambda t: t[0]):
+            if not handle.cancelled:
+                callback()
+
+
+def test_page_moves_are_drawn_when_they_stop_coming_or_have_waited_long_enough(ex, monkeypatch):
+    """The page's redraw waits until no newer move came for BROWSER_QUIET_S (the kernel handles queued
+    messages a few ms apart, so a fixed window from the first one splits a burst), but never more than
+    BROWSER_MAX_WAIT_S after the oldest undrawn move (a drag that keeps sending still shows frames)."""
+    from kdeformer.widgets import explorer as explorer_module
+
+    quiet, most = explorer_module.BROWSER_QUIET_S, explorer_module.BROWSER_MAX_WAIT_S
+    assert (quiet, most) == (0.005, 0.05)
+    loop = _ClockLoop()
+    monkeypatch.setattr(explorer_module, "_running_loop", lambda: loop)
+    slider, drawn = ex.controls["bucket_size"], []
+    monkeypatch.setattr(ex, "_update_once", lambda: drawn.append((round(loop.now * 1e3), slider.value)))
+
+    for b in (20, 24, 28, 32, 36):  # five queued moves, handled 4 ms apart: one redraw, 5 ms after the last
+        slider.set_state({"value": b})
+        loop.advance(0.004)
+    assert drawn == []
+    loop.advance(0.001)
+    assert drawn == [(21, 36)]
+
+    drawn.clear()
+    values = [8 + 2 * (i % 12) for i in range(30)]
+    for b in values:  # a drag sending every 4 ms for 120 ms: a frame every 50 ms, then the last value
+        slider.set_state({"value": b})
+        loop.advance(0.004)
+    loop.advance(0.005)
+    start = 21  # the drag began when the burst was drawn; the test's clock moves in 4 ms steps, so each
+    # redraw runs at the first step at or after its due time (71, 123 and 142 ms from the clock's zero)
+    assert [t - start for t, _ in drawn] == [52, 104, 125]
+    assert [b for _, b in drawn] == [values[12], values[25], values[29]]  # the newest value each time
+    assert ex._timer is None and all(h.cancelled for _, _, h in loop.timers)  # nothing left scheduled
+
+
 def test_real_kernel_draws_queued_browser_moves_once():
     """Five slider messages queued in a real ipykernel, as a browser sends them: one redraw, newest value."""
     import time

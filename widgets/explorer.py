@@ -53,7 +53,8 @@ CONTROL_NAMES = ("text", "layer", "head", "method", "bucket_size", "sample_size"
                  "bucket_order", "seed", *DISPLAY)
 SLIDER_LAYOUT = dict(width="310px")
 SEED_MAX = 2**31 - 1
-BROWSER_DEBOUNCE_S = 0.005  # moves from the browser that arrive within this window are drawn once
+BROWSER_QUIET_S = 0.005  # a move from the page is drawn once no newer move came for this long ...
+BROWSER_MAX_WAIT_S = 0.05  # ... or once the oldest undrawn move has waited this long (a drag never starves)
 
 
 def _running_loop():
@@ -159,7 +160,8 @@ class AttentionExplorer(widgets.VBox):
         self._source_number = 0  # +1 for every new source (a new text): part of the stamp
         self._tokens()
         self._lock = threading.Lock()
-        self._pending = self._suspend = self._scheduled = False
+        self._pending = self._suspend = False
+        self._timer, self._waiting_since = None, None  # the page's scheduled redraw, and since when moves wait
         self._from_page = 0  # > 0 while a front-end message is being applied
         self._applied: dict = {}  # figure -> values last written (unchanged ones are not re-sent)
         self._last = None  # (settings, display) drawn last
@@ -313,9 +315,11 @@ class AttentionExplorer(widgets.VBox):
 
     # ------------------------------------------------------------------ updates
     def _on_control(self, change):
-        """A control moved. From Python: redraw now. From the page (inside a kernel): redraw on the
-        next turn of the event loop, so a burst of queued moves (a held arrow key, a fast drag) is
-        drawn once, with the newest values, instead of once per stale value."""
+        """A control moved. From Python: redraw now. From the page (inside a kernel): redraw once the
+        moves stop coming (none newer for BROWSER_QUIET_S, or the oldest has waited BROWSER_MAX_WAIT_S),
+        so a burst of queued moves (a held arrow key, a fast drag, moves queued behind an update) is
+        drawn once, with the newest values, instead of once per stale value. The kernel handles one
+        queued message every few milliseconds, so the window restarts with each one."""
         if self._suspend:
             return
         if change.get("owner") is self.controls["bucket_size"]:
@@ -326,12 +330,16 @@ class AttentionExplorer(widgets.VBox):
             self.request_update()
             return
         self._pending = True
-        if not self._scheduled:
-            self._scheduled = True
-            loop.call_later(BROWSER_DEBOUNCE_S, self._run_scheduled)
+        now = loop.time()
+        if self._timer is not None:
+            self._timer.cancel()
+        else:
+            self._waiting_since = now
+        due = min(now + BROWSER_QUIET_S, self._waiting_since + BROWSER_MAX_WAIT_S)
+        self._timer = loop.call_at(due, self._run_scheduled)
 
     def _run_scheduled(self):
-        self._scheduled = False
+        self._timer = self._waiting_since = None
         if self._pending:
             self.request_update()
 
