@@ -440,3 +440,73 @@ def test_lru_builds_a_key_once_when_threads_ask_together():
         cache.get_or("bad", fail)
     assert cache.get_or("bad", lambda: 5) == 5  # a failed build leaves nothing behind
     assert cache.get_or("outer", lambda: cache.get_or("outer", lambda: 6) + 1) == 7  # re-entered: no deadlock
+
+
+# --------------------------------------------------------------------------- the first layers only
+def _calls_of(module, counter: list):
+    return module.register_forward_hook(lambda *_: counter.append(1))
+
+
+def test_minilm_first_layers_are_the_full_captures_layers_and_stop_the_forward():
+    """num_layers=k: exactly the full capture's first k layers (same bits), and the model's forward ends
+    after layer k - 1's value projection (later layers never run)."""
+    text = SHORT_TEXT + " (first layers)"
+    S.clear_cache()
+    model, _ = S.load_model(S.minilm_path(), attn_implementation="capture")
+    projections = S.find_attention_projections(model)
+    ran = {i: [] for i in range(len(projections))}
+    handles = [_calls_of(p.module, ran[i]) for i, p in enumerate(projections)]  # each layer's self-attention
+    try:
+        part = S.minilm(text, num_layers=2)
+        assert [len(ran[i]) for i in range(6)] == [1, 0, 0, 0, 0, 0]  # layer 1 stopped inside its attention
+        full = S.minilm(text)
+        assert [len(ran[i]) for i in range(6)] == [2, 1, 1, 1, 1, 0]  # a full capture skips the last one's core
+    finally:
+        for h in handles:
+            h.remove()
+    assert (part.num_layers, full.num_layers) == (2, 6) and part.tokens == full.tokens
+    for a, b in ((part.q, full.q), (part.k, full.k), (part.v, full.v)):
+        assert torch.equal(a, b[:2])
+    cut = S.minilm(text, num_layers=3)  # a cached full source is cut, not re-run
+    assert cut.q.data_ptr() == full.q.data_ptr() and cut.num_layers == 3
+    with pytest.raises(ValueError, match=r"num_layers must be an integer in \[1, 6\]"):
+        S.minilm(text, num_layers=7)
+    with pytest.raises(ValueError, match=r"num_layers must be an integer in \[1, 6\]"):
+        S.minilm(text + " uncached", num_layers=0)
+
+
+@pytest.mark.parametrize("arch", S.TINY_ARCHS)
+def test_decoders_first_layers_are_the_full_captures_layers(tiny_decoders, arch):
+    text = S.corpus()[4]
+    S.clear_cache()
+    part = S.from_pretrained(tiny_decoders[arch], text, num_layers=1)
+    S.clear_cache()
+    full = S.from_pretrained(tiny_decoders[arch], text)
+    assert part.num_layers == 1 and part.is_causal
+    assert torch.equal(part.q, full.q[:1]) and torch.equal(part.k, full.k[:1]) and torch.equal(part.v, full.v[:1])
+    S.clear_cache()
+    with pytest.raises(ValueError, match=r"num_layers must be an integer in \[1, 2\]"):
+        S.from_pretrained(tiny_decoders[arch], text, num_layers=3)
+
+
+@pytest.mark.parametrize("kind", ["bert", "gpt2"])
+def test_a_capture_stops_when_its_check_says_so_and_the_next_one_is_whole(tiny_dirs, kind):
+    """stopping_when(check): polled before each of the model's leaf modules; True -> CaptureStopped at
+    once, nothing cached, and the model (its hooks removed) captures normally afterwards."""
+    from kdeformer.sources.capture import CaptureStopped, stopping_when
+
+    S.clear_cache()
+    polls = []
+
+    def check():
+        polls.append(1)
+        return len(polls) > 1  # let the first module (the embeddings) through, stop before the second
+
+    with stopping_when(check), pytest.raises(CaptureStopped):
+        S.from_pretrained(tiny_dirs[kind], SHORT_TEXT)
+    assert len(polls) == 2
+    src = S.from_pretrained(tiny_dirs[kind], SHORT_TEXT)  # not cached by the stopped run: a whole capture
+    assert src.num_layers == 2 and len(polls) == 2  # outside the block nothing polls
+    S.clear_cache()
+    again = S.from_pretrained(tiny_dirs[kind], SHORT_TEXT)
+    assert torch.equal(src.q, again.q)

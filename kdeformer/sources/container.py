@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from .._cache import LRU
-from .._checks import check_flag, check_index
+from .._checks import check_flag, check_index, check_int
 
 SOURCES = LRU(8)  # extracted sources and GloVe tables, keyed by what made them
 MODELS = LRU(2)  # (model, tokenizer) per (folder, attention implementation)
@@ -76,6 +76,16 @@ class AttentionSource:
         layer = check_index("layer", layer, self.num_layers)
         head = check_index("head", head, self.num_heads)
         return self.q[layer, head], self.k[layer, head], self.v[layer, head]
+
+    def first_layers(self, n: int) -> AttentionSource:
+        """The same source cut to its first n layers (views of the same tensors); n in [1, num_layers]."""
+        from dataclasses import replace
+
+        n = check_int("num_layers", n, minimum=1, maximum=self.num_layers)
+        meta = dict(self.meta)
+        if "layer_scales" in meta:
+            meta["layer_scales"] = list(meta["layer_scales"])[:n]
+        return replace(self, q=self.q[:n], k=self.k[:n], v=self.v[:n], meta=meta)
 
     def allowed(self) -> torch.Tensor:
         """bool (N, N): which keys each query may attend to (key_mask, and j <= i when causal)."""
