@@ -124,3 +124,102 @@ def test_prefetch_fills_what_an_update_reads_with_the_same_numbers(src):
     calls = []
     eng.prefetch(Settings(layer=0, head=1, seed=3), idle=lambda: calls.append(1) and False)  # busy at once
     assert calls == [1] and Settings(layer=0, head=1, seed=3) not in eng._runs
+
+
+# --------------------------------------------------------------------------- a new text's layers in two steps
+def test_engine_with_layers_to_come_gives_the_whole_sources_numbers(src):
+    """An engine holding the first layer (rest: the whole source) reports every layer, computes layer 0
+    without the rest, captures the rest when a later layer is asked for, and gives the whole source's bits."""
+    from kdeformer.widgets.state import LayersToCome
+
+    made = []
+
+    def make():
+        made.append(1)
+        return src
+
+    eng = Engine(src.first_layers(1), rest=LayersToCome(2, make))
+    whole = Engine(src)
+    assert (eng.num_layers, eng.layers_ready) == (2, 1) and eng.neighbours(0, 0) == whole.neighbours(0, 0)
+    s0, s1 = Settings(layer=0, head=1, bucket_size=16, sample_size=24, seed=2), Settings(layer=1, head=0, seed=5)
+    assert eng.summary(s0) == whole.summary(s0) and made == []
+    eng.warm([(1, 0), (0, 0)], lambda: True)  # skips the layer to come
+    eng.prefetch(s1, lambda: True)
+    assert made == [] and eng.layers_ready == 1
+    assert eng.summary(s1) == whole.summary(s1) and made == [1] and eng.layers_ready == 2
+    assert eng.whole_source() is src and made == [1]  # once
+    with pytest.raises(ValueError, match="rest.num_layers must be more than the 2 layers"):
+        Engine(src, rest=LayersToCome(2, make))
+
+
+def test_engine_refuses_a_whole_source_that_disagrees_with_the_layers_shown(src):
+    from dataclasses import replace
+
+    from kdeformer.widgets.state import LayersToCome
+
+    other = replace(src, q=src.q + 1e-6)
+    eng = Engine(src.first_layers(1), rest=LayersToCome(2, lambda: other))
+    with pytest.raises(RuntimeError, match="first layers differ"):
+        eng.complete()
+    assert eng.layers_ready == 1  # nothing swapped
+
+
+def _minilm_or_skip():
+    from kdeformer.widgets.state import load_text_source
+
+    try:
+        return load_text_source(None)
+    except Exception as exc:  # the model package is missing on this machine
+        pytest.skip(f"MiniLM source unavailable: {exc}")
+
+
+@pytest.mark.parametrize("layer", [0, 5])
+def test_a_new_text_draws_its_layer_first_and_shows_the_whole_captures_numbers(layer):
+    """set_text runs the model only as far as the layer shown (all of it for the last one); what is drawn
+    equals an explorer opened on the whole capture of that text, and a layer move captures the rest."""
+    from kdeformer.sources import minilm
+    from kdeformer.widgets import AttentionExplorer
+
+    _minilm_or_skip()
+    text = f"A short text about layer {layer}: the keys and the queries meet in the attention matrix."
+    ex = AttentionExplorer(seeds=1, prefetch=False)
+    ex.set(layer=layer, head=3)
+    assert ex.set_text(text)
+    assert ex.engine.layers_ready == layer + 1 and ex.engine.num_layers == 6 and ex.controls["layer"].max == 5
+    whole = AttentionExplorer(minilm(text), seeds=1, prefetch=False)
+    same = {f: getattr(ex.settings(), f) for f in ("layer", "head", "bucket_size", "sample_size", "num_projs", "seed")}
+    whole.set(**same, query=ex.display_options()["query"])  # (the short text clamped the bucket and the query)
+    assert whole.stamp(whole.settings(), whole.display_options()).replace("text0", "text1") == \
+        ex.stamp(ex.settings(), ex.display_options())
+    for name in ex.figures:
+        assert ex.figures[name].to_json() == whole.figures[name].to_json(), name
+    assert ex.readout.value.replace("text1", "text0") == whole.readout.value
+    ex.set(layer=5 - layer)  # the other end: the rest is captured, then drawn
+    whole.set(layer=5 - layer)
+    assert ex.engine.layers_ready == 6 and ex.last_error is None
+    assert ex.readout.value.replace("text1", "text0") == whole.readout.value
+    assert torch.equal(ex.source.q, whole.source.q)
+
+
+def test_the_warming_thread_captures_the_rest_and_a_new_text_stops_it():
+    import time
+
+    from kdeformer.widgets import AttentionExplorer
+
+    _minilm_or_skip()
+    ex = AttentionExplorer(seeds=1)  # prefetch=True: the rest is captured after each redraw
+    base = ex.controls["text"].value
+    assert ex.set_text("First: " + base) and ex.engine.layers_ready == 1
+    first = ex.engine
+    deadline = time.monotonic() + 60
+    while first.layers_ready < 6 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert first.layers_ready == 6
+    assert ex.set_text("Second: " + base)
+    assert ex.set_text("Third: " + base)  # the second's capture (if still running) stops for this one
+    deadline = time.monotonic() + 60
+    while ex.engine.layers_ready < 6 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    from kdeformer.sources import minilm
+
+    assert torch.equal(ex.source.k, minilm("Third: " + base).k) and ex.last_error is None

@@ -26,6 +26,7 @@ import torch
 
 from kdeformer.core import BUCKET_ORDERS, MAX_PROJS
 from kdeformer.defaults import KDE_DEFAULTS
+from kdeformer.sources import stopping_when
 
 from . import panels
 from .board import PlotBoard
@@ -35,6 +36,7 @@ from .state import (
     MATERIALIZE_MAX,
     SAMPLING_LABELS,
     Engine,
+    LayersToCome,
     Settings,
     call_code,
     check_settings,
@@ -202,11 +204,12 @@ class AttentionExplorer(widgets.VBox):
 
     @property
     def source(self):
-        return self.engine.src
+        """The source shown, with every layer (after a new text, waits for the layers still to come)."""
+        return self.engine.whole_source()
 
     def _sizes(self):
         src = self.engine.src
-        return src.q.shape[0], src.q.shape[1], src.q.shape[2], src.k.shape[2]
+        return self.engine.num_layers, src.q.shape[1], src.q.shape[2], src.k.shape[2]
 
     def _build_controls(self, p):
         # refuse initial values that the widgets would clamp silently or reject with a TraitError
@@ -359,12 +362,14 @@ class AttentionExplorer(widgets.VBox):
         self._warm_neighbours()
 
     def _warm_neighbours(self):
-        """On a daemon thread, once an update is drawn: the whole computation of the setting one more step
-        along the last slider move (`step_ahead`: a held arrow key or a drag goes on), then the exact
-        attention (its spectral norm alone is ~30 ms of a head move at N = 512) and the projection of the
-        heads one slider step away. It draws nothing and changes only the engine's caches, stops before
-        its next piece (one core call, one head) as soon as an update runs or waits (a newer update
-        starts a new one), and uses the update's torch thread count (the numbers an update computes)."""
+        """On a daemon thread, once an update is drawn: after a new text, the model's other layers (its
+        first draw ran the model only as far as the layer shown); the whole computation of the setting one
+        more step along the last slider move (`step_ahead`: a held arrow key or a drag goes on); then the
+        exact attention (its spectral norm alone is ~30 ms of a head move at N = 512) and the projection
+        of the heads one slider step away. It draws nothing and changes only the engine's caches, stops
+        before its next piece (one core call, one head, one model module) as soon as an update runs or
+        waits (a newer update starts a new one; an update waiting for the text's layers lets their capture
+        finish), and uses the update's torch thread count (the numbers an update computes)."""
         if not self.prefetch or self._last is None:
             return
         self._warm_ticket += 1
@@ -377,9 +382,15 @@ class AttentionExplorer(widgets.VBox):
         def work():
             try:
                 with torch_threads(threads):  # this thread's own setting: the kernel's threads are untouched
+                    if engine.layers_ready < engine.num_layers and idle():  # a new text: its other layers
+                        # first; a move takes the cores back within a module, unless it waits for them
+                        with stopping_when(lambda: not idle() and not engine.rest_wanted.is_set()):
+                            engine.complete(wanted=False)
                     if ahead is not None:
                         engine.prefetch(ahead, idle)
                     engine.warm(engine.neighbours(s.layer, s.head), idle)
+            except Exception:  # CaptureStopped (a move came), or a failure the foreground meets again and shows
+                pass
             finally:
                 _WARMING.discard(threading.current_thread())
 
@@ -424,7 +435,7 @@ class AttentionExplorer(widgets.VBox):
     def _update_once(self):
         t0 = time.perf_counter()
         try:
-            s = check_settings(self.settings(), self.engine.src, self.engine.methods)
+            s = check_settings(self.settings(), self.engine)
             disp = self.display_options()
             got = self._compute(s)
             if got is None:  # newer values arrived while computing: the loop draws the newest
@@ -582,15 +593,21 @@ class AttentionExplorer(widgets.VBox):
             self._show_error("this source has no model to re-run: text editing needs a MiniLM source")
             return False
         self._warm_ticket += 1  # the warming of the old text's heads stops at its next head: the model needs the cores
-        try:
-            src = load_text_source(text, like=self.engine.src)
+        old = self.engine
+        layers, shown = old.num_layers, self.controls["layer"].value
+        try:  # the model runs only as far as the layer shown; the others are captured after the redraw
+            src = load_text_source(text, like=old.src, num_layers=shown + 1 if shown + 1 < layers else None)
             if getattr(src, "num_tokens", src.q.shape[2]) < 2:
                 raise ValueError("text must give at least 2 tokens")
         except Exception as exc:
             self._show_error(f"text not used: {exc}")
             return False
-        old = self.engine
-        self.engine = Engine(src, seeds=old.seeds, curve_factors=old.curve_factors, curve_seeds=old.curve_seeds)
+        rest = None
+        if src.q.shape[0] < layers:
+            like = src
+            rest = LayersToCome(layers, lambda: load_text_source(text, like=like))
+        self.engine = Engine(src, seeds=old.seeds, curve_factors=old.curve_factors, curve_seeds=old.curve_seeds,
+                             rest=rest)
         self._source_number += 1
         self._tokens()
         self._suspend = True
@@ -771,7 +788,7 @@ class AttentionExplorer(widgets.VBox):
 
     def view(self, s: Settings | None = None) -> View:
         """What the panels read for setting `s` (default: the current one), e.g. for export or tests."""
-        s = check_settings(s or self.settings(), self.engine.src, self.engine.methods)
+        s = check_settings(s or self.settings(), self.engine)
         return View(s, self.display_options(), self.engine, self.engine.run(s), self.engine.curve(s),
                     self._q_tokens, self._k_tokens, self.max_cells, self.error_cells)
 

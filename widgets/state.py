@@ -7,6 +7,8 @@ Shape legend: L layers, H heads, N tokens (Nq queries, Nk keys), D head dim, Dv 
 from __future__ import annotations
 
 import math
+import threading
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 import torch
@@ -116,11 +118,11 @@ def source_from_tensors(q, k, v, *, scale=None, tokens=None, key_mask=None, name
     return TensorSource(name, "", list(tokens), q, k, v, scale, key_mask, {})
 
 
-def load_text_source(text: str | None = None, like=None):
+def load_text_source(text: str | None = None, like=None, num_layers: int | None = None):
     """Model attention for `text` (None: the bundled text), via kdeformer.sources (raises if unavailable).
 
     like: a source made by `sources.from_pretrained` (its meta holds the model path): re-run that model;
-    otherwise MiniLM.
+    otherwise MiniLM. num_layers: only the first layers (the model's forward stops after them).
     """
     from kdeformer import sources  # (transformers itself is imported only when a model is loaded)
 
@@ -128,9 +130,9 @@ def load_text_source(text: str | None = None, like=None):
         raise ValueError("text must contain at least one word, got an empty text")
     meta = getattr(like, "meta", None) or {}
     if like is not None and meta.get("path") and "minilm" not in str(getattr(like, "name", "")).lower():
-        return sources.from_pretrained(meta["path"], text, meta.get("max_tokens"))
+        return sources.from_pretrained(meta["path"], text, meta.get("max_tokens"), num_layers=num_layers)
     max_tokens = meta.get("max_tokens") or 512  # keep the source's own token limit
-    return sources.minilm(text, max_tokens=int(max_tokens))
+    return sources.minilm(text, max_tokens=int(max_tokens), num_layers=num_layers)
 
 
 def text_capable(src) -> bool:
@@ -216,11 +218,11 @@ def step_ahead(prev: Settings | None, s: Settings) -> Settings | None:
     return replace(s, **{name: 2 * getattr(s, name) - getattr(prev, name)})
 
 
-def check_settings(s: Settings, src, methods) -> Settings:
-    """ValueError naming the first bad field and its allowed range."""
-    check_index("layer", s.layer, src.q.shape[0])
-    check_index("head", s.head, src.q.shape[1])
-    check_choice("method", s.method, tuple(methods))
+def check_settings(s: Settings, engine: Engine) -> Settings:
+    """ValueError naming the first bad field and its allowed range (the engine's source's sizes)."""
+    check_index("layer", s.layer, engine.num_layers)
+    check_index("head", s.head, engine.src.q.shape[1])
+    check_choice("method", s.method, tuple(engine.methods))
     check_positive_int("bucket_size", s.bucket_size)
     check_positive_int("sample_size", s.sample_size)
     check_positive_int("num_projs", s.num_projs, maximum=MAX_PROJS)
@@ -340,17 +342,34 @@ def pca_2d(q: torch.Tensor, k: torch.Tensor):
     return (x - mean) @ comps, mean, comps
 
 
+@dataclass(frozen=True)
+class LayersToCome:
+    """The layers an engine's source does not hold yet: make() returns the whole source (num_layers
+    layers), whose first layers are those already held (a model's forward cut short, then run whole)."""
+
+    num_layers: int
+    make: Callable[[], AttentionSource]
+
+
 class Engine:
     """Runs the core for one source, caching per head and per setting (bounded caches).
 
     seeds: how many seeds the error readout averages; curve_factors: scalings of (bucket, samples)
-    at which the error-versus-budget curve is drawn; curve_seeds: seeds averaged per curve point.
+    at which the error-versus-budget curve is drawn; curve_seeds: seeds averaged per curve point;
+    rest: the layers `src` does not hold yet (a new text's first layers are drawn while the others wait).
     Public: head, exact, exact_rows, run, output, errors, errors_of, measured_points, summary, curve, pca,
-    exact_mask_rows, heavy_mass, memo, cost, neighbours, warm, prefetch.
+    exact_mask_rows, heavy_mass, memo, cost, neighbours, warm, prefetch, num_layers, layers_ready,
+    complete, whole_source.
     """
 
-    def __init__(self, src, *, seeds: int = 3, curve_factors=(0.25, 0.5, 1.0, 2.0, 4.0), curve_seeds: int = 1):
-        self.src = src
+    def __init__(self, src, *, seeds: int = 3, curve_factors=(0.25, 0.5, 1.0, 2.0, 4.0), curve_seeds: int = 1,
+                 rest: LayersToCome | None = None):
+        if rest is not None and rest.num_layers <= src.q.shape[0]:
+            raise ValueError(f"rest.num_layers must be more than the {src.q.shape[0]} layers src holds, "
+                             f"got {rest.num_layers}")
+        self.src, self._rest = src, rest  # src: the first layers when rest is given, else the whole source
+        self._completing = threading.Lock()
+        self.rest_wanted = threading.Event()  # set once an update waits for the layers to come
         self.seeds = check_positive_int("seeds", seeds)
         self.curve_seeds = check_positive_int("curve_seeds", curve_seeds)
         self.curve_factors = tuple(curve_factors)
@@ -360,6 +379,43 @@ class Engine:
         self._memo, self._masks = LRU(64), LRU(8)
 
     # ---------------------------------------------------------------- data
+    @property
+    def num_layers(self) -> int:
+        """The source's layers, including those still to come."""
+        rest = self._rest
+        return rest.num_layers if rest is not None else self.src.q.shape[0]
+
+    @property
+    def layers_ready(self) -> int:
+        """Layers held now (the first ones); the others are captured by complete()."""
+        return self.src.q.shape[0]
+
+    def complete(self, wanted: bool = True) -> None:
+        """Capture the layers still to come (an engine made with `rest`), once; threads asking meanwhile
+        wait. The whole source must hold exactly the layers already used (else RuntimeError).
+        wanted=False: a background guess; otherwise `rest_wanted` is set first, which tells a background
+        capture under way (stoppable, see sources.stopping_when) to finish rather than give way."""
+        if self._rest is None:
+            return
+        if wanted:
+            self.rest_wanted.set()
+        with self._completing:
+            rest = self._rest
+            if rest is None:
+                return
+            whole, have = rest.make(), self.src
+            same = (whole.q.shape[0] == rest.num_layers and whole.q.shape[1:] == have.q.shape[1:]
+                    and all(torch.equal(a[: have.q.shape[0]], b) for a, b in ((whole.q, have.q), (whole.k, have.k),
+                                                                             (whole.v, have.v))))
+            if not same:
+                raise RuntimeError("the whole source's first layers differ from the ones already shown")
+            self.src, self._rest = whole, None
+
+    def whole_source(self):
+        """The source with every layer (completes it first when layers are still to come)."""
+        self.complete()
+        return self.src
+
     @property
     def key_mask(self):
         return getattr(self.src, "key_mask", None)
@@ -377,8 +433,10 @@ class Engine:
         return self._memo.get_or((kind, key), make)
 
     def head(self, layer: int, head: int):
-        """(q, k, v) of one head, each (N, D), float32, contiguous."""
+        """(q, k, v) of one head, each (N, D), float32, contiguous (a layer still to come is captured first)."""
         def make():
+            if layer >= self.layers_ready:
+                self.complete()
             return tuple(x[layer, head].to(torch.float32).contiguous() for x in (self.src.q, self.src.k, self.src.v))
 
         return self._heads.get_or((layer, head), make)
@@ -413,16 +471,19 @@ class Engine:
     def neighbours(self, layer: int, head: int) -> list[tuple[int, int]]:
         """The heads one slider step away, nearest move first: (layer, head + 1), (layer, head - 1),
         (layer + 1, head), (layer - 1, head), those that exist."""
-        layers, heads = self.src.q.shape[:2]
+        layers, heads = self.num_layers, self.src.q.shape[1]
         near = ((layer, head + 1), (layer, head - 1), (layer + 1, head), (layer - 1, head))
         return [(lay, h) for lay, h in near if 0 <= lay < layers and 0 <= h < heads]
 
     def warm(self, heads, idle) -> None:
         """exact() and pca() of each (layer, head) of `heads` in turn, while idle() is true: work for a
-        background thread (only the caches change; a caller asking for a head being warmed waits for it)."""
+        background thread (only the caches change; a caller asking for a head being warmed waits for it).
+        Heads of layers still to come are skipped (complete() captures them, and can be stopped)."""
         for layer, head in heads:
             if not idle():
                 return
+            if layer >= self.layers_ready:
+                continue
             self.exact(layer, head)
             self.pca(layer, head)
 
@@ -431,8 +492,10 @@ class Engine:
         exact entries' mass), one piece at a time while idle() is true: work for a background thread that
         guesses the next move (only the caches change; an update asking for a piece under way waits for it)."""
         try:
-            check_settings(s, self.src, self.methods)
+            check_settings(s, self)
         except ValueError:  # one step past a slider's end: nothing to guess
+            return
+        if s.layer >= self.layers_ready:  # a layer still to come: complete() captures it first
             return
         steps = [lambda: self.run(s)]
         steps += [lambda p=p: self.errors(p) for p in self.measured_points(s)]
