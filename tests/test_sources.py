@@ -510,3 +510,30 @@ def test_a_capture_stops_when_its_check_says_so_and_the_next_one_is_whole(tiny_d
     S.clear_cache()
     again = S.from_pretrained(tiny_dirs[kind], SHORT_TEXT)
     assert torch.equal(src.q, again.q)
+
+
+@pytest.mark.parametrize("kind", ["bert", "gpt2"])
+def test_a_paused_capture_goes_on_where_it_was(tiny_dirs, kind):
+    """stopping_when(check, pause): while pause() is True the capture waits inside the forward, then
+    finishes with exactly the numbers of a capture that never paused (nothing is run twice)."""
+    from kdeformer.sources.capture import stopping_when
+
+    S.clear_cache()
+    plain = S.from_pretrained(tiny_dirs[kind], SHORT_TEXT)
+    S.clear_cache()
+    model, _ = S.load_model(tiny_dirs[kind], attn_implementation="capture")
+    runs = []
+    handle = model.register_forward_pre_hook(lambda *_: runs.append(1))
+    asked = []
+
+    def pause():
+        asked.append(1)
+        return len(asked) in range(3, 8)  # hold before the third module, five looks, then go on
+
+    try:
+        with stopping_when(lambda: False, pause=pause):
+            paused = S.from_pretrained(tiny_dirs[kind], SHORT_TEXT)
+    finally:
+        handle.remove()
+    assert len(asked) > 8 and runs == [1]  # it waited, within one forward of the model
+    assert torch.equal(paused.q, plain.q) and torch.equal(paused.k, plain.k) and torch.equal(paused.v, plain.v)

@@ -223,3 +223,30 @@ def test_the_warming_thread_captures_the_rest_and_a_new_text_stops_it():
     from kdeformer.sources import minilm
 
     assert torch.equal(ex.source.k, minilm("Third: " + base).k) and ex.last_error is None
+
+
+def test_moves_pause_the_capture_of_a_texts_other_layers_and_never_restart_it():
+    """Updates that run while the other layers are captured pause that capture (it waits inside the
+    forward) instead of stopping it: the model runs twice per text (its first layer, then whole)."""
+    import time
+
+    from kdeformer.sources import load_model, minilm_path
+    from kdeformer.widgets import AttentionExplorer
+
+    _minilm_or_skip()
+    ex = AttentionExplorer(seeds=1)
+    model, _ = load_model(minilm_path(), attn_implementation="capture")
+    forwards = []
+    handle = model.register_forward_pre_hook(lambda *_: forwards.append(1))
+    try:
+        assert ex.set_text("Paused: " + ex.controls["text"].value)
+        for seed in range(1, 9):  # moves while the rest is being captured (~0.25 s of model time)
+            time.sleep(0.03)
+            ex.set(seed=seed)
+            assert ex.last_error is None
+        deadline = time.monotonic() + 60
+        while ex.engine.layers_ready < 6 and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        handle.remove()
+    assert ex.engine.layers_ready == 6 and forwards == [1, 1]

@@ -157,6 +157,7 @@ class AttentionExplorer(widgets.VBox):
         if not isinstance(self.prefetch, bool):
             raise ValueError(f"prefetch must be True or False, got {self.prefetch!r}")
         self._warm_ticket, self._warm_thread, self._ahead = 0, None, None
+        self._text_ticket = 0  # +1 per set_text
         src, startup_note = self._open_source(source)
         self.engine = Engine(src, seeds=seeds, curve_seeds=curve_seeds)
         self._source_number = 0  # +1 for every new source (a new text): part of the stamp
@@ -383,8 +384,12 @@ class AttentionExplorer(widgets.VBox):
             try:
                 with torch_threads(threads):  # this thread's own setting: the kernel's threads are untouched
                     if engine.layers_ready < engine.num_layers and idle():  # a new text: its other layers
-                        # first; a move takes the cores back within a module, unless it waits for them
-                        with stopping_when(lambda: not idle() and not engine.rest_wanted.is_set()):
+                        # first. The capture pauses (within a module) while an update runs or waits, unless
+                        # that update waits for these layers, and stops for a newer text or the exit.
+                        text = self._text_ticket
+                        with stopping_when(lambda: text != self._text_ticket or _EXITING.is_set(),
+                                           pause=lambda: (self._pending or self._lock.locked())
+                                           and not engine.rest_wanted.is_set()):
                             engine.complete(wanted=False)
                     if ahead is not None:
                         engine.prefetch(ahead, idle)
@@ -593,6 +598,7 @@ class AttentionExplorer(widgets.VBox):
             self._show_error("this source has no model to re-run: text editing needs a MiniLM source")
             return False
         self._warm_ticket += 1  # the warming of the old text's heads stops at its next head: the model needs the cores
+        self._text_ticket += 1  # and a capture of the old text's other layers stops within a module
         old = self.engine
         layers, shown = old.num_layers, self.controls["layer"].value
         try:  # the model runs only as far as the layer shown; the others are captured after the redraw

@@ -393,13 +393,16 @@ class Engine:
     def complete(self, wanted: bool = True) -> None:
         """Capture the layers still to come (an engine made with `rest`), once; threads asking meanwhile
         wait. The whole source must hold exactly the layers already used (else RuntimeError).
-        wanted=False: a background guess; otherwise `rest_wanted` is set first, which tells a background
-        capture under way (stoppable, see sources.stopping_when) to finish rather than give way."""
+        wanted=False: a background guess, which returns at once when another capture is under way;
+        otherwise `rest_wanted` is set first, which tells a background capture under way (pausable, see
+        sources.stopping_when) to go on rather than give way."""
         if self._rest is None:
             return
         if wanted:
             self.rest_wanted.set()
-        with self._completing:
+        if not self._completing.acquire(blocking=wanted):
+            return  # a guess while another capture of the rest is under way: that one will do
+        try:
             rest = self._rest
             if rest is None:
                 return
@@ -410,6 +413,8 @@ class Engine:
             if not same:
                 raise RuntimeError("the whole source's first layers differ from the ones already shown")
             self.src, self._rest = whole, None
+        finally:
+            self._completing.release()
 
     def whole_source(self):
         """The source with every layer (completes it first when layers are still to come)."""

@@ -17,6 +17,7 @@ import contextlib
 import contextvars
 import math
 import threading
+import time
 from dataclasses import dataclass
 from numbers import Integral, Real
 
@@ -53,12 +54,16 @@ class _AllRecorded(Exception):
     """Raised from inside the forward once every requested layer is recorded: the rest is not needed."""
 
 
+PAUSE_POLL_S = 0.003  # a paused capture looks again this often
+
+
 @contextlib.contextmanager
-def stopping_when(check):
-    """Inside the block (this thread's context only), every capture polls ``check()`` before each of the
-    model's leaf modules and raises :class:`CaptureStopped` as soon as it returns True: a background
-    capture gives the cores back within one module's work (a few ms)."""
-    token = _stop_check.set(check)
+def stopping_when(check, pause=None):
+    """Inside the block (this thread's context only), every capture polls before each of the model's
+    leaf modules: ``check()`` True raises :class:`CaptureStopped`; while ``pause()`` is True it waits
+    (looking again every PAUSE_POLL_S) and then goes on where it was. A background capture thus gives the
+    cores back within one module's work (a few ms) and keeps what it has done."""
+    token = _stop_check.set((check, pause))
     try:
         yield
     finally:
@@ -66,9 +71,16 @@ def stopping_when(check):
 
 
 def _poll_stop() -> None:
-    check = _stop_check.get()
-    if check is not None and check():
-        raise CaptureStopped("capture stopped: its stop check returned True")
+    checks = _stop_check.get()
+    if checks is None:
+        return
+    check, pause = checks
+    while True:
+        if check():
+            raise CaptureStopped("capture stopped: its stop check returned True")
+        if pause is None or not pause():
+            return
+        time.sleep(PAUSE_POLL_S)
 
 
 _ONE_CAPTURE = threading.Lock()  # one capture at a time: hooks on a shared model see every thread's forward
