@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 
+import numpy as np
 import plotly.graph_objects as go
 import pytest
 
@@ -50,6 +51,12 @@ def figures() -> dict:
                      layout=FIXED)
     heat.update_xaxes(type="category", showticklabels=False, showgrid=False)
     heat.update_yaxes(type="category", autorange="reversed", showticklabels=False, showgrid=False)
+    # the same cells packed (typed array, base64) as the explorer sends them, on a reversed scale
+    packed = go.Figure(go.Heatmap(z=np.array(Z, dtype=np.float32), x=["c0", "c1", "c2"], y=["r0", "r1"], zmin=0,
+                                  zmax=1, showscale=False, reversescale=True,
+                                  colorscale=[[0, "#000000"], [1, "#ffffff"]]), layout=FIXED)
+    packed.update_xaxes(type="category", showticklabels=False, showgrid=False)
+    packed.update_yaxes(type="category", autorange="reversed", showticklabels=False, showgrid=False)
     bars = go.Figure([go.Bar(x=["a", "b"], y=[3, 1], marker_color="#ff0000"),
                       go.Bar(x=["a", "b"], y=[4, 2], marker_color="#0000ff")], layout=dict(FIXED, barmode="stack"))
     bars.update_yaxes(range=[0, 10], showgrid=False)
@@ -57,23 +64,36 @@ def figures() -> dict:
                                 marker=dict(size=12, color=["#00ff00", "#ff00ff"])), layout=FIXED)
     dots.update_xaxes(range=[0, 2], showgrid=False)
     dots.update_yaxes(range=[0, 2], showgrid=False)
-    return {name: wire(f.to_plotly_json()) for name, f in (("heat", heat), ("bars", bars), ("dots", dots))}
+    return {name: wire(f.to_plotly_json()) for name, f in (("heat", heat), ("packed", packed), ("bars", bars),
+                                                               ("dots", dots))}
+
+
+def open_page(pw, before: str = ""):
+    browser = pw.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox", "--disable-gpu"])
+    pg = browser.new_page(viewport={"width": WIDTH + 40, "height": 1600})
+    errors = []
+    pg.on("pageerror", lambda e: errors.append(str(e)))
+    if before:
+        pg.evaluate(before)
+    pg.evaluate(DRAW_JS, [ESM, CSS, json.loads(json.dumps(figures()))])
+    assert not errors, errors
+    return browser, pg
 
 
 @pytest.fixture(scope="module")
-def page():
+def playwright_or_skip():
     if not os.path.exists(CHROMIUM):
         pytest.skip(f"{CHROMIUM} is missing")
     sync_playwright = pytest.importorskip("playwright.sync_api").sync_playwright
     with sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox", "--disable-gpu"])
-        pg = browser.new_page(viewport={"width": WIDTH + 40, "height": 1200})
-        errors = []
-        pg.on("pageerror", lambda e: errors.append(str(e)))
-        pg.evaluate(DRAW_JS, [ESM, CSS, json.loads(json.dumps(figures()))])
-        assert not errors, errors
-        yield pg
-        browser.close()
+        yield pw
+
+
+@pytest.fixture(scope="module")
+def page(playwright_or_skip):
+    browser, pg = open_page(playwright_or_skip)
+    yield pg
+    browser.close()
 
 
 def box_of(page, panel: str) -> dict:
@@ -89,6 +109,29 @@ def test_heatmap_cells_take_their_colour_from_the_scale(page):
                 assert got == [255, 255, 255], (i, j, got)
             else:
                 assert got == [round(255 * z)] * 3, (i, j, got)
+
+
+def packed_cells_are_right(pg):
+    for i, row in enumerate(Z):
+        for j, z in enumerate(row):
+            x, y = M + (j + 0.5) * PLOT_W / 3, M + (i + 0.5) * PLOT_H / 2
+            got = pg.evaluate(PIXEL_JS, ["packed", x, y])
+            assert got == ([255, 255, 255] if z != z else [round(255 * (1 - z))] * 3), (i, j, got)
+
+
+def test_packed_heatmap_cells_on_a_reversed_scale(page):
+    assert page.evaluate("() => typeof Uint8Array.fromBase64") == "function"  # the browser's decoder ran
+    packed_cells_are_right(page)
+
+
+def test_packed_heatmaps_decode_without_the_browsers_base64_decoder(playwright_or_skip):
+    """Browsers before Uint8Array.fromBase64 (Chrome < 140, Safari < 18.2) take the atob path: same pixels."""
+    browser, pg = open_page(playwright_or_skip, "() => { delete Uint8Array.fromBase64; }")
+    try:
+        assert pg.evaluate("() => typeof Uint8Array.fromBase64") == "undefined"
+        packed_cells_are_right(pg)
+    finally:
+        browser.close()
 
 
 def test_stacked_bars_end_at_their_sums(page):

@@ -40,14 +40,21 @@ const DTYPES = {f4: Float32Array, f8: Float64Array, i1: Int8Array, i2: Int16Arra
                 u1: Uint8Array, u2: Uint16Array, u4: Uint32Array};
 const unpacked = new WeakMap();
 
+// base64 -> bytes: the browser's own decoder where it has one (Chrome 140+, Firefox 133+, Safari 18.2+)
+function decodeBase64(text) {
+  if (typeof Uint8Array.fromBase64 === "function") return Uint8Array.fromBase64(text);
+  const bin = atob(text);
+  const bytes = new Uint8Array(bin.length);
+  for (let i = 0; i < bin.length; i++) bytes[i] = bin.charCodeAt(i);
+  return bytes;
+}
+
 function values(a) {
   if (a === undefined || a === null) return null;
   if (Array.isArray(a) || ArrayBuffer.isView(a)) return a;
   if (typeof a === "object" && a.bdata !== undefined) {
     if (unpacked.has(a)) return unpacked.get(a);
-    const bin = atob(a.bdata);
-    const bytes = new Uint8Array(bin.length);
-    for (let i = 0; i < bin.length; i++) bytes[i] = bin.charCodeAt(i);
+    const bytes = decodeBase64(a.bdata);
     const flat = new DTYPES[a.dtype](bytes.buffer);
     let out = flat;
     if (a.shape) {
@@ -524,7 +531,9 @@ function canvasDrawer(model, name, div, send) {
     let lo = p.t.zmin, hi = p.t.zmax;
     if (lo === undefined || hi === undefined || lo === null || hi === null) {
       let a = Infinity, b = -Infinity;
-      for (let i = 0; i < p.z.rows; i++) for (let j = 0; j < p.z.cols; j++) { const v = p.z.at(i, j); if (v < a) a = v; if (v > b) b = v; }
+      const c = p.z.cells;  // packed values: one flat loop
+      if (c) for (let o = 0; o < c.length; o++) { const v = c[o]; if (v < a) a = v; if (v > b) b = v; }
+      else for (let i = 0; i < p.z.rows; i++) for (let j = 0; j < p.z.cols; j++) { const v = p.z.at(i, j); if (v < a) a = v; if (v > b) b = v; }
       if (lo === undefined || lo === null) lo = Number.isFinite(a) ? a : 0;
       if (hi === undefined || hi === null) hi = Number.isFinite(b) ? b : 1;
     }
@@ -546,17 +555,21 @@ function canvasDrawer(model, name, div, send) {
     img.width = Math.max(1, p.z.cols); img.height = Math.max(1, p.z.rows);
     const g = img.getContext("2d");
     const pixels = g.createImageData(img.width, img.height);
-    const px = pixels.data;
-    const span = zr[1] - zr[0];
-    for (let i = 0; i < p.z.rows; i++) {
-      for (let j = 0; j < p.z.cols; j++) {
-        const v = p.z.at(i, j);
-        const o = 4 * (i * p.z.cols + j);
-        if (!Number.isFinite(v)) { px[o + 3] = 0; continue; }
-        let t = (v - zr[0]) / span;
-        if (p.t.reversescale) t = 1 - t;
-        const k = 4 * Math.round(255 * Math.min(1, Math.max(0, t)));
-        px[o] = lut[k]; px[o + 1] = lut[k + 1]; px[o + 2] = lut[k + 2]; px[o + 3] = lut[k + 3];
+    // one 32-bit RGBA word per cell, copied from the colour table's own words (byte order kept);
+    // cells that are not finite stay transparent (ImageData starts at 0)
+    const out = new Uint32Array(pixels.data.buffer), words = new Uint32Array(lut.buffer);
+    const lo = zr[0], span = zr[1] - zr[0], rev = !!p.t.reversescale, cols = p.z.cols;
+    const word = (v) => {
+      let t = (v - lo) / span;
+      if (rev) t = 1 - t;
+      return words[Math.round(255 * Math.min(1, Math.max(0, t)))];
+    };
+    const c = p.z.cells;
+    if (c) {
+      for (let o = 0; o < c.length; o++) { const v = c[o]; if (Number.isFinite(v)) out[o] = word(v); }
+    } else {
+      for (let i = 0; i < p.z.rows; i++) {
+        for (let j = 0; j < cols; j++) { const v = p.z.at(i, j); if (Number.isFinite(v)) out[i * cols + j] = word(v); }
       }
     }
     g.putImageData(pixels, 0, 0);
