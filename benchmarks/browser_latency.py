@@ -68,9 +68,9 @@ PREFETCH_NOTE = (
     "last slider move (`prefetch=True`, the default; nothing is drawn from it): moves here come ~0.1 s "
     "after the previous redraw, so a run of moves in one direction finds part of its work done. A text "
     "move runs the model only as far as the layer shown (layer 0 of MiniLM on 512 tokens: ~10 ms, where "
-    "the whole forward takes ~250 ms on these 2 cores), draws, and then captures the other layers in idle "
-    "time; the row *layer, just after a text* is a layer move made ~0.1 s after a text's redraw, which "
-    "waits for the rest of that forward."
+    "the whole forward takes ~250 ms on these 2 cores), draws, and then captures the other layers in the "
+    "background (paused while an update runs); the row *layer, just after a text* is a layer move made "
+    "~0.1 s after a text's redraw, which waits for the rest of that forward."
 )
 
 

@@ -250,3 +250,25 @@ def test_moves_pause_the_capture_of_a_texts_other_layers_and_never_restart_it():
     finally:
         handle.remove()
     assert ex.engine.layers_ready == 6 and forwards == [1, 1]
+
+
+def test_a_decoder_folders_new_text_is_drawn_from_its_first_layer_then_whole(tmp_path):
+    """A local decoder (a tiny random Llama saved to a folder, as a user's would be): editing the text
+    runs it up to the layer shown (the capture stops after that attention call), a layer move captures
+    the rest, and every number is the whole capture's."""
+    from kdeformer import sources
+    from kdeformer.widgets import AttentionExplorer
+
+    pytest.importorskip("transformers")
+    folder = sources.tiny_decoder(tmp_path / "llama", "llama")
+    text = sources.corpus()[7]
+    ex = AttentionExplorer(sources.from_pretrained(folder, sources.corpus()[0]), seeds=1, prefetch=False)
+    assert ex.set_text(text) and ex.engine.layers_ready == 1 and ex.engine.num_layers == 2
+    assert ex.source.is_causal  # (asking for the source completes it)
+    whole = sources.from_pretrained(folder, text)
+    assert torch.equal(ex.source.q, whole.q) and torch.equal(ex.source.v, whole.v)
+    ex.set(layer=1)
+    ref = AttentionExplorer(whole, seeds=1, prefetch=False)
+    ref.set(**{f: getattr(ex.settings(), f) for f in ("layer", "head", "bucket_size", "sample_size", "seed")},
+            query=ex.display_options()["query"])
+    assert ex.readout.value.replace("text1", "text0") == ref.readout.value
