@@ -854,3 +854,22 @@ def test_python_exits_cleanly_while_neighbours_are_warmed():
 def test_prefetch_must_be_a_bool():
     with pytest.raises(ValueError, match="prefetch must be True or False, got 'no'"):
         AttentionExplorer(toy_source(n=32), prefetch="no")
+
+
+def test_python_exits_cleanly_while_a_texts_other_layers_are_captured():
+    """The same at the end of a script that just edited the text: the model's forward for the other
+    layers is under way in the background, and stops within a module at exit (status 0)."""
+    import subprocess
+    import sys
+
+    try:
+        load_text_source(None)
+    except Exception as exc:
+        pytest.skip(f"MiniLM source unavailable: {exc}")
+    script = ("from kdeformer.widgets import AttentionExplorer\n"
+              "ex = AttentionExplorer(seeds=1)\n"
+              "assert ex.set_text('At the exit: ' + ex.controls['text'].value)\n"
+              "assert ex.engine.layers_ready == 1 and ex._warm_thread.is_alive()\n")
+    done = subprocess.run([sys.executable, "-W", "ignore", "-c", script], capture_output=True, text=True,
+                          timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert done.returncode == 0 and "terminate called" not in done.stderr, done.stderr[-2000:]
