@@ -19,7 +19,7 @@ multiplies (``tests/test_sources.py`` matches the model's own attention). Extrac
 memory (and on disk with ``cache_dir=``) so an interactive slider never re-runs the model. Treat returned
 sources as read-only: the cache hands the same object to every caller. ``num_layers=k`` captures only the
 first k layers and stops the model's forward there (the explorer draws a new text's layer this way, then
-captures the rest); :func:`stopping_when` lets a background capture give the cores back part-way.
+captures the rest); :func:`stopping_when` lets a background capture pause, or stop, within one module.
 
 Modules: :mod:`.container` (the source, shipped texts, caches), :mod:`.capture` (finding attention layers
 and recording Q/K/V; shared with ``kdeformer.hf``), :mod:`.pretrained` (model folders), :mod:`.glove`,
