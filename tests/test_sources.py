@@ -512,6 +512,17 @@ def test_a_capture_stops_when_its_check_says_so_and_the_next_one_is_whole(tiny_d
     assert torch.equal(src.q, again.q)
 
 
+def test_stopping_when_takes_callables():
+    from kdeformer.sources import stopping_when
+
+    with pytest.raises(ValueError, match="check must be a callable and pause a callable or None"):
+        with stopping_when(True):
+            pass
+    with pytest.raises(ValueError, match="pause a callable or None, got .* and 0.5"):
+        with stopping_when(lambda: False, pause=0.5):
+            pass
+
+
 @pytest.mark.parametrize("kind", ["bert", "gpt2"])
 def test_a_paused_capture_goes_on_where_it_was(tiny_dirs, kind):
     """stopping_when(check, pause): while pause() is True the capture waits inside the forward, then

@@ -63,6 +63,8 @@ def stopping_when(check, pause=None):
     leaf modules: ``check()`` True raises :class:`CaptureStopped`; while ``pause()`` is True it waits
     (looking again every PAUSE_POLL_S) and then goes on where it was. A background capture thus gives the
     cores back within one module's work (a few ms) and keeps what it has done."""
+    if not callable(check) or (pause is not None and not callable(pause)):
+        raise ValueError(f"check must be a callable and pause a callable or None, got {check!r} and {pause!r}")
     token = _stop_check.set((check, pause))
     try:
         yield
