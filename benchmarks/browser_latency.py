@@ -70,7 +70,7 @@ PREFETCH_NOTE = (
     "move runs the model only as far as the layer shown (layer 0 of MiniLM on 512 tokens: ~10 ms, where "
     "the whole forward takes ~250 ms on these 2 cores), draws, and then captures the other layers in the "
     "background (paused while an update runs); the row *layer, just after a text* is a layer move made "
-    "~0.1 s after a text's redraw, which waits for the rest of that forward."
+    "~0.1 s after a text's redraw, which waits for whatever is left of that forward."
 )
 
 
