@@ -272,3 +272,21 @@ def test_a_decoder_folders_new_text_is_drawn_from_its_first_layer_then_whole(tmp
     ref.set(**{f: getattr(ex.settings(), f) for f in ("layer", "head", "bucket_size", "sample_size", "seed")},
             query=ex.display_options()["query"])
     assert ex.readout.value.replace("text1", "text0") == ref.readout.value
+
+
+def test_the_heads_matrix_norm_computed_meanwhile_is_the_one_computed_here(src):
+    """||D^-1 A||_2 runs on a helper thread while the runs are computed: the same float as computing it
+    on the caller's thread, in every torch thread count the explorer uses."""
+    from kdeformer import metrics
+    from kdeformer.widgets.state import spectral_norm_meanwhile
+
+    old = torch.get_num_threads()
+    try:
+        for threads in sorted({1, old}):
+            torch.set_num_threads(threads)
+            eng = Engine(src)
+            ex = eng.exact(1, 0)
+            assert ex.attention_norm == float(metrics.spectral_norm(ex.matrix))
+            assert spectral_norm_meanwhile(ex.matrix).result() == ex.attention_norm
+    finally:
+        torch.set_num_threads(old)
