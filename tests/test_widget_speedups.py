@@ -278,7 +278,7 @@ def test_the_heads_matrix_norm_computed_meanwhile_is_the_one_computed_here(src):
     """||D^-1 A||_2 runs on a helper thread while the runs are computed: the same float as computing it
     on the caller's thread, in every torch thread count the explorer uses."""
     from kdeformer import metrics
-    from kdeformer.widgets.state import spectral_norm_meanwhile
+    from kdeformer.widgets.state import background_work, spectral_norm_meanwhile
 
     old = torch.get_num_threads()
     try:
@@ -288,5 +288,10 @@ def test_the_heads_matrix_norm_computed_meanwhile_is_the_one_computed_here(src):
             ex = eng.exact(1, 0)
             assert ex.attention_norm == float(metrics.spectral_norm(ex.matrix))
             assert spectral_norm_meanwhile(ex.matrix).result() == ex.attention_norm
+            with background_work():  # the warming thread's own: computed there, never queued
+                assert spectral_norm_meanwhile(ex.matrix) == ex.attention_norm
+                warmed = Engine(src)
+                warmed.warm([(1, 0)], lambda: True)
+            assert warmed.exact(1, 0).matrix_norm == ex.attention_norm  # a float, not a Future
     finally:
         torch.set_num_threads(old)

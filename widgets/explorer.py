@@ -37,6 +37,7 @@ from .state import (
     SAMPLING_LABELS,
     Engine,
     LayersToCome,
+    background_work,
     Settings,
     call_code,
     check_settings,
@@ -382,7 +383,8 @@ class AttentionExplorer(widgets.VBox):
 
         def work():
             try:
-                with torch_threads(threads):  # this thread's own setting: the kernel's threads are untouched
+                # this thread's own torch setting (the kernel's threads are untouched); its norms computed here
+                with torch_threads(threads), background_work():
                     if engine.layers_ready < engine.num_layers and idle():  # a new text: its other layers
                         # first. The capture pauses (within a module) while an update runs or waits, unless
                         # that update waits for these layers, and stops for a newer text or the exit.

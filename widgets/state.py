@@ -6,6 +6,7 @@ Shape legend: L layers, H heads, N tokens (Nq queries, Nk keys), D head dim, Dv 
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import threading
 from collections.abc import Callable
@@ -292,9 +293,26 @@ class ExactResult:
 _NORM_THREAD = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kde-exact-norm")
 
 
-def spectral_norm_meanwhile(matrix: torch.Tensor) -> Future:
+_BACKGROUND = threading.local()
+
+
+@contextlib.contextmanager
+def background_work():
+    """Inside the block, this thread computes a head's ||D^-1 A||_2 itself: work done ahead of time (the
+    explorer's warming thread) must never queue on _NORM_THREAD ahead of an update's own."""
+    before = getattr(_BACKGROUND, "on", False)
+    _BACKGROUND.on = True
+    try:
+        yield
+    finally:
+        _BACKGROUND.on = before
+
+
+def spectral_norm_meanwhile(matrix: torch.Tensor) -> Future | float:
     """float(metrics.spectral_norm(matrix)) computed on _NORM_THREAD with the caller's torch thread count
-    (the same bits as computing it here)."""
+    (the same bits as computing it here); inside background_work(), the float, computed here."""
+    if getattr(_BACKGROUND, "on", False):
+        return float(metrics.spectral_norm(matrix))
     threads = torch.get_num_threads()
 
     def job() -> float:
