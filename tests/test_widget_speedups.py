@@ -201,6 +201,7 @@ def test_a_new_text_draws_its_layer_first_and_shows_the_whole_captures_numbers(l
     assert torch.equal(ex.source.q, whole.source.q)
 
 
+@pytest.mark.filterwarnings("ignore:text has .* tokens; cut to the first:UserWarning")  # (long texts on purpose)
 def test_the_warming_thread_captures_the_rest_and_a_new_text_stops_it():
     import time
 
@@ -225,6 +226,7 @@ def test_the_warming_thread_captures_the_rest_and_a_new_text_stops_it():
     assert torch.equal(ex.source.k, minilm("Third: " + base).k) and ex.last_error is None
 
 
+@pytest.mark.filterwarnings("ignore:text has .* tokens; cut to the first:UserWarning")  # (long texts on purpose)
 def test_moves_pause_the_capture_of_a_texts_other_layers_and_never_restart_it():
     """Updates that run while the other layers are captured pause that capture (it waits inside the
     forward) instead of stopping it: the model runs twice per text (its first layer, then whole)."""
