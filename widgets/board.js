@@ -67,14 +67,24 @@ function values(a) {
   return a;
 }
 
-// a 2-d array as {rows, cols, at(i, j)}; `z` may be packed (with a shape) or nested lists
+// a 2-d array as {rows, cols, cells (flat, row-major), at(i, j)}; `z` may be packed (with a shape) or
+// nested lists, which are flattened once (missing cells NaN)
 function matrix(z) {
   const v = values(z);
-  if (!v) return {rows: 0, cols: 0, at: () => NaN};
-  if (v.cells) return {rows: v.rows, cols: v.cols, at: (i, j) => v.cells[i * v.cols + j], cells: v.cells};
-  const rows = v.length;
-  const cols = rows ? Math.max(...Array.from(v, (r) => (r ? r.length : 0))) : 0;
-  return {rows, cols, at: (i, j) => { const r = v[i]; const x = r ? r[j] : null; return x === null || x === undefined ? NaN : +x; }};
+  if (!v) return {rows: 0, cols: 0, cells: new Float64Array(0), at: () => NaN};
+  let m = v.cells ? v : unpacked.get(v);
+  if (!m) {
+    const rows = v.length;
+    const cols = rows ? Math.max(...Array.from(v, (r) => (r ? r.length : 0))) : 0;
+    const cells = new Float64Array(rows * cols).fill(NaN);
+    for (let i = 0; i < rows; i++) {
+      const r = v[i];
+      for (let j = 0; r && j < r.length; j++) if (r[j] !== null && r[j] !== undefined) cells[i * cols + j] = +r[j];
+    }
+    m = {rows, cols, cells};
+    unpacked.set(v, m);
+  }
+  return {rows: m.rows, cols: m.cols, cells: m.cells, at: (i, j) => m.cells[i * m.cols + j]};
 }
 
 // customdata row i: a number, or a list when customdata is 2-d
@@ -531,9 +541,8 @@ function canvasDrawer(model, name, div, send) {
     let lo = p.t.zmin, hi = p.t.zmax;
     if (lo === undefined || hi === undefined || lo === null || hi === null) {
       let a = Infinity, b = -Infinity;
-      const c = p.z.cells;  // packed values: one flat loop
-      if (c) for (let o = 0; o < c.length; o++) { const v = c[o]; if (v < a) a = v; if (v > b) b = v; }
-      else for (let i = 0; i < p.z.rows; i++) for (let j = 0; j < p.z.cols; j++) { const v = p.z.at(i, j); if (v < a) a = v; if (v > b) b = v; }
+      const c = p.z.cells;
+      for (let o = 0; o < c.length; o++) { const v = c[o]; if (v < a) a = v; if (v > b) b = v; }
       if (lo === undefined || lo === null) lo = Number.isFinite(a) ? a : 0;
       if (hi === undefined || hi === null) hi = Number.isFinite(b) ? b : 1;
     }
@@ -547,8 +556,8 @@ function canvasDrawer(model, name, div, send) {
     const scale = p.t.colorscale;
     const zr = p.zr;
     const key = JSON.stringify([scale, zr, p.t.reversescale || false]);
-    const src = p.z.cells || p.t.z;
-    const cached = src && typeof src === "object" ? images.get(src) : null;
+    const src = p.z.cells;  // the same object while the values stay (packed or flattened once)
+    const cached = images.get(src);
     if (cached && cached.key === key) return cached.img;
     const lut = colorTable(scale);
     const img = document.createElement("canvas");
@@ -558,22 +567,16 @@ function canvasDrawer(model, name, div, send) {
     // one 32-bit RGBA word per cell, copied from the colour table's own words (byte order kept);
     // cells that are not finite stay transparent (ImageData starts at 0)
     const out = new Uint32Array(pixels.data.buffer), words = new Uint32Array(lut.buffer);
-    const lo = zr[0], span = zr[1] - zr[0], rev = !!p.t.reversescale, cols = p.z.cols;
-    const word = (v) => {
+    const lo = zr[0], span = zr[1] - zr[0], rev = !!p.t.reversescale;
+    for (let o = 0; o < src.length; o++) {
+      const v = src[o];
+      if (!Number.isFinite(v)) continue;
       let t = (v - lo) / span;
       if (rev) t = 1 - t;
-      return words[Math.round(255 * Math.min(1, Math.max(0, t)))];
-    };
-    const c = p.z.cells;
-    if (c) {
-      for (let o = 0; o < c.length; o++) { const v = c[o]; if (Number.isFinite(v)) out[o] = word(v); }
-    } else {
-      for (let i = 0; i < p.z.rows; i++) {
-        for (let j = 0; j < cols; j++) { const v = p.z.at(i, j); if (Number.isFinite(v)) out[i * cols + j] = word(v); }
-      }
+      out[o] = words[Math.round(255 * Math.min(1, Math.max(0, t)))];
     }
     g.putImageData(pixels, 0, 0);
-    if (src && typeof src === "object") images.set(src, {key, img});
+    images.set(src, {key, img});
     return img;
   }
 
