@@ -289,7 +289,8 @@ class ExactResult:
 
 
 # ||D^-1 A||_2 of a head is one 512 x 512 symmetric eigenvalue problem (~20 ms, which a second torch
-# thread hardly speeds up): it runs on this thread while the caller computes the runs it will compare.
+# thread hardly speeds up): it runs on a thread of its own while the caller computes the runs it is
+# compared with.
 _NORM_THREAD = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kde-exact-norm")
 
 

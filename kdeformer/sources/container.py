@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import math
+import dataclasses
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -79,13 +80,11 @@ class AttentionSource:
 
     def first_layers(self, n: int) -> AttentionSource:
         """The same source cut to its first n layers (views of the same tensors); n in [1, num_layers]."""
-        from dataclasses import replace
-
         n = check_int("num_layers", n, minimum=1, maximum=self.num_layers)
         meta = dict(self.meta)
         if "layer_scales" in meta:
             meta["layer_scales"] = list(meta["layer_scales"])[:n]
-        return replace(self, q=self.q[:n], k=self.k[:n], v=self.v[:n], meta=meta)
+        return dataclasses.replace(self, q=self.q[:n], k=self.k[:n], v=self.v[:n], meta=meta)
 
     def allowed(self) -> torch.Tensor:
         """bool (N, N): which keys each query may attend to (key_mask, and j <= i when causal)."""
